@@ -1,0 +1,118 @@
+"""Checkpoints: atomic writes, ``last.pt`` always names the newest complete one.
+
+A checkpoint is written to a temporary file in the same folder, flushed to
+disk, then renamed (atomic on POSIX): a crash mid-write leaves the previous
+checkpoint untouched. ``last.pt`` is a symbolic link swapped the same way
+(a plain copy where links are not supported).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lut_fast.errors import UserError
+
+FORMAT = "lut-fast/1"
+ENCODER_PREFIX = "encoder."  # the only prefix stripped when exporting to timm
+_STEP_FILE = re.compile(r"step_(\d+)\.pt$")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide checkpoints from other users of a shared run folder
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _point_last(ckpt_dir: Path, target: Path) -> None:
+    last = ckpt_dir / "last.pt"
+    tmp = ckpt_dir / f".last.{os.getpid()}.tmp"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(target.name, tmp)
+    except OSError:  # no symlinks here: copy (still atomic through the rename)
+        shutil.copyfile(target, tmp)
+    os.replace(tmp, last)
+
+
+def step_checkpoints(ckpt_dir: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step_*.pt") if (m := _STEP_FILE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(state: dict, ckpt_dir: Path, step: int, keep: int = 2) -> Path:
+    """Write ``step_<N>.pt``, point ``last.pt`` at it, keep the newest ``keep`` step files."""
+    path = ckpt_dir / f"step_{step:08d}.pt"
+    atomic_torch_save({"format": FORMAT, **state}, path)
+    _point_last(ckpt_dir, path)
+    for old in step_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint not found: {p}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing condition
+        raise UserError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from None
+
+
+def latest_checkpoint(ckpt_dir: Path) -> dict | None:
+    """The newest readable checkpoint: ``last.pt``, else the newest step file that loads."""
+    candidates = [ckpt_dir / "last.pt"] + list(reversed(step_checkpoints(ckpt_dir)))
+    for p in candidates:
+        if p.exists():
+            try:
+                return torch.load(p, map_location="cpu", weights_only=False)
+            except Exception:  # noqa: BLE001 - fall back to an older complete file
+                continue
+    return None
+
+
+def encoder_state(ckpt: dict, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The encoder's weights with timm's key names (``encoder.`` stripped), from any supported checkpoint.
+
+    Accepts lut-fast checkpoints, exported timm state dicts and MAE-style
+    checkpoints (``{"model": {...}}`` holding encoder keys without prefix).
+    """
+    if "format" in ckpt:
+        src = ckpt.get("target") if use_ema else ckpt["model"]
+        if src is None:
+            raise UserError("this checkpoint has no target (momentum) encoder: it was trained with --method mae")
+    elif use_ema:
+        raise UserError("--use-ema needs a lut-fast checkpoint (it holds the momentum encoder)")
+    else:
+        src = ckpt.get("model", ckpt) if isinstance(ckpt.get("model", None), dict) else ckpt
+    if any(k.startswith(ENCODER_PREFIX) for k in src):
+        return {k[len(ENCODER_PREFIX) :]: v for k, v in src.items() if k.startswith(ENCODER_PREFIX)}
+    # already timm-style (exported or official MAE): keep encoder keys, drop decoder / heads
+    skip = ("decoder", "mask_token", "head", "fc_norm", "projector", "predictor")
+    return {k: v for k, v in src.items() if not k.startswith(skip)}
+
+
+def export_timm_encoder(ckpt_path: str | os.PathLike, out: str | os.PathLike, use_ema: bool = False) -> Path:
+    state = encoder_state(load_file(ckpt_path), use_ema=use_ema)
+    out_path = Path(out)
+    atomic_torch_save(state, out_path)
+    return out_path

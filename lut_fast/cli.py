@@ -1,0 +1,126 @@
+"""The ``lut-fast`` command line (typer).
+
+Sub-commands live beside the code they drive and are mounted here:
+train / data / export (this file), convert (``datasets/convert.py``),
+bench (``bench/cli.py``), eval and analyze (``evaluation/cli.py``,
+``analysis/cli.py``). A ``UserError`` anywhere becomes one line on stderr
+and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lut_fast.errors import UserError
+
+app = typer.Typer(
+    name="lut-fast",
+    help="High-throughput LUT / MAE pre-training of Vision Transformers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Built-in dataset and data previews.", no_args_is_help=True)
+export_app = typer.Typer(help="Export trained encoders.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(export_app, name="export")
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="YAML config; flags below override it."),
+    method: Optional[str] = typer.Option(None, help="lut | mae  [default: lut]"),
+    model: Optional[str] = typer.Option(None, help="vit_tiny | vit_small | vit_base | vit_large  [default: vit_tiny]"),
+    img_size: Optional[int] = typer.Option(None, help="Input size in pixels  [default: 224]"),
+    patch_size: Optional[int] = typer.Option(None, help="Patch size  [default: 16]"),
+    data: Optional[str] = typer.Option(None, help="ImageFolder tree, split root or converted data; empty = built-in dataset."),
+    backend: Optional[str] = typer.Option(None, help="torch | dali | ffcv  [default: torch]"),
+    batch_size: Optional[int] = typer.Option(None, help="Per-device batch size  [default: 64]"),
+    accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps  [default: 1]"),
+    epochs: Optional[float] = typer.Option(None, help="Epochs  [default: 1600]"),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (the schedule is compressed to fit)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder  [default: runs/<method>_<model>]"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.pt if it exists."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model  [default: off]"),
+    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | fp32  [default: auto]"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda  [default: auto]"),
+    seed: Optional[int] = typer.Option(None, help="Random seed  [default: 0]"),
+    max_hours: Optional[float] = typer.Option(None, help="Wall-clock budget; ends cleanly with a checkpoint."),
+    set_: list[str] = typer.Option([], "--set", help="Any config field: --set optim.blr=1e-4 --set model.depth=4"),
+) -> None:
+    """Pre-train LUT (or the MAE baseline) and write config.yaml, metrics.jsonl and checkpoints/ to OUT."""
+    from lut_fast.config import load_config
+    from lut_fast.train import train as run_training
+
+    flags = {
+        "method": method, "model.name": model, "model.img_size": img_size, "model.patch_size": patch_size,
+        "data.path": data, "data.backend": backend, "optim.batch_size": batch_size, "optim.accum_steps": accum,
+        "optim.epochs": epochs, "optim.max_steps": max_steps, "run.out_dir": str(out) if out else None,
+        "run.compile": compile, "run.precision": precision, "run.device": device, "run.seed": seed,
+        "run.max_hours": max_hours,
+    }
+    cfg = load_config(config, flags, set_)
+    run_training(cfg, resume=resume)
+
+
+@data_app.command("builtin")
+def data_builtin(out_dir: Path = typer.Argument(..., help="Where to write train/<class>/*.jpg and val/<class>/*.jpg.")) -> None:
+    """Write the built-in dataset (deterministic, generated locally) as an ImageFolder tree."""
+    from rich.console import Console
+
+    from lut_fast.datasets.builtin import CLASSES, write_builtin
+
+    write_builtin(out_dir)
+    n = sum(1 for _ in Path(out_dir).rglob("*.jpg"))
+    Console().print(f"wrote {n} images in {len(CLASSES)} classes to [bold]{out_dir}[/] (train/ and val/)")
+
+
+@export_app.command("timm")
+def export_timm(
+    ckpt: Path = typer.Argument(..., help="A lut-fast checkpoint (.pt)."),
+    out: Path = typer.Argument(..., help="Output .pth: a state dict for timm.create_model('vit_<size>_patch16_224', num_classes=0)."),
+    use_ema: bool = typer.Option(False, "--use-ema", help="Export the momentum (target) encoder instead of the online one."),
+) -> None:
+    """Export the encoder so that timm loads it with strict=True."""
+    from lut_fast.checkpoint import export_timm_encoder
+
+    export_timm_encoder(ckpt, out, use_ema=use_ema)
+
+
+def _mount_optional() -> None:
+    """Mount sub-command groups that live in other modules."""
+    from lut_fast.datasets.convert import convert_app
+
+    app.add_typer(convert_app, name="convert")
+    from lut_fast.bench.cli import bench_app
+
+    app.add_typer(bench_app, name="bench")
+    from lut_fast.evaluation.cli import eval_app
+
+    app.add_typer(eval_app, name="eval")
+    from lut_fast.analysis.cli import analyze_app
+
+    app.add_typer(analyze_app, name="analyze")
+
+
+def main() -> None:
+    try:
+        _mount_optional()
+    except ImportError as e:  # a sub-package under construction must not take the CLI down
+        print(f"lut-fast: warning: some commands unavailable ({e})", file=sys.stderr)
+    try:
+        app()
+    except UserError as e:
+        print(f"lut-fast: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("lut-fast: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""The train loop shared by LUT and MAE.
+
+One optimizer step = ``accum_steps`` micro-batches. Per micro-batch: masking
+noise from (seed, micro-step, rank), target outputs under no_grad (LUT), the
+student's losses, backward (gradient sync skipped on all but the last
+micro-batch under DDP). Per optimizer step: lr from the schedule, optimizer
+step (through the GradScaler for fp16), EMA update with the cosine momentum.
+
+Output folder: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``
+(``last.pt`` -> newest complete checkpoint). Resuming restores model, target,
+optimizer, scaler and the position in the data stream; data order,
+augmentations and masks are functions of (seed, position), so a resumed run
+reproduces the losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lut_fast.checkpoint import latest_checkpoint, save_checkpoint
+from lut_fast.config import TrainConfig, from_dict, to_dict, to_yaml
+from lut_fast.distributed import DistInfo, all_reduce_max, barrier, cleanup, init_distributed
+from lut_fast.ema import TargetNetwork, momentum_at
+from lut_fast.errors import UserError
+from lut_fast.masking import make_noise
+from lut_fast.models import LUT, build_model
+from lut_fast.optim import build_optimizer, lr_at, scaled_lr
+from lut_fast.pipelines import build_loader
+
+
+# ---------------------------------------------------------------- device and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype (None = fp32). auto: bf16 on GPUs that have it, else fp16 (V100); fp32 on CPU."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("this GPU has no bf16; use --precision fp16 (with loss scaling) or auto")
+        return torch.bfloat16
+    if name == "fp16":
+        return torch.float16
+    if device.type == "cpu":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- run bookkeeping
+
+
+@dataclass
+class Schedule:
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    eff_batch: int
+
+
+def make_schedule(cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> Schedule:
+    o = cfg.optim
+    steps_per_epoch = batches_per_epoch // o.accum_steps
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"one epoch has {batches_per_epoch} batches per process, fewer than --accum {o.accum_steps}: "
+            "use a smaller batch or accumulation"
+        )
+    total = o.max_steps or max(1, math.ceil(o.epochs * steps_per_epoch))
+    # With --max-steps the schedule is compressed to fit; warm-up keeps its share.
+    warmup = round(total * o.warmup_epochs / o.epochs)
+    eff_batch = o.batch_size * o.accum_steps * world_size
+    peak = o.lr if o.lr is not None else scaled_lr(o.blr, eff_batch, o.lr_scaling)
+    return Schedule(steps_per_epoch, total, warmup, peak, eff_batch)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    last_checkpoint: Optional[Path]
+    steps: int
+    final_metrics: dict = field(default_factory=dict)
+    stopped_early: str = ""  # "", "sigterm", "max_hours"
+
+
+class MetricsLog:
+    """JSON lines, one per logged step; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (cluster pre-emption) ask for a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run (or resume) pre-training. ``on_step(step, metrics)`` is called after each optimizer step."""
+    device = resolve_device(cfg.run.device)
+    dist_info = init_distributed(device.type)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    try:
+        return _train(cfg, resume, device, dist_info, on_step)
+    finally:
+        cleanup()
+
+
+def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: DistInfo, on_step) -> TrainResult:
+    main = dist_info.is_main
+    out_dir = cfg.out_dir
+    ckpt_dir = out_dir / "checkpoints"
+    amp_dtype = resolve_precision(cfg.run.precision, device)
+
+    checkpoint = latest_checkpoint(ckpt_dir) if resume else None
+    if checkpoint is not None:
+        saved = from_dict(TrainConfig, checkpoint["config"])
+        # The saved recipe wins; only run-time settings given now may differ.
+        saved.run = cfg.run
+        saved.data.num_workers = cfg.data.num_workers
+        cfg = saved
+    elif not resume and main and (ckpt_dir / "last.pt").exists():
+        raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
+
+    seed_everything(cfg.run.seed)
+    loader = build_loader(
+        cfg.data.backend, cfg.data.path, cfg.aug, cfg.optim.batch_size, device=device,
+        num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=dist_info.rank,
+        world_size=dist_info.world_size, channels_last=cfg.data.channels_last and device.type == "cuda",
+        **({"photometric_on": cfg.data.photometric_on} if cfg.data.backend == "torch" else {}),
+    )
+    sched = make_schedule(cfg, len(loader), dist_info.world_size)
+
+    model = build_model(cfg).to(device)
+    if dist_info.enabled and isinstance(model, LUT):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    target = TargetNetwork(model).to(device) if isinstance(model, LUT) and model.lam > 0 else None
+    optimizer = build_optimizer(model, sched.peak_lr, cfg.optim.weight_decay, cfg.optim.betas, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start_step = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        if target is not None:
+            target.load_state_dict(checkpoint["target"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        _set_rng_state(checkpoint["rng"])
+        start_step = checkpoint["step"]
+
+    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=main)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        metrics.truncate_after(start_step)
+        _print_header(cfg, sched, device, amp_dtype, dist_info, start_step)
+
+    student = model
+    if dist_info.enabled:
+        student = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(student) if cfg.run.compile else student
+
+    def state_at(step: int) -> dict:
+        return {
+            "step": step,
+            "model": model.state_dict(),
+            "target": target.state_dict() if target is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "config": to_dict(cfg),
+            "rng": _rng_state(),
+            "schedule": vars(sched),
+        }
+
+    last_ckpt: Optional[Path] = None
+
+    def checkpoint_now(step: int) -> None:
+        nonlocal last_ckpt
+        if main:
+            last_ckpt = save_checkpoint(state_at(step), ckpt_dir, step, cfg.run.keep_checkpoints)
+        barrier()
+
+    accum = cfg.optim.accum_steps
+    bpe = len(loader)
+    step = start_step
+    consumed = step * accum  # micro-batches consumed so far
+    epoch, start_batch = divmod(consumed, bpe)
+    bad_images = 0
+    t0 = time.perf_counter()
+    window = {"t": time.perf_counter(), "images": 0, "data_wait": 0.0}
+    running: dict[str, list[torch.Tensor]] = {}
+    stopped = ""
+    last_record: dict = {}
+    num_patches = model.encoder.num_patches
+
+    progress = _Progress(enabled=main and cfg.run.progress, total=sched.total_steps, start=start_step)
+    with StopSignal() as stop, progress:
+        micro = 0
+        while step < sched.total_steps:
+            loader.set_epoch(epoch, start_batch)
+            batches = iter(loader)
+            while True:
+                t_wait = time.perf_counter()
+                batch = next(batches, None)
+                window["data_wait"] += time.perf_counter() - t_wait
+                if batch is None:
+                    break
+                bad_images += batch.bad_images
+                if bad_images > cfg.data.max_bad_images:
+                    raise UserError(
+                        f"{bad_images} unreadable images so far (limit data.max_bad_images={cfg.data.max_bad_images}): "
+                        "check the data folder"
+                    )
+                noise = make_noise(batch.size, num_patches, cfg.run.seed, consumed, dist_info.rank, device)
+                with autocast(device, amp_dtype):
+                    targets = target.targets(batch.view1, batch.view2, model.symmetric) if target is not None else None
+                micro += 1
+                consumed += 1
+                sync = micro == accum
+                ctx = student.no_sync() if (dist_info.enabled and not sync) else contextlib.nullcontext()
+                with ctx:
+                    with autocast(device, amp_dtype):
+                        out = forward(batch.view1, batch.view2, noise, targets)
+                    scaler.scale(out["loss"] / accum).backward()
+                for k, v in out.items():
+                    running.setdefault(k, []).append(v.detach())
+                window["images"] += batch.size * dist_info.world_size
+                if not sync:
+                    continue
+                micro = 0
+
+                lr = lr_at(step, sched.total_steps, sched.warmup_steps, sched.peak_lr, cfg.optim.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if cfg.optim.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                m = momentum_at(step, sched.total_steps, cfg.lut.ema_momentum, cfg.lut.ema_momentum_end)
+                if target is not None:
+                    target.update(model, m)
+                step += 1
+
+                log_now = step % cfg.run.log_every == 0 or step == sched.total_steps
+                ckpt_now = step % cfg.run.ckpt_every == 0 or step == sched.total_steps
+                if log_now or ckpt_now:
+                    record = {k: torch.stack(v).float().mean().item() for k, v in running.items()}
+                    running.clear()
+                    if not all(math.isfinite(v) for v in record.values()):
+                        msg = (
+                            f"loss became {record.get('loss')} at step {step}: stopping; "
+                            f"the last good checkpoint is kept in {ckpt_dir}"
+                        )
+                        raise UserError(msg)
+                    elapsed = time.perf_counter() - window["t"]
+                    record.update(
+                        step=step, epoch=round(consumed / bpe, 4), lr=lr, momentum=m,
+                        images_per_sec=window["images"] / max(elapsed, 1e-9),
+                        data_wait_frac=min(1.0, window["data_wait"] / max(elapsed, 1e-9)),
+                        time=round(time.perf_counter() - t0, 3),
+                    )
+                    window.update(t=time.perf_counter(), images=0, data_wait=0.0)
+                    metrics.write(record)
+                    progress.update(step, record)
+                    last_record = record
+                if on_step is not None:
+                    on_step(step, last_record)
+                if ckpt_now:
+                    checkpoint_now(step)
+                over_time = cfg.run.max_hours is not None and (time.perf_counter() - t0) > cfg.run.max_hours * 3600
+                stop_now = all_reduce_max(stop.requested or over_time, device) if dist_info.enabled else (stop.requested or over_time)
+                if stop_now and step < sched.total_steps:
+                    stopped = "sigterm" if stop.requested else "max_hours"
+                    if not ckpt_now:
+                        checkpoint_now(step)
+                    break
+                if step >= sched.total_steps:
+                    break
+            if stopped or step >= sched.total_steps:
+                break
+            epoch, start_batch = epoch + 1, 0
+
+    if main:
+        _print_footer(out_dir, last_ckpt, step, last_record, bad_images, stopped)
+    return TrainResult(out_dir, last_ckpt, step, last_record, stopped)
+
+
+# ---------------------------------------------------------------- terminal output
+
+
+class _Progress:
+    """A rich progress bar with live loss and images/s (plain lines when not a terminal)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled, self.total, self.start = enabled, total, start
+        self._bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task("train", total=self.total, completed=self.start, info="")
+        return self
+
+    def update(self, step: int, record: dict) -> None:
+        if self._bar is None:
+            return
+        info = f"loss {record['loss']:.4f}"
+        if "bc_loss" in record:
+            info += f" (mae {record['mae_loss']:.4f}, bc {record['bc_loss']:.4f})"
+        info += f"  {record['images_per_sec']:.0f} img/s"
+        self._bar.update(self._task, completed=step, info=info)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def _print_header(cfg, sched: Schedule, device, amp_dtype, dist_info: DistInfo, start_step: int) -> None:
+    from rich.console import Console
+
+    c = Console(stderr=True)
+    prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16+loss scaling"}[amp_dtype]
+    what = f"{cfg.method.upper()} {cfg.model.name} {cfg.model.img_size}px/p{cfg.model.patch_size}"
+    c.print(f"[bold]{what}[/] on {device} ({prec}), {dist_info.world_size} process(es), backend {cfg.data.backend}")
+    c.print(
+        f"effective batch {sched.eff_batch} -> lr {sched.peak_lr:.3g} ({cfg.optim.lr_scaling} rule), "
+        f"{sched.total_steps} steps ({sched.steps_per_epoch}/epoch), warm-up {sched.warmup_steps}"
+        + (f", resuming at step {start_step}" if start_step else "")
+    )
+
+
+def _print_footer(out_dir: Path, ckpt: Optional[Path], step: int, record: dict, bad: int, stopped: str) -> None:
+    from rich.console import Console
+
+    c = Console(stderr=True)
+    if stopped:
+        c.print(f"[yellow]stopped early ({stopped}) at step {step}; checkpoint saved: resume with --resume[/]")
+    if bad:
+        c.print(f"[yellow]{bad} unreadable image(s) were skipped[/]")
+    if record:
+        c.print(f"final loss {record['loss']:.4f} at step {step}")
+    c.print(f"results in [bold]{out_dir}[/]: config.yaml, metrics.jsonl, checkpoints/{ckpt.name if ckpt else ''}")
+    sys.stderr.flush()

@@ -1,0 +1,88 @@
+"""Dual-view data pipelines: one augmentation spec (``spec.AugSpec``), three backends.
+
+``build_loader`` is the single entry point the trainer, bench and eval use;
+every backend yields ``batch.Batch`` on the requested device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from lut_fast.errors import UserError
+
+from .batch import Batch
+from .spec import AugSpec
+
+BACKENDS = ("torch", "dali", "ffcv")
+
+INSTALL_HINTS = {
+    "dali": "DALI is not installed: pip install 'lut-fast[dali]' (or: pip install nvidia-dali-cuda130==2.4.0)",
+    "ffcv": (
+        "FFCV is not installed: apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
+        "pip install 'lut-fast[ffcv]'"
+    ),
+}
+_MODULES = {"dali": "nvidia.dali", "ffcv": "ffcv"}
+
+
+def require_backend(backend: str) -> None:
+    """Raise a one-line UserError that says how to install a missing backend."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    module = _MODULES.get(backend)
+    if module is not None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise UserError(INSTALL_HINTS[backend])
+
+
+def build_loader(
+    backend: str,
+    data: str | None,
+    spec: AugSpec,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    num_workers: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    channels_last: bool = False,
+    split: str = "train",
+    **options,
+):
+    """A loader over ``data`` (ImageFolder tree, split root, or a backend's converted format).
+
+    ``data=None`` means the built-in dataset. The loader has ``len()``
+    (batches per epoch per rank), ``set_epoch(epoch, start_batch=0)`` and
+    yields ``Batch``.
+    """
+    require_backend(backend)
+    if batch_size <= 0:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    if data is None:
+        from lut_fast.datasets.builtin import builtin_path
+
+        data = str(builtin_path())
+    common = dict(
+        spec=spec, batch_size=batch_size, device=device, num_workers=num_workers, seed=seed,
+        rank=rank, world_size=world_size, channels_last=channels_last,
+    )
+    if backend == "torch":
+        from lut_fast.datasets.imagefolder import scan_image_folder
+
+        from .torch_backend import TorchLoader
+
+        index = scan_image_folder(data, split)
+        return TorchLoader(index.samples, **common, **options)
+    if backend == "dali":
+        from .dali_backend import DaliLoader
+
+        return DaliLoader(data, split=split, **common, **options)
+    from .ffcv_backend import FfcvLoader
+
+    return FfcvLoader(data, split=split, **common, **options)

@@ -1,0 +1,88 @@
+"""The augmentation spec: every number a backend needs to build the views.
+
+LUT (LUT_SPEC.md, "Views"): one decode, two views, each drawn independently:
+
+* view 1 (online, weak):   SRC -> normalize
+* view 2 (target, strong): SRC -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8
+                           -> exactly one of {grayscale, solarize, blur} -> normalize
+
+SRC = DeiT-III "simple random crop": resize the shorter side to S (bicubic),
+pad 4 px (reflect), random S x S crop, horizontal flip p=0.5.
+
+MAE baseline: RandomResizedCrop(S, scale 0.2..1, bicubic) + flip, one view.
+
+Backends (torch, DALI, FFCV) read this object; none hard-codes a number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Recipe = Literal["lut", "mae"]
+STRONG_OPS = ("grayscale", "solarize", "blur")
+
+
+@dataclass(frozen=True)
+class AugSpec:
+    recipe: Recipe = "lut"  # "lut": two views (SRC weak + SRC strong); "mae": one RRC view
+    img_size: int = 224
+    # Simple random crop (both LUT views)
+    src_padding: int = 4
+    src_padding_mode: str = "reflect"
+    flip_p: float = 0.5
+    interpolation: str = "bicubic"
+    # Target-view color jitter (torchvision ColorJitter semantics, random op order)
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    # Target-view "3-augment": exactly one op per sample, chosen uniformly
+    strong_ops: tuple[str, ...] = STRONG_OPS
+    solarize_threshold: int = 128  # on 0..255: pixels >= threshold are inverted
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # PIL GaussianBlur radius, uniform
+    # MAE baseline view
+    rrc_scale: tuple[float, float] = (0.2, 1.0)
+    rrc_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    # Normalisation applied to every view (after conversion to 0..1)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        from lut_fast.errors import UserError
+
+        if self.recipe not in ("lut", "mae"):
+            raise UserError(f"aug.recipe must be 'lut' or 'mae', got {self.recipe!r}")
+        if self.img_size <= 0:
+            raise UserError(f"image size must be positive, got {self.img_size}")
+        unknown = set(self.strong_ops) - set(STRONG_OPS)
+        if unknown or not self.strong_ops:
+            raise UserError(f"aug.strong_ops must be a non-empty subset of {STRONG_OPS}, got {self.strong_ops}")
+        for name in ("flip_p", "jitter_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"aug.{name} must be in [0, 1], got {getattr(self, name)}")
+        # YAML gives lists; keep tuples so the spec stays hashable and frozen.
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                object.__setattr__(self, f.name, tuple(v))
+
+    @property
+    def two_views(self) -> bool:
+        return self.recipe == "lut"
+
+    @property
+    def blur_kernel_size(self) -> int:
+        """Odd kernel covering +-3 sigma of the largest blur (13 px for sigma 2)."""
+        import math
+
+        return 2 * math.ceil(3.0 * self.blur_sigma[1]) + 1
+
+    @classmethod
+    def for_method(cls, method: str, img_size: int, **overrides) -> "AugSpec":
+        return cls(recipe="mae" if method == "mae" else "lut", img_size=img_size, **overrides)
