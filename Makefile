@@ -1,0 +1,51 @@
+# The two commands the README opens with:
+#   make demo   create .venv, install, train LUT briefly on the built-in data (CPU), print where results are
+#   make test   create .venv, install everything the tests need (apt + pip, DALI and FFCV included), run pytest
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_OUT ?= runs/demo
+# FFCV builds from source against these (BACKENDS_NOTES.md)
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+
+.PHONY: demo test install install-test sysdeps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+# Core install: torch/torchvision pinned by constraints.txt (taken from local disk where available).
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+sysdeps:
+	@if ! pkg-config --exists libturbojpeg opencv4 2>/dev/null; then \
+	  echo "installing system packages for FFCV: $(APT_PACKAGES)"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+	fi
+
+# Everything the tests need: test tools, Hugging Face datasets (coexistence test), DALI and FFCV.
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml constraints.txt | sysdeps
+	$(PIP) install -q -c constraints.txt -e '.[test,dali,ffcv]'
+	touch $@
+
+install-test: $(VENV)/.installed-test
+
+demo: install
+	rm -rf $(DEMO_OUT)
+	$(BIN)/lut-fast train configs/demo.yaml --out $(DEMO_OUT)
+	@echo
+	@echo "Results in $(DEMO_OUT)/: config.yaml, metrics.jsonl, checkpoints/last.pt"
+	@echo "Next: $(BIN)/lut-fast eval knn $(DEMO_OUT)/checkpoints/last.pt   (k-NN accuracy on the built-in val split)"
+
+test: install-test
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache *.egg-info

@@ -1,0 +1,183 @@
+"""The method matches LUT_SPEC.md: patches, masking, losses, target, export."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import timm
+import torch
+
+from lut_fast.config import load_config
+from lut_fast.ema import TargetNetwork, momentum_at
+from lut_fast.losses import bc_loss, mae_pixel_loss
+from lut_fast.masking import binary_mask, keep_ids, num_visible, shuffle_from_noise
+from lut_fast.models import LUT, MaskedAutoencoder, build_model
+from lut_fast.models.vit import build_encoder
+
+TINY = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, mask_ratio=0.75, norm_pix_loss=True)
+
+
+def tiny_encoder(**kw):
+    return build_encoder("vit_tiny", img_size=32, patch_size=8, depth=2, **kw)
+
+
+def test_patchify_unpatchify_round_trip():
+    model = MaskedAutoencoder(tiny_encoder(), **TINY)
+    imgs = torch.randn(3, 3, 32, 32)
+    patches = model.patchify(imgs)
+    assert patches.shape == (3, 16, 8 * 8 * 3)
+    assert torch.equal(model.unpatchify(patches), imgs)
+    # patch 0 is the top-left 8x8 block, pixels in (row, col, channel) order
+    assert torch.equal(patches[0, 0], imgs[0, :, :8, :8].permute(1, 2, 0).reshape(-1))
+
+
+def test_masking_keeps_k_disjoint_and_restores():
+    torch.manual_seed(0)
+    num_patches, ratio = 196, 0.75
+    k = num_visible(num_patches, ratio)
+    assert k == 49
+    noise = torch.rand(5, num_patches)
+    ids_shuffle, ids_restore = shuffle_from_noise(noise)
+    v1, v2 = keep_ids(ids_shuffle, k, 0), keep_ids(ids_shuffle, k, 1)
+    assert v1.shape == v2.shape == (5, k)
+    for b in range(5):
+        s1, s2 = set(v1[b].tolist()), set(v2[b].tolist())
+        assert len(s1) == len(s2) == k and not (s1 & s2)
+    x = torch.randn(5, num_patches)
+    shuffled = torch.gather(x, 1, ids_shuffle)
+    assert torch.equal(torch.gather(shuffled, 1, ids_restore), x)
+    mask = binary_mask(ids_restore, k)
+    assert torch.all(mask.sum(1) == num_patches - k)
+    assert torch.all(torch.gather(mask, 1, v1) == 0)  # visible patches are unmasked
+
+
+def test_lut_with_lambda_zero_and_no_target_is_exactly_mae():
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(tiny_encoder(), **TINY)
+    lut = LUT(tiny_encoder(), head_hidden_dim=16, lam=0.0, **TINY)
+    missing, unexpected = lut.load_state_dict(mae.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("projector", "predictor")) for k in missing)
+    imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    a = mae(imgs, noise=noise)["loss"]
+    b = lut(imgs, imgs.flip(-1), noise=noise, targets=None)["loss"]
+    assert torch.equal(a, b)
+    # lambda = 0 with a target present is MAE too
+    target = TargetNetwork(lut)
+    c = lut(imgs, imgs.flip(-1), noise=noise, targets=target.targets(imgs, imgs.flip(-1), True))["loss"]
+    assert torch.equal(a, c)
+
+
+def test_bc_loss_matches_hand_computation():
+    q = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    t = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
+    # cos = 1/sqrt(2) and -1 -> (2 - 2/sqrt(2) + 2 + 2) / 2
+    expected = (2 - 2 / math.sqrt(2) + 4) / 2
+    assert bc_loss(q, t).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_bc_loss_stops_gradient_to_target():
+    q = torch.randn(3, 4, requires_grad=True)
+    t = torch.randn(3, 4, requires_grad=True)
+    bc_loss(q, t).backward()
+    assert q.grad is not None and t.grad is None
+
+
+def test_mae_loss_only_on_masked_patches_with_norm_pix():
+    target = torch.randn(2, 4, 12)
+    pred = torch.randn(2, 4, 12)
+    mask = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]])
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    normed = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = ((pred - normed) ** 2).mean(-1)
+    expected = (per_patch * mask).sum() / 3
+    assert mae_pixel_loss(target, pred, mask, True).item() == pytest.approx(expected.item(), rel=1e-6)
+    pred2 = pred.clone()
+    pred2[0, 1] += 100  # a visible patch: must not change the loss
+    assert mae_pixel_loss(target, pred2, mask, True).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_ema_momentum_schedule():
+    assert momentum_at(0, 1000) == pytest.approx(0.996)
+    assert momentum_at(1000, 1000) == pytest.approx(1.0)
+    assert momentum_at(500, 1000) == pytest.approx(0.998)
+    values = [momentum_at(k, 100) for k in range(101)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+
+
+def test_target_gets_no_gradients_stays_eval_and_follows_ema():
+    torch.manual_seed(0)
+    lut = LUT(tiny_encoder(), head_hidden_dim=16, lam=1.0, **TINY)
+    target = TargetNetwork(lut)
+    lut.train()
+    target.train()  # a trainer calling .train() on everything must not flip it
+    assert not target.training and all(not m.training for m in target.modules())
+    assert all(not p.requires_grad for p in target.parameters())
+    v1, v2, noise = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    out = lut(v1, v2, noise=noise, targets=target.targets(v1, v2, lut.symmetric))
+    out["loss"].backward()
+    assert all(p.grad is None for p in target.parameters())
+    assert lut.encoder.blocks[0].attn.qkv.weight.grad is not None
+    assert lut.projector[0].weight.grad is not None and lut.predictor[0].weight.grad is not None
+    # EMA: theta_t <- m theta_t + (1 - m) theta_s, buffers too
+    before = copy.deepcopy(target.state_dict())
+    with torch.no_grad():
+        for p in lut.parameters():
+            p.add_(1.0)
+    lut.projector[1].running_mean.add_(2.0)
+    target.update(lut, 0.9)
+    w_t, w_s = target.encoder.blocks[0].attn.qkv.weight, lut.encoder.blocks[0].attn.qkv.weight
+    assert torch.allclose(w_t, 0.9 * before["encoder.blocks.0.attn.qkv.weight"] + 0.1 * w_s, atol=1e-6)
+    rm = target.projector[1].running_mean
+    assert torch.allclose(rm, 0.9 * before["projector.1.running_mean"] + 0.1 * lut.projector[1].running_mean, atol=1e-6)
+
+
+def test_lut_heads_keep_batchnorm_statistics_per_view():
+    """Projector/predictor run once per view (batch B), never on the 2B concatenation."""
+    torch.manual_seed(0)
+    lut = LUT(tiny_encoder(), head_hidden_dim=16, lam=1.0, **TINY)
+    target = TargetNetwork(lut)
+    seen = []
+    lut.projector[1].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    v1, v2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    lut(v1, v2, noise=torch.rand(4, 16), targets=target.targets(v1, v2, True))
+    assert seen == [4, 4]
+
+
+def test_symmetric_and_one_way_use_the_right_targets():
+    torch.manual_seed(0)
+    lut = LUT(tiny_encoder(), head_hidden_dim=16, lam=1.0, direction="one_way", **TINY)
+    target = TargetNetwork(lut)
+    v1, v2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    t_one = target.targets(v1, v2, symmetric=False)
+    t_sym = target.targets(v1, v2, symmetric=True)
+    assert len(t_one) == 1 and len(t_sym) == 2
+    assert torch.allclose(t_one[0], target(v2), atol=1e-5)  # view 1's student is pulled to the full view 2
+    assert torch.allclose(t_sym[1], target(v1), atol=1e-5)
+    out = lut(v1, v2, noise=torch.rand(4, 16), targets=t_one)
+    assert set(out) == {"loss", "mae_loss", "bc_loss"}
+    assert out["loss"].item() == pytest.approx((out["mae_loss"] + out["bc_loss"]).item(), rel=1e-5)
+
+
+def test_build_model_lambda_defaults_follow_the_paper():
+    small = load_config(None, {"model.name": "vit_small"})
+    base = load_config(None, {"model.name": "vit_base"})
+    assert small.lut.resolved_lam("vit_small") == 1.0
+    assert base.lut.resolved_lam("vit_base") == 0.25
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "vit_small"])
+def test_encoder_state_dict_loads_into_timm_strictly(name):
+    cfg = load_config(None, {"model.name": name}, ["model.decoder_depth=1", "model.head_hidden_dim=16"])
+    model = build_model(cfg).eval()
+    from lut_fast.checkpoint import encoder_state
+
+    state = encoder_state({"format": "x", "model": model.state_dict(), "target": None})
+    ref = timm.create_model(f"{name}_patch16_224", pretrained=False, num_classes=0).eval()
+    ref.load_state_dict(state, strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ours = model.encoder(x)
+        theirs = ref.forward_features(x)
+    assert torch.allclose(ours, theirs, atol=1e-5)
