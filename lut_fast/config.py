@@ -30,16 +30,16 @@ LR_RULES = ("sqrt", "linear")
 @dataclass
 class ModelConfig:
     name: str = "vit_tiny"  # vit_tiny | vit_small | vit_base | vit_large
-    img_size: int = 224
-    patch_size: int = 16
+    img_size: int = 224  # input resolution (any multiple of patch_size)
+    patch_size: int = 16  # ViT patch size
     depth: Optional[int] = None  # override the preset's encoder depth (small/fast runs)
     embed_dim: Optional[int] = None  # override the preset's width
     num_heads: Optional[int] = None  # override the preset's heads
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
+    decoder_embed_dim: int = 512  # MAE decoder width
+    decoder_depth: int = 8  # MAE decoder blocks
+    decoder_num_heads: int = 16  # MAE decoder heads
+    mask_ratio: float = 0.75  # K = int(L * (1 - r)) visible patches per view
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets
     head_hidden_dim: int = 4096  # LUT projector / predictor hidden width
 
 
@@ -48,7 +48,7 @@ class LUTConfig:
     lam: Optional[float] = None  # weight of the bc loss; None = 1.0 for tiny/small, 0.25 for base/large
     direction: str = "symmetric"  # symmetric (official) | one_way (paper text, cheaper)
     ema_momentum: float = 0.996  # start of the cosine momentum schedule
-    ema_momentum_end: float = 1.0
+    ema_momentum_end: float = 1.0  # momentum at the last optimizer step
 
     def resolved_lam(self, model_name: str) -> float:
         if self.lam is not None:
@@ -60,40 +60,40 @@ class LUTConfig:
 class DataConfig:
     path: Optional[str] = None  # None = the built-in dataset
     backend: str = "torch"  # torch | dali | ffcv
-    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # loader processes (torch) or threads (DALI, FFCV)
     photometric_on: str = "auto"  # torch backend: worker | device | auto (device on CUDA)
     max_bad_images: int = 100  # unreadable images tolerated (skipped, counted) before stopping
-    channels_last: bool = True
+    channels_last: bool = True  # channels-last batches on CUDA (faster patch embedding)
 
 
 @dataclass
 class OptimConfig:
     batch_size: int = 64  # per device
-    accum_steps: int = 1
+    accum_steps: int = 1  # micro-batches per optimizer step
     blr: float = 1.5e-4  # base lr; lr = blr * sqrt(eff_batch) / 4 (sqrt) or blr * eff_batch / 256 (linear)
     lr: Optional[float] = None  # absolute lr, overrides blr scaling
     lr_scaling: str = "sqrt"  # sqrt (official LUT) | linear (MAE)
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    epochs: float = 1600
-    warmup_epochs: float = 40
+    weight_decay: float = 0.05  # AdamW; none on biases and 1-D parameters
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    epochs: float = 1600  # schedule length (the paper: 1600; ablations 400)
+    warmup_epochs: float = 40  # linear warm-up, then half-cycle cosine
     max_steps: Optional[int] = None  # cap on optimizer steps; the schedule is compressed to fit
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # end of the cosine
     clip_grad: Optional[float] = None  # the recipe uses none
 
 
 @dataclass
 class RunConfig:
     out_dir: Optional[str] = None  # default runs/<method>_<model>
-    device: str = "auto"
+    device: str = "auto"  # auto / cpu / cuda
     precision: str = "auto"  # auto: bf16 on bf16 GPUs, fp16 + loss scaling on older GPUs, fp32 on CPU
-    compile: bool = False
-    seed: int = 0
+    compile: bool = False  # torch.compile the student
+    seed: int = 0  # data order, augmentations, masks and init all derive from it
     log_every: int = 10  # optimizer steps between metric lines (and NaN checks)
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 2
-    max_hours: Optional[float] = None
-    progress: bool = True
+    keep_checkpoints: int = 2  # step files kept (last.pt points at the newest)
+    max_hours: Optional[float] = None  # wall-clock budget; ends with a checkpoint
+    progress: bool = True  # rich progress bar on the main process
 
 
 @dataclass
@@ -271,3 +271,40 @@ def validate(cfg: TrainConfig) -> None:
     heads = m.num_heads or PRESETS[m.name]["num_heads"]
     check(embed % heads == 0, f"embed dim {embed} is not divisible by {heads} heads")
     check(m.decoder_embed_dim % m.decoder_num_heads == 0, "decoder embed dim must be divisible by decoder heads")
+
+
+# ---------------------------------------------------------------- documentation
+
+
+def defaults_table() -> str:
+    """Markdown table of every config field, its default and its comment, read from this file.
+
+    The README embeds this table; a test checks that it is current
+    (regenerate with ``python -m lut_fast.config``).
+    """
+    import inspect
+    import re
+
+    rows = ["| field | default | meaning |", "| --- | --- | --- |"]
+    sections = [("", TrainConfig)] + [
+        (f.name + ".", f.default_factory) for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(f.default_factory)
+    ]
+    for prefix, cls in sections:
+        comments = {}
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+):[^#]*(?:#\s*(.*))?$", line)
+            if m:
+                comments[m.group(1)] = (m.group(2) or "").replace("|", "/")
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                continue
+            value = getattr(defaults, f.name)
+            if f.name == "num_workers":
+                value = "min(8, CPU count)"
+            rows.append(f"| `{prefix}{f.name}` | `{value}` | {comments.get(f.name, '')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(defaults_table())

@@ -30,28 +30,28 @@ STRONG_OPS = ("grayscale", "solarize", "blur")
 @dataclass(frozen=True)
 class AugSpec:
     recipe: Recipe = "lut"  # "lut": two views (SRC weak + SRC strong); "mae": one RRC view
-    img_size: int = 224
+    img_size: int = 224  # output size S of every view
     # Simple random crop (both LUT views)
-    src_padding: int = 4
-    src_padding_mode: str = "reflect"
-    flip_p: float = 0.5
-    interpolation: str = "bicubic"
+    src_padding: int = 4  # SRC: pad before the random S x S crop
+    src_padding_mode: str = "reflect"  # SRC padding mode
+    flip_p: float = 0.5  # horizontal flip probability (every view)
+    interpolation: str = "bicubic"  # resize filter
     # Target-view color jitter (torchvision ColorJitter semantics, random op order)
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
+    jitter_p: float = 0.8  # probability of color jitter on view 2
+    brightness: float = 0.4  # factor uniform in [1-b, 1+b]
+    contrast: float = 0.4  # factor uniform in [1-c, 1+c]
+    saturation: float = 0.2  # factor uniform in [1-s, 1+s]
+    hue: float = 0.1  # shift uniform in [-h, h]
     # Target-view "3-augment": exactly one op per sample, chosen uniformly
-    strong_ops: tuple[str, ...] = STRONG_OPS
+    strong_ops: tuple[str, ...] = STRONG_OPS  # view 2: exactly one, chosen uniformly
     solarize_threshold: int = 128  # on 0..255: pixels >= threshold are inverted
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # PIL GaussianBlur radius, uniform
     # MAE baseline view
-    rrc_scale: tuple[float, float] = (0.2, 1.0)
-    rrc_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    rrc_scale: tuple[float, float] = (0.2, 1.0)  # MAE view: RandomResizedCrop area range
+    rrc_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)  # MAE view: aspect ratio range
     # Normalisation applied to every view (after conversion to 0..1)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation (ImageNet)
+    std: tuple[float, float, float] = IMAGENET_STD  # normalisation (ImageNet)
 
     def __post_init__(self) -> None:
         from lut_fast.errors import UserError
