@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# lut-fast GPU check: one call, under 8 minutes, on one H100 / H200.
+#
+#   bash docker/gpu_check.sh [--quick] [--budget-s 400]
+#
+# Runs from a plain copy of the repository: the package need not be installed
+# (lut_fast/bench/gpu_check.py maps pipelines/ and datasets/ itself and stands
+# in for PyYAML if it is missing). Needs python3 with torch, timm, numpy, rich
+# (+ torchvision for JPEG decode). Measures: train step of vit_small / vit_base,
+# MAE vs LUT, eager vs torch.compile, bf16; the JPEG decode floor; the torch
+# pipeline to the GPU; decode_jpeg on CUDA. Writes gpu_check.json (after every
+# row) and gpu_check.txt to $OUT if set, else runs/gpu_check/.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+DEST="${OUT:-$ROOT/runs/gpu_check}"
+BUDGET="${GPU_CHECK_BUDGET:-400}"     # seconds after which no new measurement starts
+HARD_LIMIT="${GPU_CHECK_TIMEOUT:-470}" # the whole script, whatever happens
+
+mkdir -p "$DEST"
+cd "$ROOT"
+export PYTHONDONTWRITEBYTECODE=1
+"$PY" -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.version.cuda}, gpu: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}")'
+exec timeout --kill-after=10 "$HARD_LIMIT" "$PY" -m lut_fast.bench.gpu_check --out "$DEST" --budget-s "$BUDGET" "$@"

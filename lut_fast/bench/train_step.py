@@ -1,0 +1,294 @@
+"""``bench train``: one optimizer step of MAE, LUT (symmetric) and LUT (one-way) on synthetic inputs.
+
+Inputs (two normalised views and the masking noise) are made once on the
+device, so data loading is excluded. A step is what the train loop does per
+optimizer step: target outputs under no_grad (LUT), the student's forward
+under autocast, backward (through a GradScaler for fp16), AdamW, zero_grad and
+the EMA update of the target.
+
+Variants: eager vs ``torch.compile``, fp32 / bf16 / fp16 autocast, the SDPA
+kernel (``torch.nn.attention.sdpa_kernel``: flash, efficient, math, cudnn or
+auto = PyTorch's choice), channels-last inputs and patch-embedding weights.
+A variant that cannot run here is a ``skipped`` row with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lut_fast.bench.measure import current_memory_mb, peak_memory_mb, reset_peak_memory, round_sig, synchronizer
+from lut_fast.bench.report import row
+from lut_fast.errors import UserError
+
+METHODS = {  # label -> (config method, LUT direction)
+    "mae": ("mae", "symmetric"),
+    "lut_sym": ("lut", "symmetric"),
+    "lut_one_way": ("lut", "one_way"),
+}
+PRECISIONS = ("fp32", "bf16", "fp16")
+SDPA = ("auto", "flash", "efficient", "math", "cudnn")
+ALL_VARIANTS = {"compile": "off,on", "precision": "fp32,bf16,fp16", "sdpa": "auto,flash,efficient,math", "channels_last": "off,on"}
+
+
+class Skip(Exception):
+    """This variant cannot run on this machine (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    compile: bool = False
+    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
+    sdpa: str = "auto"
+    channels_last: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{'compiled' if self.compile else 'eager'} {self.precision} sdpa={self.sdpa} {'nhwc' if self.channels_last else 'nchw'}"
+
+    def as_dict(self) -> dict:
+        return {"compile": self.compile, "precision": self.precision, "sdpa": self.sdpa, "channels_last": self.channels_last}
+
+
+def _on_off(text: str, what: str) -> list[bool]:
+    out = []
+    for v in _split(text):
+        if v in ("on", "true", "1", "yes"):
+            out.append(True)
+        elif v in ("off", "false", "0", "no"):
+            out.append(False)
+        else:
+            raise UserError(f"--{what} takes on/off values, got {v!r}")
+    return out
+
+
+def _split(text: str) -> list[str]:
+    return [v.strip().lower() for v in str(text).split(",") if v.strip()]
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def make_variants(device: torch.device, compile: str = "off", precision: str = "auto", sdpa: str = "auto",
+                  channels_last: str = "off", grid: bool = False) -> list[Variant]:
+    """Variants from comma lists. Default: the first value of each list is the baseline and every other
+    value is tried alone against it (one factor at a time); ``grid`` gives the full cross product."""
+    comp = _on_off(compile, "compile")
+    prec = [resolve_precision(p, device) for p in _split(precision)]
+    kern = _split(sdpa)
+    cl = _on_off(channels_last, "channels-last")
+    for p in prec:
+        if p not in PRECISIONS:
+            raise UserError(f"unknown precision {p!r}; choose from auto, {', '.join(PRECISIONS)}")
+    for k in kern:
+        if k not in SDPA:
+            raise UserError(f"unknown SDPA backend {k!r}; choose from {', '.join(SDPA)}")
+    if not (comp and prec and kern and cl):
+        raise UserError("every variant list needs at least one value")
+    if grid:
+        out = [Variant(c, p, k, x) for c, p, k, x in itertools.product(comp, prec, kern, cl)]
+    else:
+        base = Variant(comp[0], prec[0], kern[0], cl[0])
+        out = [base]
+        for field, values in (("compile", comp), ("precision", prec), ("sdpa", kern), ("channels_last", cl)):
+            for v in values[1:]:
+                out.append(Variant(**{**base.as_dict(), field: v}))
+    seen, unique = set(), []
+    for v in out:
+        if v not in seen:
+            seen.add(v)
+            unique.append(v)
+    return unique
+
+
+def sdpa_context(name: str):
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+    return sdpa_kernel(backend)
+
+
+def check_runnable(v: Variant, device: torch.device) -> None:
+    """Raise ``Skip`` for variants known not to run (or not to mean anything) on this device."""
+    if device.type == "cpu" and v.precision == "fp16":
+        raise Skip("fp16 autocast is a GPU setting (V100, with loss scaling); on CPU use fp32 or bf16")
+    if device.type == "cuda" and v.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise Skip("this GPU has no bf16")
+    if device.type == "cuda" and v.sdpa == "flash":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise Skip("flash attention needs an sm80+ GPU")
+        if v.precision == "fp32":
+            raise Skip("flash attention needs fp16/bf16 inputs (fp32 variant)")
+    if v.compile and device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise Skip("torch.compile on CUDA needs triton, which is not installed") from None
+
+
+def _amp_dtype(p: str):
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+
+def build_step(cfg, device: torch.device, v: Variant, batch_size: int) -> Callable[[], torch.Tensor]:
+    """A closure running one optimizer step on fixed synthetic inputs; returns the (detached) loss."""
+    from lut_fast.ema import TargetNetwork
+    from lut_fast.models import LUT, build_model
+    from lut_fast.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    target = TargetNetwork(model).to(device) if isinstance(model, LUT) and model.lam > 0 else None
+    fmt = torch.channels_last if v.channels_last else torch.contiguous_format
+    if v.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        if target is not None:
+            target = target.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), fused=device.type == "cuda")
+    amp = _amp_dtype(v.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    forward = torch.compile(model) if v.compile else model
+    s = cfg.model.img_size
+    view1 = torch.randn(batch_size, 3, s, s, device=device).contiguous(memory_format=fmt)
+    view2 = torch.randn(batch_size, 3, s, s, device=device).contiguous(memory_format=fmt) if target is not None else None
+    noise = torch.rand(batch_size, model.encoder.num_patches, device=device)
+
+    def autocast():
+        if amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp)
+
+    def step() -> torch.Tensor:
+        with sdpa_context(v.sdpa):
+            with autocast():
+                targets = target.targets(view1, view2, model.symmetric) if target is not None else None
+                out = forward(view1, view2, noise, targets)
+            scaler.scale(out["loss"]).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if target is not None:
+            target.update(model, 0.996)
+        return out["loss"].detach()
+
+    return step
+
+
+def _cleanup(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with contextlib.suppress(Exception):
+        torch._dynamo.reset()
+
+
+def bench_variant(cfg, method: str, v: Variant, device: torch.device, batch_size: int, warmup: int,
+                  windows: int, steps_per_window: int, flops_per_image: float, peak_tflops: float | None) -> dict:
+    key = f"train/{method}/{v.label}"
+    common = dict(method=method, model=cfg.model.name, variant=v.as_dict(), label=f"{method:<11} {v.label}", batch_size=batch_size,
+                  gflops_per_image=round_sig(flops_per_image / 1e9, 5))
+    try:
+        check_runnable(v, device)
+        sync = synchronizer(device)
+        mem_before = current_memory_mb(device)
+        step = build_step(cfg, device, v, batch_size)
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            loss = step()
+        sync()
+        warmup_s = time.perf_counter() - t0
+        if warmup and not torch.isfinite(loss).item():
+            raise RuntimeError(f"loss is {loss.item()} after warm-up")
+        reset_peak_memory(device)
+        per_step = []
+        for _ in range(windows):
+            sync()
+            t = time.perf_counter()
+            for _ in range(steps_per_window):
+                step()
+            sync()
+            per_step.append((time.perf_counter() - t) / steps_per_window)
+        peak, peak_kind = peak_memory_mb(device)
+    except Skip as e:
+        return row("train", key, "skipped", str(e), **common)
+    except torch.cuda.OutOfMemoryError:
+        return row("train", key, "failed", f"out of GPU memory at batch {batch_size}", **common)
+    except Exception as e:  # noqa: BLE001 - one variant failing must not stop the others
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "No viable backend" in msg or "No available kernel" in msg:
+            return row("train", key, "skipped", f"SDPA {v.sdpa} kernel not available here: {msg[:160]}", **common)
+        return row("train", key, "failed", f"{type(e).__name__}: {msg[:300]}", **common)
+    finally:
+        step = None  # noqa: F841 - drop the model before the next variant
+        _cleanup(device)
+    ms = sorted(per_step)[len(per_step) // 2] * 1000  # median window (upper median for even counts)
+    ips = batch_size / (ms / 1000)
+    achieved = flops_per_image * ips / 1e12
+    out = row(
+        "train", key, **common,
+        ms_per_step=round_sig(ms), ms_per_step_windows=[round_sig(x * 1000) for x in per_step],
+        images_per_sec=round_sig(ips), peak_mem_mb=round_sig(peak), peak_mem_kind=peak_kind,
+        mem_before_build_mb=round_sig(mem_before),
+        achieved_tflops=round_sig(achieved), warmup_s=round_sig(warmup_s),
+        mfu=round_sig(achieved / peak_tflops) if peak_tflops else None,
+    )
+    if not peak_tflops:
+        out["mfu_reason"] = "no GPU" if device.type != "cuda" else "unknown GPU peak: pass --peak-tflops"
+    return out
+
+
+def add_time_ratios(results: list[dict]) -> None:
+    """LUT/MAE step-time ratio for each LUT row against the MAE row of the same model, batch and variant
+    (paper: 1.18 for ViT-B)."""
+    def same(r: dict) -> tuple:
+        return r.get("model"), r.get("batch_size"), tuple(sorted(r.get("variant", {}).items()))
+
+    mae = {same(r): r for r in results if r.get("bench") == "train" and r.get("method") == "mae" and r["status"] == "ok"}
+    for r in results:
+        if r.get("bench") == "train" and r.get("method", "").startswith("lut") and r["status"] == "ok":
+            base = mae.get(same(r))
+            if base is not None:
+                r["lut_mae_time_ratio"] = round_sig(r["ms_per_step"] / base["ms_per_step"])
+                r["lut_mae_flop_ratio"] = round_sig(r["gflops_per_image"] / base["gflops_per_image"])
+
+
+def run_train_bench(model: str, methods: list[str], variants: list[Variant], device: torch.device, batch_size: int,
+                    img_size: int, patch_size: int, sets: list[str], warmup: int, windows: int, steps_per_window: int,
+                    peak_tflops: float | None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    from lut_fast.config import load_config
+    from lut_fast.flops import flops_per_image
+
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if warmup < 1 or windows < 1 or steps_per_window < 1:
+        raise UserError("--warmup, --windows and --steps-per-window must be >= 1")
+    results = []
+    for method in methods:
+        kind, direction = METHODS[method]
+        flags = {"method": kind, "model.name": model, "model.img_size": img_size, "model.patch_size": patch_size,
+                 "lut.direction": direction}
+        cfg = load_config(None, flags, sets)
+        fl = flops_per_image(cfg).total
+        for v in variants:
+            r = bench_variant(cfg, method, v, device, batch_size, warmup, windows, steps_per_window, fl, peak_tflops)
+            results.append(r)
+            add_time_ratios(results)
+            if on_row is not None:
+                on_row(r)
+    return results
