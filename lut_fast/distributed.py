@@ -1,13 +1,33 @@
-"""Data parallelism through torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+"""Data parallelism through torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
+
+``torchrun --nproc-per-node N -m lut_fast.cli train ...`` (or ``torchrun
+--no-python lut-fast train ...``) starts one process per device; each joins
+the process group here: NCCL on GPUs, gloo on CPU. Multi-node runs use
+torchrun's rendezvous arguments (``--nnodes``, ``--rdzv-backend c10d``,
+``--rdzv-endpoint HOST:PORT``); nothing here depends on the node count.
+
+Under ``torchrun --max-restarts K`` a failed worker makes torchrun restart
+the whole group with ``TORCHELASTIC_RESTART_COUNT`` > 0; the trainer then
+resumes from the run's last checkpoint by itself (``restart_count``).
+
+SyncBatchNorm: torch's ``nn.SyncBatchNorm`` runs on GPUs only (DDP refuses
+it on CPU), so CPU (gloo) processes get ``GlooSyncBatchNorm``, the same
+computation through differentiable all-reduces. Both keep BatchNorm's
+parameter and buffer names, so checkpoints move freely between the two and
+a single-process model.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 @dataclass
@@ -34,20 +54,98 @@ def init_distributed(device_type: str) -> DistInfo:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
+        timeout = datetime.timedelta(minutes=30)
+        # torchrun keeps one key-value store (MASTER_ADDR:MASTER_PORT) across restarts of the worker
+        # group; the process group's keys from the failed attempt are still in it, and restarted
+        # workers would read the dead workers' addresses (gloo: "connectFullMesh failed ... Connection
+        # refused"). A prefix per attempt gives every attempt fresh keys.
+        store, _, _ = next(dist.rendezvous("env://", rank=info.rank, world_size=world, timeout=timeout))
+        store = dist.PrefixStore(f"lut_fast/attempt_{restart_count()}", store)
         dist.init_process_group(
             backend="nccl" if device_type == "cuda" else "gloo",
-            timeout=datetime.timedelta(minutes=30),
+            store=store, rank=info.rank, world_size=world, timeout=timeout,
         )
     return info
 
 
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (0 outside torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_max(flag: bool, device) -> bool:
     """True on every rank if it is true on any (a stop request must reach all ranks)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def all_same(value: int, device) -> bool:
+    """Whether every rank passed the same integer (one MIN and one MAX all-reduce)."""
+    if not _active():
+        return True
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t[0]) == value and int(-t[1]) == value
+
+
+def all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
+    """The mean over ranks of each value (every rank must pass the same keys)."""
+    if not _active() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    mean = dict(zip(keys, t.tolist()))
+    return {k: mean[k] for k in values}
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fingerprint(tensors: Iterable[torch.Tensor]) -> int:
+    """An exact integer checksum of the tensors' bits (identical bits -> identical number)."""
+    total = None
+    for i, t in enumerate(tensors):
+        flat = t.detach().contiguous().view(-1)
+        bits = flat.view(_SAME_SIZE_INT[flat.element_size()])  # the raw bits as integers
+        # weights by position so that swapped values change the sum (int64 overflow wraps: still exact)
+        pos = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64) % 65_521
+        s = ((bits.to(torch.int64) * pos).sum() % 1_000_000_007) * (i + 1)
+        total = s if total is None else (total + s) % 1_000_000_007
+    return 0 if total is None else int(total)
+
+
+def replicas_in_sync(tensors: Iterable[torch.Tensor], device) -> bool:
+    """Whether every rank holds bit-identical tensors (a cheap check, run at checkpoints)."""
+    if not _active():
+        return True
+    return all_same(fingerprint(tensors), device)
+
+
+def broadcast_from_main(tensors: Iterable[torch.Tensor], device) -> None:
+    """Overwrite every rank's tensors with rank 0's (in place; through ``device``, as NCCL needs)."""
+    if not _active():
+        return
+    device = torch.device(device)
+    with torch.no_grad():
+        for t in tensors:
+            if t.device == device:
+                dist.broadcast(t, src=0)
+            else:
+                tmp = t.to(device)
+                dist.broadcast(tmp, src=0)
+                t.copy_(tmp)
 
 
 def barrier() -> None:
@@ -58,3 +156,90 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- SyncBatchNorm
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: the gradient of a sum-of-losses objective is summed back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlooSyncBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics cover the whole global batch, for CPU (gloo) processes.
+
+    Two differentiable all-reduces (sum, then centred sum of squares), so the
+    result equals BatchNorm over the concatenation of all ranks' batches;
+    the backward pass all-reduces the same terms (as ``nn.SyncBatchNorm``
+    does on GPUs). Outside a process group, or in eval mode, plain BatchNorm.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {input.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _active()):
+            return super().forward(x)
+        all_reduce = _AllReduceSum.apply
+        self._check_input_dim(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = torch.tensor([float(xf.numel() // xf.shape[1])], dtype=torch.float64)
+        dist.all_reduce(count)
+        n = float(count.item())
+        mean = all_reduce(xf.sum(dims)) / n
+        centred = xf - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / n
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return out.to(x.dtype)
+
+
+def _to_gloo_sync(module: nn.Module) -> nn.Module:
+    out = module
+    if isinstance(module, _BatchNorm) and not isinstance(module, GlooSyncBatchNorm):
+        out = GlooSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+            device=next(iter(module.buffers()), torch.empty(0)).device,
+        )
+        with torch.no_grad():
+            if module.affine:
+                out.weight.copy_(module.weight)
+                out.bias.copy_(module.bias)
+            if module.track_running_stats:
+                out.running_mean.copy_(module.running_mean)
+                out.running_var.copy_(module.running_var)
+                out.num_batches_tracked.copy_(module.num_batches_tracked)
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _to_gloo_sync(child))
+    return out
+
+
+def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
+    """Every BatchNorm in ``module`` synchronised across ranks: torch's SyncBatchNorm on GPUs, ours on CPU."""
+    if device_type == "cpu":
+        return _to_gloo_sync(module)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)

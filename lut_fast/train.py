@@ -1,10 +1,18 @@
 """The train loop shared by LUT and MAE.
 
 One optimizer step = ``accum_steps`` micro-batches. Per micro-batch: masking
-noise from (seed, micro-step, rank), target outputs under no_grad (LUT), the
-student's losses, backward (gradient sync skipped on all but the last
-micro-batch under DDP). Per optimizer step: lr from the schedule, optimizer
-step (through the GradScaler for fp16), EMA update with the cosine momentum.
+noise from (seed, micro-step) for the global batch (each rank keeps its own
+rows, so N processes train exactly like one with N times the batch), target
+outputs under no_grad (LUT), the student's losses, backward (gradient sync
+skipped on all but the last micro-batch under DDP). Per optimizer step: lr
+from the schedule, optimizer step (through the GradScaler for fp16), EMA
+update with the cosine momentum.
+
+Faults (docs/sections/cluster.md): SIGTERM / SIGUSR1 (pre-emption) and the
+``--max-hours`` budget make every rank stop at the same step (agreed through
+an all-reduce), rank 0 writes a checkpoint, and the process exits with code 0.
+A worker group restarted by ``torchrun --max-restarts`` resumes from the last
+checkpoint by itself (TORCHELASTIC_RESTART_COUNT > 0), as ``--resume`` does.
 
 Output folder: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``
 (``last.pt`` -> newest complete checkpoint). Resuming restores model, target,
@@ -33,7 +41,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lut_fast.checkpoint import latest_checkpoint, save_checkpoint
 from lut_fast.config import TrainConfig, from_dict, to_dict, to_yaml
-from lut_fast.distributed import DistInfo, all_reduce_max, barrier, cleanup, init_distributed
+from lut_fast.distributed import (
+    DistInfo, all_reduce_max, all_reduce_mean, all_same, barrier, broadcast_from_main, cleanup,
+    convert_sync_batchnorm, init_distributed, replicas_in_sync, restart_count,
+)
 from lut_fast.ema import TargetNetwork, momentum_at
 from lut_fast.errors import UserError
 from lut_fast.masking import make_noise
@@ -145,6 +156,18 @@ def _set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _replicated_tensors(model: torch.nn.Module, target, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Everything that must be identical on all ranks: student, target (EMA) and optimizer state."""
+    out = list(model.parameters()) + list(model.buffers())
+    if target is not None:
+        out += list(target.parameters()) + list(target.buffers())
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            out += [state[k] for k in sorted(state) if isinstance(state[k], torch.Tensor)]
+    return out
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -193,14 +216,33 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
     ckpt_dir = out_dir / "checkpoints"
     amp_dtype = resolve_precision(cfg.run.precision, device)
 
+    if not resume and restart_count() > 0:
+        resume = True  # torchrun --max-restarts restarted the group after a failure: continue the run
     checkpoint = latest_checkpoint(ckpt_dir) if resume else None
+    # Every rank reads the checkpoint itself; all must see the same one, and all must stop together
+    # (one rank raising alone would leave the others waiting in a collective).
+    found_step = checkpoint["step"] if checkpoint is not None else -1
+    occupied = int(not resume and (ckpt_dir / "last.pt").exists())
+    if not (all_same(found_step, device) and all_same(occupied, device)):
+        raise UserError(
+            f"the processes see different checkpoints in {ckpt_dir}: "
+            "the output folder must be on a filesystem that every node shares"
+        )
     if checkpoint is not None:
         saved = from_dict(TrainConfig, checkpoint["config"])
         # The saved recipe wins; only run-time settings given now may differ.
         saved.run = cfg.run
         saved.data.num_workers = cfg.data.num_workers
         cfg = saved
-    elif not resume and main and (ckpt_dir / "last.pt").exists():
+        o = cfg.optim
+        saved_world = checkpoint.get("world_size") or checkpoint["schedule"]["eff_batch"] // (o.batch_size * o.accum_steps)
+        if saved_world != dist_info.world_size:
+            raise UserError(
+                f"the checkpoint in {ckpt_dir} was trained by {saved_world} process(es), this run has "
+                f"{dist_info.world_size}: the effective batch, lr and data order would change; "
+                f"resume with {saved_world} processes"
+            )
+    elif occupied:
         raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
 
     seed_everything(cfg.run.seed)
@@ -214,7 +256,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
 
     model = build_model(cfg).to(device)
     if dist_info.enabled and isinstance(model, LUT):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, device.type)  # BatchNorm over the global batch (LUT_SPEC.md)
     target = TargetNetwork(model).to(device) if isinstance(model, LUT) and model.lam > 0 else None
     optimizer = build_optimizer(model, sched.peak_lr, cfg.optim.weight_decay, cfg.optim.betas, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -238,7 +280,9 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
 
     student = model
     if dist_info.enabled:
-        student = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # LUT with lambda = 0 never uses its heads: DDP must then look for unused parameters.
+        unused = isinstance(model, LUT) and target is None
+        student = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
     forward = torch.compile(student) if cfg.run.compile else student
 
     def state_at(step: int) -> dict:
@@ -251,12 +295,22 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
             "config": to_dict(cfg),
             "rng": _rng_state(),
             "schedule": vars(sched),
+            "world_size": dist_info.world_size,
         }
 
-    last_ckpt: Optional[Path] = None
+    last_ckpt: Optional[Path] = (ckpt_dir / "last.pt").resolve() if checkpoint is not None else None
 
     def checkpoint_now(step: int) -> None:
         nonlocal last_ckpt
+        if dist_info.enabled:
+            # Replicas should be bit-identical (same reduced gradients, same EMA); if one drifted, rank 0's
+            # state (the one saved) is copied to all, so the run continues from what the checkpoint holds.
+            replicated = _replicated_tensors(model, target, optimizer)
+            if not replicas_in_sync(replicated, device):
+                if main:
+                    print(f"lut-fast: warning: model replicas differed at step {step}; re-synchronised from rank 0",
+                          file=sys.stderr)
+                broadcast_from_main(replicated, device)
         if main:
             last_ckpt = save_checkpoint(state_at(step), ckpt_dir, step, cfg.run.keep_checkpoints)
         barrier()
@@ -292,7 +346,12 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
                         f"{bad_images} unreadable images so far (limit data.max_bad_images={cfg.data.max_bad_images}): "
                         "check the data folder"
                     )
-                noise = make_noise(batch.size, num_patches, cfg.run.seed, consumed, dist_info.rank, device)
+                # Noise for the whole global batch from (seed, micro-step); each rank keeps the rows of its
+                # own samples (the sampler gives rank r positions r*B..(r+1)*B of each global batch), so N
+                # processes mask exactly like one process with N times the batch.
+                rows = batch.size
+                noise = make_noise(rows * dist_info.world_size, num_patches, cfg.run.seed, consumed, 0, "cpu")
+                noise = noise[dist_info.rank * rows : (dist_info.rank + 1) * rows].to(device, non_blocking=True)
                 with autocast(device, amp_dtype):
                     targets = target.targets(batch.view1, batch.view2, model.symmetric) if target is not None else None
                 micro += 1
@@ -328,6 +387,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
                 ckpt_now = step % cfg.run.ckpt_every == 0 or step == sched.total_steps
                 if log_now or ckpt_now:
                     record = {k: torch.stack(v).float().mean().item() for k, v in running.items()}
+                    record = all_reduce_mean(record, device)  # the global batch's losses, the same on every rank
                     running.clear()
                     if not all(math.isfinite(v) for v in record.values()):
                         msg = (

@@ -165,16 +165,20 @@ class CollateViews:
 class EpochSampler(torch.utils.data.Sampler):
     """Seeded per-epoch permutation, sharded across ranks, resumable mid-epoch.
 
-    Same rule as ``DistributedSampler(shuffle=True, drop_last=True)``: the
-    permutation depends only on (seed, epoch); rank r takes every
-    world_size-th index starting at r, so shards are disjoint.
+    Like ``DistributedSampler(shuffle=True, drop_last=True)`` (the permutation
+    depends only on (seed, epoch); shards are disjoint; the same number of
+    batches per rank), but laid out by *global* batch: global batch b is
+    ``perm[b*G:(b+1)*G]`` with G = batch_size * world_size, and rank r takes
+    its positions ``r*B .. (r+1)*B``. So N processes see, batch for batch,
+    exactly the samples one process with batch N*B sees (DDP == single
+    process), and one process takes consecutive slices of the permutation.
+    The ``n mod G`` samples left over are dropped (different ones each epoch).
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.per_rank = n // world_size
-        self.batches_per_epoch = self.per_rank // batch_size
+        self.batches_per_epoch = n // (batch_size * world_size)  # = (n // world_size) // batch_size
         if self.batches_per_epoch == 0:
             raise UserError(
                 f"dataset of {n} images is too small for batch size {batch_size} x {world_size} process(es)"
@@ -186,8 +190,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def indices(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        perm = torch.randperm(self.n, generator=g)[: self.per_rank * self.world_size]
-        return perm[self.rank :: self.world_size][: self.batches_per_epoch * self.batch_size].tolist()
+        perm = torch.randperm(self.n, generator=g)[: self.batches_per_epoch * self.batch_size * self.world_size]
+        return perm.view(self.batches_per_epoch, self.world_size, self.batch_size)[:, self.rank].reshape(-1).tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         idx = self.indices(self.epoch)[self.start_batch * self.batch_size :]
@@ -195,6 +199,51 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+STOP_SIGNAL_GRACE_S = 60.0
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers outlive a stop signal (SIGTERM / SIGUSR1) that was meant for the trainer.
+
+    torchrun forwards a stop signal to the training process's whole process
+    group, and SLURM signals every process of a job step, so the workers get
+    it too; dying at once would crash the training process before it saves
+    its checkpoint. The trainer stops at its next step and ends the workers
+    itself. So a signal from the training process (the DataLoader's own
+    shutdown, or multiprocessing's at exit) ends the worker at once; one from
+    anyone else ends it ``STOP_SIGNAL_GRACE_S`` later, if it is still there.
+    """
+    import os
+    import signal
+    import threading
+
+    stop = {signal.SIGTERM, signal.SIGUSR1}
+    parent = os.getppid()
+    armed = threading.Event()
+
+    def exit_later() -> None:
+        if not armed.is_set():
+            armed.set()
+            timer = threading.Timer(STOP_SIGNAL_GRACE_S, os._exit, args=(0,))
+            timer.daemon = True
+            timer.start()
+
+    if not hasattr(signal, "sigwaitinfo"):  # no sender information (macOS): grace period for every signal
+        for sig in stop:
+            signal.signal(sig, lambda signum, frame: exit_later())
+        return
+
+    def watch() -> None:
+        while True:
+            info = signal.sigwaitinfo(stop)
+            if info.si_pid == parent:
+                os._exit(0)
+            exit_later()
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to the watcher thread only
+    threading.Thread(target=watch, name="stop-signal-watch", daemon=True).start()
 
 
 class TorchLoader:
@@ -232,6 +281,7 @@ class TorchLoader:
             pin_memory=self.device.type == "cuda",
             drop_last=True,  # last-batch policy: drop, so every step has the full batch
             persistent_workers=num_workers > 0,
+            worker_init_fn=_worker_init,
             prefetch_factor=4 if num_workers > 0 else None,
         )
 
