@@ -30,27 +30,37 @@ app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
 
 
+def _default(key: str) -> str:
+    """The default of a config field, read from the dataclasses (the single source of defaults)."""
+    from lut_fast.config import TrainConfig
+
+    node = TrainConfig()
+    for part in key.split("."):
+        node = getattr(node, part)
+    return f"(default: {node})"
+
+
 @app.command()
 def train(
     config: Optional[Path] = typer.Argument(None, help="YAML config; flags below override it."),
-    method: Optional[str] = typer.Option(None, help="lut | mae  [default: lut]"),
-    model: Optional[str] = typer.Option(None, help="vit_tiny | vit_small | vit_base | vit_large  [default: vit_tiny]"),
-    img_size: Optional[int] = typer.Option(None, help="Input size in pixels  [default: 224]"),
-    patch_size: Optional[int] = typer.Option(None, help="Patch size  [default: 16]"),
+    method: Optional[str] = typer.Option(None, help="lut | mae " + _default("method")),
+    model: Optional[str] = typer.Option(None, help="vit_tiny | vit_small | vit_base | vit_large " + _default("model.name")),
+    img_size: Optional[int] = typer.Option(None, help="Input size in pixels " + _default("model.img_size")),
+    patch_size: Optional[int] = typer.Option(None, help="Patch size " + _default("model.patch_size")),
     data: Optional[str] = typer.Option(None, help="ImageFolder tree, split root or converted data; empty = built-in dataset."),
-    backend: Optional[str] = typer.Option(None, help="torch | dali | ffcv  [default: torch]"),
-    batch_size: Optional[int] = typer.Option(None, help="Per-device batch size  [default: 64]"),
-    accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps  [default: 1]"),
-    epochs: Optional[float] = typer.Option(None, help="Epochs  [default: 1600]"),
+    backend: Optional[str] = typer.Option(None, help="torch | dali | ffcv " + _default("data.backend")),
+    batch_size: Optional[int] = typer.Option(None, help="Per-device batch size " + _default("optim.batch_size")),
+    accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps " + _default("optim.accum_steps")),
+    epochs: Optional[float] = typer.Option(None, help="Epochs " + _default("optim.epochs")),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (the schedule is compressed to fit)."),
-    out: Optional[Path] = typer.Option(None, help="Output folder  [default: runs/<method>_<model>]"),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: runs/<method>_<model>)"),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.pt if it exists."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model  [default: off]"),
-    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | fp32  [default: auto]"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda  [default: auto]"),
-    seed: Optional[int] = typer.Option(None, help="Random seed  [default: 0]"),
-    max_hours: Optional[float] = typer.Option(None, help="Wall-clock budget; ends cleanly with a checkpoint."),
-    set_: list[str] = typer.Option([], "--set", help="Any config field: --set optim.blr=1e-4 --set model.depth=4"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model " + _default("run.compile")),
+    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | fp32 " + _default("run.precision")),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda " + _default("run.device")),
+    seed: Optional[int] = typer.Option(None, help="Random seed " + _default("run.seed")),
+    max_hours: Optional[float] = typer.Option(None, help="Wall-clock budget in hours; ends cleanly with a checkpoint (default: none)"),
+    set_: list[str] = typer.Option([], "--set", help="Any config field, repeatable: --set optim.blr=1e-4 --set model.depth=4 (see README: configuration)"),
 ) -> None:
     """Pre-train LUT (or the MAE baseline) and write config.yaml, metrics.jsonl and checkpoints/ to OUT."""
     from lut_fast.config import load_config
@@ -77,6 +87,24 @@ def data_builtin(out_dir: Path = typer.Argument(..., help="Where to write train/
     write_builtin(out_dir)
     n = sum(1 for _ in Path(out_dir).rglob("*.jpg"))
     Console().print(f"wrote {n} images in {len(CLASSES)} classes to [bold]{out_dir}[/] (train/ and val/)")
+
+
+@data_app.command("preview")
+def data_preview(
+    backend: str = typer.Option("torch", help="torch | dali | ffcv"),
+    data: Optional[str] = typer.Option(None, help="ImageFolder tree, .beton (ffcv) or DALI shard folder; empty = built-in dataset."),
+    out: Path = typer.Option(Path("preview.png"), help="Output PNG."),
+    method: str = typer.Option("lut", help="lut (view pairs) | mae (one view)"),
+    img_size: int = typer.Option(224, help="View size in pixels."),
+    samples: int = typer.Option(8, help="Samples in the grid."),
+    seed: int = typer.Option(0, help="Random seed."),
+    split: str = typer.Option("train", help="Split, when DATA holds train/ and val/."),
+) -> None:
+    """Write a PNG grid of the views a backend produces (view 1 | view 2 per sample), to check by eye."""
+    from lut_fast.pipelines.preview import write_preview
+
+    path = write_preview(backend, data, out, method=method, img_size=img_size, samples=samples, seed=seed, split=split)
+    typer.echo(f"wrote {path}")
 
 
 @export_app.command("timm")

@@ -1,0 +1,75 @@
+"""``lut-fast convert ffcv|dali``: turn an ImageFolder tree into a fast backend's format.
+
+Thin command-line wrappers; the work is in ``ffcv_writer.py`` and
+``dali_writer.py``. Both print a progress bar, list skipped files and end
+with a one-line summary (images, classes, bytes, seconds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+convert_app = typer.Typer(
+    help="Convert an ImageFolder tree to FFCV (.beton) or DALI (webdataset tar shards).", no_args_is_help=True
+)
+
+_SRC = typer.Argument(..., help="ImageFolder tree (<class>/<image>) or a split root holding train/ and val/.")
+_SPLIT = typer.Option("train", help="Split to convert when SRC_DIR holds train/ and val/.")
+_WORKERS = typer.Option(0, help="Worker processes (0 = all cores).")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output.")
+
+
+@convert_app.command("ffcv")
+def convert_ffcv(
+    src_dir: Path = _SRC,
+    out: Path = typer.Argument(..., help="Output .beton file."),
+    split: str = _SPLIT,
+    max_resolution: Optional[int] = typer.Option(512, help="Cap on the longer side (ffcv-imagenet: 256-512); 0 = keep."),
+    jpeg_quality: int = typer.Option(90, help="JPEG quality for compressed images."),
+    write_mode: str = typer.Option("jpg", help="jpg | raw | proportion | smart"),
+    compress_probability: float = typer.Option(0.5, help="Share of images stored as JPEG with --write-mode proportion."),
+    smart_threshold: Optional[int] = typer.Option(
+        None, help="--write-mode smart: JPEG-compress images above this many raw bytes."
+    ),
+    workers: int = _WORKERS,
+    chunk_size: int = typer.Option(100, help="Images per work item handed to a writer process."),
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Write SRC_DIR's images and labels to an FFCV .beton (train with --backend ffcv --data OUT)."""
+    from lut_fast.errors import UserError
+
+    from .ffcv_writer import write_beton
+
+    if out.suffix != ".beton":
+        raise UserError(f"the FFCV output should end in .beton, got {out}")
+    report = write_beton(
+        src_dir, out, split=split, max_resolution=max_resolution or None, jpeg_quality=jpeg_quality,
+        write_mode=write_mode, compress_probability=compress_probability, smart_threshold=smart_threshold,
+        workers=workers, chunk_size=chunk_size, overwrite=overwrite,
+    )
+    report.print()
+
+
+@convert_app.command("dali")
+def convert_dali(
+    src_dir: Path = _SRC,
+    out_dir: Path = typer.Argument(..., help="Output folder for the tar shards, index files and classes.json."),
+    split: str = _SPLIT,
+    shard_size: int = typer.Option(1000, help="Images per tar shard."),
+    max_resolution: Optional[int] = typer.Option(None, help="Cap on the longer side (re-encodes larger images); default: keep."),
+    jpeg_quality: int = typer.Option(95, help="JPEG quality for images that must be re-encoded (PNG, CMYK, gray, resized)."),
+    workers: int = _WORKERS,
+    seed: int = typer.Option(0, help="Seed of the stored sample order (shuffled, so shards mix classes)."),
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Write SRC_DIR as webdataset tar shards with DALI index files (train with --backend dali --data OUT_DIR)."""
+    from .dali_writer import write_shards
+
+    report = write_shards(
+        src_dir, out_dir, split=split, shard_size=shard_size, max_resolution=max_resolution or None,
+        jpeg_quality=jpeg_quality, workers=workers, seed=seed, overwrite=overwrite,
+    )
+    report.print()

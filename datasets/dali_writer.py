@@ -1,0 +1,188 @@
+"""ImageFolder -> tar shards in webdataset layout, with the index files DALI's reader uses.
+
+Why tar shards: on network file systems one large sequential read beats
+thousands of small random ones, and DALI's ``readers.webdataset`` reads them
+with per-rank sharding. Layout of OUT_DIR::
+
+    shard-000000.tar   members 00000000.jpg, 00000000.cls, 00000000.label, 00000001.jpg, ...
+    shard-000000.idx   DALI/wds2idx index, version v1.2 (written while the tar is written)
+    classes.json       {"class name": index} -- torchvision ImageFolder's mapping
+    manifest.json      format tag, sample count, classes, shard list (read by the loader)
+
+Each sample has three members: ``.jpg`` (RGB JPEG), ``.cls`` (the label as
+ASCII digits: the webdataset convention, for other tools) and ``.label``
+(the label as a little-endian int64, which DALI reads directly as a tensor).
+Samples are stored in a seeded random order, because DALI's reader shuffles
+only within a buffer: a class-sorted tar would give class-sorted batches and
+per-rank shards holding a few classes each.
+
+RGB JPEGs are stored byte for byte (no second lossy encode); everything else
+(PNG, CMYK or grayscale JPEG, ...) is converted to RGB and encoded once.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lut_fast.errors import UserError
+
+from . import sources
+
+FORMAT_TAG = "lut-fast-webdataset"
+MANIFEST = "manifest.json"
+CLASSES = "classes.json"
+IMAGE_EXT = "jpg"
+LABEL_EXT = "label"  # int64 little-endian
+CLS_EXT = "cls"  # ASCII, webdataset convention
+INDEX_VERSION = "v1.2"
+
+
+@dataclass(frozen=True)
+class _Job:
+    path: str
+    label: int
+    max_resolution: int | None
+    quality: int
+
+
+def prepare_sample(job: _Job) -> tuple[bytes | None, str | None]:
+    """(JPEG bytes, None) for a good image, (None, reason) for a bad one. Runs in a worker process."""
+    from PIL import Image
+
+    reason = sources.check_image(job.path)
+    if reason is not None:
+        return None, reason
+    try:
+        with Image.open(job.path) as img:
+            passthrough = img.format == "JPEG" and img.mode == "RGB" and not (
+                job.max_resolution and max(img.size) > job.max_resolution
+            )
+        if passthrough:
+            return Path(job.path).read_bytes(), None
+        return sources.encode_jpeg(sources.open_rgb(job.path, job.max_resolution), job.quality), None
+    except Exception as e:  # noqa: BLE001 - anything here means the file is unusable
+        return None, f"unreadable ({type(e).__name__}: {e})"
+
+
+class _ShardWriter:
+    """Writes numbered tar shards and, alongside each, its index (offsets known while writing)."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder, self.shard_size = folder, shard_size
+        self.shards: list[dict] = []
+        self._tar: tarfile.TarFile | None = None
+        self._lines: list[str] = []
+
+    def _open(self) -> None:
+        name = f"shard-{len(self.shards):06d}"
+        self._tar = tarfile.open(self.folder / f"{name}.tar", "w", format=tarfile.USTAR_FORMAT)
+        self.shards.append({"tar": f"{name}.tar", "index": f"{name}.idx", "samples": 0})
+        self._lines = []
+
+    def _member(self, name: str, data: bytes) -> str:
+        import io
+
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        header = info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors)
+        offset = self._tar.offset + len(header)
+        self._tar.addfile(info, io.BytesIO(data))
+        return f"{name.split('.', 1)[1]} {offset} {len(data)} {name}"
+
+    def add(self, key: str, image: bytes, label: int) -> None:
+        if self._tar is None:
+            self._open()
+        parts = [
+            self._member(f"{key}.{IMAGE_EXT}", image),
+            self._member(f"{key}.{CLS_EXT}", str(label).encode()),
+            self._member(f"{key}.{LABEL_EXT}", np.int64(label).astype("<i8").tobytes()),
+        ]
+        self._lines.append(" ".join(parts))
+        self.shards[-1]["samples"] += 1
+        if self.shards[-1]["samples"] >= self.shard_size:
+            self.close_shard()
+
+    def close_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        index = self.folder / self.shards[-1]["index"]
+        index.write_text(f"{INDEX_VERSION} {len(self._lines)}\n" + "".join(line + "\n" for line in self._lines))
+        self._tar = None
+
+
+def write_shards(
+    src: str | Path,
+    out_dir: str | Path,
+    split: str = "train",
+    shard_size: int = 1000,
+    max_resolution: int | None = None,
+    jpeg_quality: int = 95,
+    workers: int = 0,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> sources.ConversionReport:
+    """Convert one split of an ImageFolder tree to DALI-readable webdataset shards in ``out_dir``."""
+    out = Path(out_dir).expanduser().absolute()
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
+    if not 1 <= jpeg_quality <= 100:
+        raise UserError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
+    sources.check_output(out, overwrite)
+    listing = sources.list_source(src, split)
+    workers = sources.resolve_workers(workers)
+    t0 = time.perf_counter()
+
+    order = np.random.default_rng(seed).permutation(len(listing.samples))
+    jobs = [_Job(*listing.samples[i], max_resolution, jpeg_quality) for i in order]
+    skipped = list(listing.skipped)
+    tmp = sources.temp_path(out)
+    sources.remove_path(tmp)
+    tmp.mkdir()
+    try:
+        writer = _ShardWriter(tmp, shard_size)
+        written = 0
+        for job, (data, reason) in zip(jobs, sources.parallel_map(prepare_sample, jobs, workers, "dali shards")):
+            if data is None:
+                skipped.append((job.path, reason))
+                continue
+            writer.add(f"{written:08d}", data, job.label)
+            written += 1
+        writer.close_shard()
+        if written == 0:
+            raise UserError(f"no readable images in {listing.index.root}")
+        class_to_idx = listing.index.class_to_idx
+        (tmp / CLASSES).write_text(json.dumps(class_to_idx, indent=1) + "\n")
+        manifest = {
+            "format": FORMAT_TAG, "version": 1, "split": split, "source": str(listing.index.root),
+            "num_samples": written, "classes": listing.classes, "image_ext": IMAGE_EXT, "label_ext": LABEL_EXT,
+            "shards": writer.shards, "skipped": len(skipped), "seed": seed,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        sources.commit(tmp, out)
+    finally:
+        sources.remove_path(tmp)
+    return sources.ConversionReport(out, written, listing.classes, sources.path_size(out),
+                                    time.perf_counter() - t0, sorted(skipped))
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a shard folder, checked; a UserError says what is wrong."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if manifest.get("format") != FORMAT_TAG:
+        raise UserError(f"{path} is not a lut-fast shard manifest (format {manifest.get('format')!r})")
+    for shard in manifest["shards"]:
+        for key in ("tar", "index"):
+            if not (folder / shard[key]).is_file():
+                raise UserError(f"{folder / shard[key]} is missing: re-run `lut-fast convert dali`")
+    return manifest

@@ -1,0 +1,178 @@
+"""ImageFolder -> FFCV ``.beton`` (fields ``image``: RGBImageField, ``label``: IntField).
+
+The options are those of ffcv-imagenet's ``write_imagenet.py``: longest side
+capped at ``max_resolution``, JPEG quality, write mode (``jpg``, ``raw``,
+``proportion`` with ``compress_probability``, ``smart`` with
+``smart_threshold``), workers and chunk size.
+
+Two passes, because FFCV's writer cannot skip a sample: its worker processes
+must return an image for every index, and a worker that raises leaves the
+parent waiting forever. So a parallel check pass (a JPEG is decoded at 1/8
+scale, which still parses all of its data) finds the bad files first, and
+only good ones reach the writer. Should a file fail anyway (changed on disk
+between the passes), the worker stores a placeholder, notes the path, and the
+conversion is discarded with an error rather than kept with a gray image.
+
+Labels follow torchvision's ImageFolder; the class list is written beside the
+output as ``<name>.classes.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lut_fast.errors import UserError
+
+from . import sources
+
+WRITE_MODES = ("jpg", "raw", "proportion", "smart")
+
+
+def classes_path(beton: Path) -> Path:
+    return beton.with_suffix(".classes.json")
+
+
+class _ImageDataset:
+    """What FFCV's writer indexes: ``(RGB uint8 HWC array, label)``; never raises (see module doc)."""
+
+    def __init__(self, samples: list[tuple[str, int]], failures: Path):
+        self.samples, self.failures = samples, failures
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        path, label = self.samples[i]
+        try:
+            return np.asarray(sources.open_rgb(path), dtype=np.uint8), label
+        except Exception as e:  # noqa: BLE001
+            with open(self.failures, "a") as f:  # O_APPEND: one short line per write is atomic
+                f.write(f"{path}\t{type(e).__name__}: {e}\n")
+            return np.full((8, 8, 3), 128, np.uint8), label
+
+
+class _RichTqdm:
+    """Stands in for the ``tqdm`` bar FFCV's writer draws, so conversion shows one style of progress."""
+
+    def __init__(self, total: int, **_):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("[bold]ffcv write"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TextColumn("eta"), TimeRemainingColumn())
+        self._bar.__enter__()
+        self._task = self._bar.add_task("write", total=total)
+
+    def update(self, n: int = 1) -> None:
+        self._bar.advance(self._task, n)
+
+    def close(self) -> None:
+        self._bar.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _rich_progress():
+    import ffcv.writer
+
+    saved = ffcv.writer.tqdm
+    ffcv.writer.tqdm = _RichTqdm
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = saved
+
+
+def write_beton(
+    src: str | Path,
+    out: str | Path,
+    split: str = "train",
+    max_resolution: int | None = 512,
+    jpeg_quality: int = 90,
+    write_mode: str = "jpg",
+    compress_probability: float = 0.5,
+    smart_threshold: int | None = None,
+    workers: int = 0,
+    chunk_size: int = 100,
+    overwrite: bool = False,
+) -> sources.ConversionReport:
+    """Convert one split of an ImageFolder tree to an FFCV ``.beton`` file at ``out``."""
+    from lut_fast.pipelines import require_backend
+
+    require_backend("ffcv")  # a one-line install hint instead of an ImportError
+    out = Path(out).expanduser().absolute()
+    if write_mode not in WRITE_MODES:
+        raise UserError(f"--write-mode must be one of {', '.join(WRITE_MODES)}, got {write_mode!r}")
+    if not 1 <= jpeg_quality <= 100:
+        raise UserError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
+    if not 0.0 <= compress_probability <= 1.0:
+        raise UserError(f"--compress-probability must be in [0, 1], got {compress_probability}")
+    if max_resolution is not None and max_resolution < 1:
+        raise UserError(f"--max-resolution must be positive, got {max_resolution}")
+    if max_resolution is not None and max_resolution > 65535:
+        raise UserError("--max-resolution above 65535 is not storable in FFCV's image field")
+    sources.check_output(out, overwrite)
+    listing = sources.list_source(src, split)
+    workers = sources.resolve_workers(workers)
+    import torch
+
+    threads = torch.get_num_threads()
+    from ffcv.fields import IntField, RGBImageField  # slow (numba): before the clock starts
+    from ffcv.writer import DatasetWriter
+
+    torch.set_num_threads(threads)  # importing FFCV sets torch's process-wide thread count to 1
+
+    t0 = time.perf_counter()
+
+    paths = [p for p, _ in listing.samples]
+    skipped = list(listing.skipped)
+    good: list[tuple[str, int]] = []
+    for (path, label), reason in zip(listing.samples, sources.parallel_map(sources.check_image, paths, workers, "check")):
+        if reason is None:
+            good.append((path, label))
+        else:
+            skipped.append((path, reason))
+    if not good:
+        raise UserError(f"no readable images in {listing.index.root}")
+    if max_resolution is None:
+        _check_sizes_fit(good)
+
+    tmp = sources.temp_path(out)
+    failures = tmp.with_name(tmp.name + ".failures")
+    sources.remove_path(tmp)
+    sources.remove_path(failures)
+    try:
+        if smart_threshold is None and write_mode == "smart":
+            smart_threshold = 3 * ((max_resolution or 512) // 2) ** 2  # JPEG above (max side / 2)^2 pixels
+        fields = {
+            "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, smart_threshold=smart_threshold,
+                                   jpeg_quality=jpeg_quality, compress_probability=compress_probability),
+            "label": IntField(),
+        }
+        writer = DatasetWriter(str(tmp), fields, num_workers=workers)
+        with _rich_progress():
+            writer.from_indexed_dataset(_ImageDataset(good, failures), chunksize=chunk_size)
+        if failures.exists():
+            lines = failures.read_text().splitlines()
+            raise UserError(f"{len(lines)} file(s) became unreadable during writing (first: {lines[0]}); "
+                            "the output was discarded: run the conversion again")
+        classes_path(out).write_text(json.dumps(listing.index.class_to_idx, indent=1) + "\n")
+        sources.commit(tmp, out)
+    finally:
+        sources.remove_path(tmp)
+        sources.remove_path(failures)
+    return sources.ConversionReport(out, len(good), listing.classes, out.stat().st_size,
+                                    time.perf_counter() - t0, sorted(skipped))
+
+
+def _check_sizes_fit(samples: list[tuple[str, int]]) -> None:
+    """FFCV stores width and height as uint16: say so before the writer fails obscurely."""
+    from PIL import Image
+
+    for path, _ in samples:
+        with Image.open(path) as img:
+            if max(img.size) > 65535:
+                raise UserError(f"{path} is {img.size[0]}x{img.size[1]}: pass --max-resolution (FFCV stores sizes as uint16)")

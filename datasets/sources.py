@@ -1,0 +1,209 @@
+"""What both converters share: listing a source folder, checking images, atomic outputs.
+
+A conversion reads an ImageFolder tree (the class mapping comes from
+``imagefolder.scan_image_folder``, so it is torchvision's), checks every file
+in parallel, writes the good ones and reports the rest. Three rules hold for
+both output formats:
+
+* unreadable, empty and non-image files are skipped and listed, never fatal;
+* PNG, CMYK, grayscale, palette and alpha images are converted to RGB;
+* the output appears under its final name only when it is complete: it is
+  written under a temporary name beside it and renamed at the end, and an
+  existing output is replaced only with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from PIL import Image
+
+from lut_fast.errors import UserError
+
+from .imagefolder import IMG_EXTENSIONS, ImageFolderIndex, scan_image_folder
+
+# Decoding at 1/8 scale (JPEG DCT scaling) still parses every entropy-coded
+# block, so truncated or corrupt files fail, at a fraction of a full decode.
+_CHECK_DRAFT = (64, 64)
+
+
+@dataclass
+class SourceList:
+    """The files of one split: images to convert, and what was skipped at listing time."""
+
+    index: ImageFolderIndex
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.index.classes
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        return self.index.samples
+
+
+def list_source(src: str | os.PathLike, split: str = "train") -> SourceList:
+    """Scan ``src`` (a split root or a class-folder tree) the way torchvision's ImageFolder does.
+
+    Files torchvision would ignore (no image extension) and zero-byte files
+    are listed as skipped, so the report accounts for every file.
+    """
+    index = scan_image_folder(src, split)
+    skipped = [(p, "empty file (0 bytes)") for p in index.skipped_empty]
+    for cls in index.classes:
+        for dirpath, _, files in os.walk(index.root / cls, followlinks=True):
+            for name in files:
+                if not name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
+                    skipped.append((os.path.join(dirpath, name), "not an image file (extension)"))
+    return SourceList(index=index, skipped=sorted(skipped))
+
+
+def open_rgb(path: str, max_resolution: int | None = None) -> Image.Image:
+    """Decode fully as RGB (CMYK, L, P, RGBA, I;16 ... converted); optionally cap the longer side."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            else:
+                img = img.copy()
+    if max_resolution and max(img.size) > max_resolution:
+        scale = max_resolution / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    return img
+
+
+def check_image(path: str) -> str | None:
+    """None if ``path`` decodes as an image, else a short reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                if img.format == "JPEG":
+                    img.draft("RGB", _CHECK_DRAFT)
+                img.load()
+                if img.width < 1 or img.height < 1:
+                    return "image has no pixels"
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure means "unreadable"
+        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no detail'})"
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def parallel_map(fn: Callable, items: Sequence, workers: int, description: str, chunksize: int = 16) -> Iterator:
+    """``fn`` over ``items`` in ``workers`` processes, results in order, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(description, total=len(items))
+        if workers <= 1:
+            for item in items:
+                result = fn(item)
+                bar.advance(task)  # before yielding: a consumer may stop after the last item
+                yield result
+            return
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers) as pool:
+            for result in pool.imap(fn, items, chunksize=chunksize):
+                bar.advance(task)
+                yield result
+
+
+def resolve_workers(workers: int) -> int:
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
+    return workers or (os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------- atomic outputs
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse to touch an existing output unless asked, before any work is done."""
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists: pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise UserError(f"output folder {out.parent} does not exist")
+
+
+def temp_path(out: Path) -> Path:
+    """A name beside ``out`` (same file system, so the final rename is atomic)."""
+    return out.parent / f".{out.name}.partial-{os.getpid()}"
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def commit(tmp: Path, out: Path) -> None:
+    """Move the finished output into place, replacing an old one (``--overwrite`` was checked)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        remove_path(old)
+    else:
+        os.replace(tmp, out)
+
+
+@dataclass
+class ConversionReport:
+    """What a converter did: printed as the final summary and returned to callers (tests)."""
+
+    output: Path
+    images: int
+    classes: list[str]
+    bytes: int
+    seconds: float
+    skipped: list[tuple[str, str]]
+
+    def print(self, console=None, show: int = 20) -> None:
+        from rich.console import Console
+
+        c = console or Console(stderr=True)
+        if self.skipped:
+            c.print(f"[yellow]skipped {len(self.skipped)} file(s):[/]")
+            for path, reason in self.skipped[:show]:
+                c.print(f"  {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
+            if len(self.skipped) > show:
+                c.print(f"  ... and {len(self.skipped) - show} more")
+        rate = self.images / max(self.seconds, 1e-9)
+        c.print(
+            f"wrote [bold]{self.output}[/]: {self.images} images, {len(self.classes)} classes, "
+            f"{_human_bytes(self.bytes)}, {self.seconds:.1f} s ({rate:.0f} images/s), {len(self.skipped)} skipped",
+            soft_wrap=True,
+        )
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def path_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

@@ -1,0 +1,550 @@
+"""FFCV pipeline operations (numba) that implement ``AugSpec``'s LUT views.
+
+Graph for the LUT recipe (built in ``ffcv_backend.py``)::
+
+    SrcViewsDecoder --(B, 2, S, S, 3)--+-- TakeView(0) ----------------> view 1
+      decode once, resize shorter      |
+      side to S once, two SRC crops    +-- StrongView(1) --------------> view 2
+                                           jitter (p), 1 of 3 ops
+
+and for the MAE recipe a single ``RrcFlipDecoder`` (RandomResizedCrop + flip).
+
+Why custom operations: FFCV's own RandomBrightness/Contrast/Saturation
+modify their input in place, so with one decode shared by two views they
+would change view 1 too, and FFCV has no SRC crop, hue, grayscale, solarize
+or blur. Every operation here reads its input and writes only buffers it
+declared itself (``AllocationQuery``); ``TakeView`` writes nothing at all
+(it returns a strided view of the decoder's output, which no one modifies).
+
+Semantics follow ``photometric.py`` (the torch reference): torchvision's
+ColorJitter with the four ops in a random order and clamping after each,
+HSV hue, ITU-R 601 luma, solarize at ``threshold`` on 0..255, a separable
+Gaussian of ``spec.blur_kernel_size`` taps with reflect padding. Pixels are
+floats on the 0..255 scale inside the kernels.
+
+The one deviation: shrinking to the shorter side S uses OpenCV's INTER_AREA
+(the only resize FFCV's C library exposes, and what FFCV's own decoders
+use: an antialiased box filter) rather than bicubic; enlarging (images
+stored below S) is bicubic, in numba here. JPEGs much larger than S are
+decoded at 1/2, 1/4 or 1/8 scale by libjpeg-turbo first (the scaled
+shorter side stays >= S).
+
+Random numbers come from numba's per-thread generators: order is seeded by
+FFCV, augmentation pixels are not reproducible run to run (as in FFCV).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numba
+import numpy as np
+import torch
+
+_torch_threads = torch.get_num_threads()  # importing FFCV sets torch's process-wide thread count to 1
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder  # noqa: E402
+from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
+from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
+from ffcv.pipeline.operation import Operation  # noqa: E402
+
+torch.set_num_threads(_torch_threads)
+
+from .spec import STRONG_OPS, AugSpec  # noqa: E402
+
+# Small kernels called from FFCV's generated code. cache=True keeps their
+# machine code on disk, so a new Loader spends less time compiling.
+_jit = numba.njit(cache=True, nogil=True)
+# FFCV's ctypes wrappers, compiled once here rather than once per Loader: a per-Loader copy
+# is garbage collected with its Loader, and numba's finaliser then prints a KeyError.
+_imdecode = numba.njit(nogil=True)(imdecode)
+_resize_crop = numba.njit(nogil=True)(resize_crop)
+_U8 = np.dtype("u1")
+_F4 = np.dtype("f4")
+GRAYSCALE, SOLARIZE, BLUR = (STRONG_OPS.index(op) for op in ("grayscale", "solarize", "blur"))
+
+
+# ---------------------------------------------------------------- geometry (SRC)
+
+
+@_jit
+def _reflect(k, n):
+    """Index into a row of n pixels padded in 'reflect' mode (edge not repeated), overhang < n."""
+    if k < 0:
+        return -k
+    if k >= n:
+        return 2 * n - 2 - k
+    return k
+
+
+@_jit
+def jpeg_scale_denominator(short, target):
+    """Largest libjpeg-turbo scale 1/d (d in 8, 4, 2) that keeps the shorter side >= target."""
+    for d in (8, 4, 2):
+        if (short + d - 1) // d >= target:
+            return d
+    return 1
+
+
+@_jit
+def shorter_side_size(h, w, s):
+    """(height, width) after resizing the shorter side to s (longer side rounded, never below s)."""
+    if h <= w:
+        return s, max(s, int(np.floor(w * s / h + 0.5)))
+    return max(s, int(np.floor(h * s / w + 0.5))), s
+
+
+@_jit
+def _cubic(x):
+    """Keys' cubic with a = -0.5, PIL's and torchvision's bicubic kernel."""
+    x = abs(x)
+    if x < 1.0:
+        return (1.5 * x - 2.5) * x * x + 1.0
+    if x < 2.0:
+        return ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0
+    return 0.0
+
+
+@_jit
+def _cubic_taps(n_in, n_out):
+    """Per output index: the first of 4 source taps and their weights (taps outside the image dropped)."""
+    first = np.empty(n_out, np.int64)
+    weights = np.zeros((n_out, 4), np.float32)
+    for o in range(n_out):
+        center = (o + 0.5) * n_in / n_out - 0.5
+        first[o] = int(np.floor(center)) - 1
+        total = 0.0
+        for t in range(4):
+            i = first[o] + t
+            if 0 <= i < n_in:
+                weights[o, t] = _cubic(i - center)
+                total += weights[o, t]
+        weights[o] /= total
+    return first, weights
+
+
+@_jit
+def resize_bicubic_up(src, dst, tmp):
+    """Bicubic enlargement of src (h, w, 3) into dst (H, W, 3), H >= h, W >= w; ``tmp`` holds >= h*W*3 floats.
+
+    OpenCV's INTER_AREA (FFCV's resize) enlarges almost like nearest neighbour,
+    which shows as blocks on images stored below S, so enlargements come here.
+    """
+    h, w, big_h, big_w = src.shape[0], src.shape[1], dst.shape[0], dst.shape[1]
+    rows = tmp[: h * big_w * 3].reshape(h, big_w, 3)
+    first, wts = _cubic_taps(w, big_w)
+    for y in range(h):
+        for o in range(big_w):
+            for c in range(3):
+                acc = 0.0
+                for t in range(4):
+                    i = first[o] + t
+                    if 0 <= i < w:
+                        acc += wts[o, t] * src[y, i, c]
+                rows[y, o, c] = min(max(np.floor(acc + 0.5), 0.0), 255.0)  # 8-bit between passes, as PIL
+    first, wts = _cubic_taps(h, big_h)
+    for o in range(big_h):
+        for x in range(big_w):
+            for c in range(3):
+                acc = 0.0
+                for t in range(4):
+                    i = first[o] + t
+                    if 0 <= i < h:
+                        acc += wts[o, t] * rows[i, x, c]
+                dst[o, x, c] = np.uint8(min(max(np.floor(acc + 0.5), 0.0), 255.0))
+
+
+@_jit
+def rrc_box(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi):
+    """torchvision's RandomResizedCrop box (top, left, h, w): 10 tries, then a central crop."""
+    area = height * width
+    for _ in range(10):
+        target = area * np.random.uniform(scale_lo, scale_hi)
+        ratio = math.exp(np.random.uniform(log_ratio_lo, log_ratio_hi))
+        w = int(np.floor(math.sqrt(target * ratio) + 0.5))
+        h = int(np.floor(math.sqrt(target / ratio) + 0.5))
+        if 0 < w <= width and 0 < h <= height:
+            return np.random.randint(0, height - h + 1), np.random.randint(0, width - w + 1), h, w
+    in_ratio = width / height
+    if in_ratio < math.exp(log_ratio_lo):
+        w, h = width, int(np.floor(width / math.exp(log_ratio_lo) + 0.5))
+    elif in_ratio > math.exp(log_ratio_hi):
+        h, w = height, int(np.floor(height * math.exp(log_ratio_hi) + 0.5))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@_jit
+def flip_in_place(img):
+    w = img.shape[1]
+    for y in range(img.shape[0]):
+        for x in range(w // 2):
+            for c in range(3):
+                img[y, x, c], img[y, w - 1 - x, c] = img[y, w - 1 - x, c], img[y, x, c]
+
+
+@_jit
+def src_crop(base, out, pad, flip_p):
+    """One SRC view: a random S x S window of ``base`` padded by ``pad`` (reflect), flipped with flip_p."""
+    h, w, s = base.shape[0], base.shape[1], out.shape[0]
+    top = np.random.randint(0, h + 2 * pad - s + 1)
+    left = np.random.randint(0, w + 2 * pad - s + 1)
+    flip = np.random.random() < flip_p
+    for y in range(s):
+        sy = _reflect(top + y - pad, h)
+        for x in range(s):
+            sx = _reflect(left + (s - 1 - x if flip else x) - pad, w)
+            for c in range(3):
+                out[y, x, c] = base[sy, sx, c]
+
+
+# ---------------------------------------------------------------- photometric (target view)
+
+
+@_jit
+def _clip(v):
+    return min(max(v, 0.0), 255.0)
+
+
+@_jit
+def _brightness(x, f):
+    for y in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            for c in range(3):
+                x[y, i, c] = _clip(x[y, i, c] * f)
+
+
+@_jit
+def _contrast(x, f):
+    m = 0.0
+    for y in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            m += 0.299 * x[y, i, 0] + 0.587 * x[y, i, 1] + 0.114 * x[y, i, 2]
+    m /= x.shape[0] * x.shape[1]
+    for y in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            for c in range(3):
+                x[y, i, c] = _clip(f * x[y, i, c] + (1.0 - f) * m)
+
+
+@_jit
+def _saturation(x, f):
+    for y in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            g = 0.299 * x[y, i, 0] + 0.587 * x[y, i, 1] + 0.114 * x[y, i, 2]
+            for c in range(3):
+                x[y, i, c] = _clip(f * x[y, i, c] + (1.0 - f) * g)
+
+
+@_jit
+def _hue(x, shift):
+    """torchvision's adjust_hue: RGB -> HSV, rotate h by ``shift`` turns, back to RGB."""
+    for y in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            r, g, b = x[y, i, 0] / 255.0, x[y, i, 1] / 255.0, x[y, i, 2] / 255.0
+            maxc, minc = max(r, g, b), min(r, g, b)
+            chroma = maxc - minc
+            if chroma == 0.0:
+                continue  # gray: hue rotation is the identity
+            s = chroma / maxc
+            rc, gc, bc = (maxc - r) / chroma, (maxc - g) / chroma, (maxc - b) / chroma
+            if maxc == r:
+                h = bc - gc
+            elif maxc == g:
+                h = 2.0 + rc - bc
+            else:
+                h = 4.0 + gc - rc
+            h = (h / 6.0 + shift) % 1.0
+            h6 = h * 6.0
+            k = int(np.floor(h6))
+            frac = h6 - k
+            k = k % 6
+            v = maxc
+            p = min(max(v * (1.0 - s), 0.0), 1.0)
+            q = min(max(v * (1.0 - s * frac), 0.0), 1.0)
+            t = min(max(v * (1.0 - s * (1.0 - frac)), 0.0), 1.0)
+            if k == 0:
+                r, g, b = v, t, p
+            elif k == 1:
+                r, g, b = q, v, p
+            elif k == 2:
+                r, g, b = p, v, t
+            elif k == 3:
+                r, g, b = p, q, v
+            elif k == 4:
+                r, g, b = t, p, v
+            else:
+                r, g, b = v, p, q
+            x[y, i, 0], x[y, i, 1], x[y, i, 2] = r * 255.0, g * 255.0, b * 255.0
+
+
+@_jit
+def _grayscale(x):
+    for y in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            g = 0.299 * x[y, i, 0] + 0.587 * x[y, i, 1] + 0.114 * x[y, i, 2]
+            x[y, i, 0] = g
+            x[y, i, 1] = g
+            x[y, i, 2] = g
+
+
+@_jit
+def _solarize(x, threshold):
+    flat = x.reshape(-1)
+    for e in range(flat.size):
+        v = flat[e]
+        flat[e] = 255.0 - v if v >= threshold - 0.5 else v  # a select, so the loop vectorises
+
+
+@_jit
+def _blur(x, tmp, sigma, half):
+    """Separable Gaussian, 2*half+1 normalised taps, reflect padding; ``tmp`` is scratch.
+
+    Rows are flattened (w * 3 values) so the interior of each pass is a
+    contiguous multiply-add that vectorises; only the half-wide borders
+    use reflected indices.
+    """
+    k = np.empty(2 * half + 1, np.float32)
+    for j in range(2 * half + 1):
+        k[j] = np.exp(-((j - half) ** 2) / (2.0 * sigma * sigma))
+    k /= k.sum()
+    h, w = x.shape[0], x.shape[1]
+    xf, tf = x.reshape(h, w * 3), tmp.reshape(h, w * 3)
+    inner = 3 * (w - 2 * half)
+    for y in range(h):  # horizontal: x -> tmp
+        row, out = xf[y], tf[y]
+        out[:] = 0.0
+        for j in range(2 * half + 1):
+            kj = k[j]
+            for e in range(inner):
+                out[3 * half + e] += kj * row[3 * j + e]
+        for i in list(range(half)) + list(range(w - half, w)):
+            for c in range(3):
+                acc = 0.0
+                for j in range(2 * half + 1):
+                    acc += k[j] * row[3 * _reflect(i + j - half, w) + c]
+                out[3 * i + c] = acc
+    for y in range(h):  # vertical: tmp -> x
+        out = xf[y]
+        out[:] = 0.0
+        for j in range(2 * half + 1):
+            kj, src = k[j], tf[_reflect(y + j - half, h)]
+            for e in range(3 * w):
+                out[e] += kj * src[e]
+
+
+@_jit
+def strong_view(src, dst, x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half):
+    """Target view: ColorJitter with probability jitter_p (random op order), then one of ``ops``.
+
+    ``strengths`` = (brightness, contrast, saturation, hue) as in torchvision;
+    ``ops`` holds STRONG_OPS indices; ``x``/``tmp`` are contiguous float scratch of src's shape.
+    The blur uses 2*ceil(3 sigma)+1 taps (at most spec.blur_kernel_size): the weights
+    beyond 3 sigma are 0.3 % of the mass, and small sigmas cost a third as much.
+    """
+    for y in range(src.shape[0]):
+        for i in range(src.shape[1]):
+            for c in range(3):
+                x[y, i, c] = src[y, i, c]
+    if np.random.random() < jitter_p:
+        factors = np.empty(4)
+        for j in range(3):
+            factors[j] = np.random.uniform(max(0.0, 1.0 - strengths[j]), 1.0 + strengths[j])
+        factors[3] = np.random.uniform(-strengths[3], strengths[3])
+        for j in np.random.permutation(4):
+            if j == 0:
+                _brightness(x, factors[0])
+            elif j == 1:
+                _contrast(x, factors[1])
+            elif j == 2:
+                _saturation(x, factors[2])
+            else:
+                _hue(x, factors[3])
+    op = ops[np.random.randint(0, len(ops))]
+    if op == GRAYSCALE:
+        _grayscale(x)
+    elif op == SOLARIZE:
+        _solarize(x, threshold)
+    else:
+        sigma = np.random.uniform(sigma_lo, sigma_hi)
+        _blur(x, tmp, sigma, min(max_half, int(np.ceil(3.0 * sigma)), (min(x.shape[0], x.shape[1]) - 1) // 2))
+    for y in range(src.shape[0]):
+        for i in range(src.shape[1]):
+            for c in range(3):
+                dst[y, i, c] = np.uint8(min(max(np.floor(x[y, i, c] + 0.5), 0.0), 255.0))
+
+
+# ---------------------------------------------------------------- FFCV operations
+
+
+class SrcViewsDecoder(SimpleRGBImageDecoder):
+    """Decode once, resize the shorter side to S once, cut ``views`` independent SRC crops.
+
+    Output per sample: (views, S, S, 3) uint8. Subclassing FFCV's image
+    decoder lets ``PipelineSpec`` recognise it as the field's decoder.
+    """
+
+    def __init__(self, spec: AugSpec, views: int):
+        super().__init__()
+        self.spec, self.views = spec, views
+
+    def declare_state_and_memory(self, previous_state):
+        s = self.spec.img_size
+        h = self.metadata["height"].astype(np.int64)
+        w = self.metadata["width"].astype(np.int64)
+        longest_resized = int(max(s, np.floor(np.maximum(h, w) * s / np.maximum(np.minimum(h, w), 1) + 0.5).max()))
+        out = (self.views, s, s, 3)
+        return (
+            replace(previous_state, jit_mode=True, shape=out, dtype=_U8),
+            (
+                AllocationQuery(out, _U8),
+                AllocationQuery((int((h * w).max()) * 3,), _U8),  # full decode
+                AllocationQuery((s * longest_resized * 3,), _U8),  # shorter side at S
+                AllocationQuery((s * longest_resized * 3,), _F4),  # scratch of the bicubic enlargement
+            ),
+        )
+
+    def generate_code(self):
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c, resize_c = _imdecode, _resize_crop
+        jpg = IMAGE_MODES["jpg"]
+        s, pad, flip_p, views = self.spec.img_size, self.spec.src_padding, self.spec.flip_p, self.views
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            dst, decoded, resized, scratch = my_storage
+            for i in my_range(len(batch_indices)):
+                field = metadata[batch_indices[i]]
+                data = mem_read(field["data_ptr"], storage_state)
+                h, w = np.int64(field["height"]), np.int64(field["width"])
+                if field["mode"] == jpg:
+                    d = jpeg_scale_denominator(min(h, w), s)
+                    hd, wd = (h + d - 1) // d, (w + d - 1) // d
+                    img = decoded[i][: hd * wd * 3].reshape(hd, wd, 3)
+                    imdecode_c(data, img, np.uint32(h), np.uint32(w), np.uint32(h), np.uint32(w), 0, 0, 1, np.uint32(d),
+                               False, False)
+                else:
+                    hd, wd = h, w
+                    img = data.reshape(h, w, 3)
+                nh, nw = shorter_side_size(h, w, s)
+                base = resized[i][: nh * nw * 3].reshape(nh, nw, 3)
+                if min(hd, wd) < s:
+                    resize_bicubic_up(img, base, scratch[i])
+                else:
+                    resize_c(img, 0, hd, 0, wd, base)
+                for v in range(views):
+                    src_crop(base, dst[i, v], pad, flip_p)
+            return dst[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class TakeView(Operation):
+    """View ``index`` of a multi-view batch, as a strided view: no copy, no write."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def declare_state_and_memory(self, previous_state):
+        return replace(previous_state, jit_mode=True, shape=previous_state.shape[1:]), None
+
+    def generate_code(self):
+        index = self.index
+
+        def take(images, _):
+            return images[:, index]
+
+        return take
+
+
+class StrongView(Operation):
+    """The target view's photometric ops on view ``index``, into this operation's own buffer."""
+
+    def __init__(self, spec: AugSpec, index: int):
+        super().__init__()
+        self.spec, self.index = spec, index
+
+    def declare_state_and_memory(self, previous_state):
+        shape = previous_state.shape[1:]
+        return (
+            replace(previous_state, jit_mode=True, shape=shape, dtype=_U8),
+            (AllocationQuery(shape, _U8), AllocationQuery(shape, _F4), AllocationQuery(shape, _F4)),
+        )
+
+    def generate_code(self):
+        sp = self.spec
+        my_range = Compiler.get_iterator()
+        index = self.index
+        strengths = np.array([sp.brightness, sp.contrast, sp.saturation, sp.hue], np.float64)
+        ops = np.array([STRONG_OPS.index(op) for op in sp.strong_ops], np.int64)
+        jitter_p, threshold = float(sp.jitter_p), float(sp.solarize_threshold)
+        sigma_lo, sigma_hi, half = float(sp.blur_sigma[0]), float(sp.blur_sigma[1]), sp.blur_kernel_size // 2
+
+        def strong(images, storage):
+            dst, work, tmp = storage
+            n = images.shape[0]
+            for i in my_range(n):
+                strong_view(images[i, index], dst[i], work[i], tmp[i], jitter_p, strengths, ops, threshold,
+                            sigma_lo, sigma_hi, half)
+            return dst[:n]
+
+        strong.is_parallel = True
+        return strong
+
+
+class RrcFlipDecoder(SimpleRGBImageDecoder):
+    """MAE view: decode, RandomResizedCrop (``spec.rrc_scale``/``rrc_ratio``) to S x S, flip with ``spec.flip_p``.
+
+    Replaces FFCV's RandomResizedCropRGBImageDecoder + RandomHorizontalFlip:
+    same box rule, but one operation built from cached kernels (FFCV's flip
+    alone took about 20 s to compile on the 2-core CI machine).
+    """
+
+    def __init__(self, spec: AugSpec):
+        super().__init__()
+        self.spec = spec
+
+    def declare_state_and_memory(self, previous_state):
+        s = self.spec.img_size
+        h = self.metadata["height"].astype(np.int64)
+        w = self.metadata["width"].astype(np.int64)
+        out = (s, s, 3)
+        return (
+            replace(previous_state, jit_mode=True, shape=out, dtype=_U8),
+            (AllocationQuery(out, _U8), AllocationQuery((int((h * w).max()) * 3,), _U8)),
+        )
+
+    def generate_code(self):
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c, resize_c = _imdecode, _resize_crop
+        jpg = IMAGE_MODES["jpg"]
+        sp = self.spec
+        scale_lo, scale_hi = float(sp.rrc_scale[0]), float(sp.rrc_scale[1])
+        ratio_lo, ratio_hi = math.log(sp.rrc_ratio[0]), math.log(sp.rrc_ratio[1])
+        flip_p = float(sp.flip_p)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            dst, decoded = my_storage
+            for i in my_range(len(batch_indices)):
+                field = metadata[batch_indices[i]]
+                data = mem_read(field["data_ptr"], storage_state)
+                h, w = np.int64(field["height"]), np.int64(field["width"])
+                if field["mode"] == jpg:
+                    img = decoded[i][: h * w * 3].reshape(h, w, 3)
+                    imdecode_c(data, img, np.uint32(h), np.uint32(w), np.uint32(h), np.uint32(w), 0, 0, 1, 1,
+                               False, False)
+                else:
+                    img = data.reshape(h, w, 3)
+                top, left, ch, cw = rrc_box(h, w, scale_lo, scale_hi, ratio_lo, ratio_hi)
+                resize_c(img, top, top + ch, left, left + cw, dst[i])
+                if np.random.random() < flip_p:
+                    flip_in_place(dst[i])
+            return dst[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode

@@ -1,0 +1,408 @@
+"""Parity of the torch, DALI and FFCV pipelines on one small probe dataset (all on CPU).
+
+The backends draw different random numbers, so pixels cannot be compared;
+what can be compared is measured from the outputs alone, the same way for
+every backend (no backend reports its own decisions):
+
+* ``a_flat``: images of one flat, saturated color c. Any crop or flip of a
+  flat image is c, so view 1 must be c everywhere (no photometric change),
+  and view 2 tells which strong op ran (grayscale: R = G = B; solarize: all
+  channels <= 127; otherwise blur, the identity on a flat image) and whether
+  jitter ran (view 2 differs from what the op alone makes of c).
+* ``b_ramp``: gray ramps, dark left to bright right, in several aspect
+  ratios: the sign of the horizontal gradient of view 1 is the flip, its
+  mean brightness the horizontal crop position, and view 1 must stay gray.
+* two classes of the built-in dataset: per-channel mean and std of each view,
+  compared with the torch reference.
+
+Tolerances, stated once below: rates within 0.12 (about four binomial
+standard errors at these sample sizes); per-channel statistics of the
+normalised views within 0.05 (mean, view 1: about 3 gray levels), 0.20
+(mean, view 2: its random jitter makes the run-to-run spread about 0.05)
+and 0.10 (std: OpenCV's area resize in FFCV smooths a little more than
+bicubic); ramp brightness (crop position) within 0.03 of torch.
+Torch and DALI are seeded and deterministic; FFCV's augmentations are not.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lut_fast.datasets.builtin import builtin_path
+from lut_fast.errors import UserError
+from lut_fast.pipelines import build_loader
+from lut_fast.pipelines.spec import AugSpec
+
+# numba's finaliser in FFCV raises a harmless KeyError under pytest (BACKENDS_NOTES.md).
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+S, BATCH, EPOCHS = 32, 16, 4
+RATE_TOL = 0.12  # |measured rate - expected| (flip 0.5, each strong op 1/3, jitter 0.8)
+PIXEL_TOL = 6.0  # 0..255: JPEG storage and resize of a flat image
+MEAN_TOL = {"v1": 0.05, "v2": 0.20}  # per-channel mean of normalised views vs torch
+STD_TOL = 0.10  # per-channel std of normalised views vs torch
+RAMP_TOL = 0.03  # mean / std of view-1 brightness on ramps (0..1) vs torch: where crops land
+N_FLAT, N_RAMP = 64, 64
+
+FLAT = [(230, 40, 40), (40, 220, 60), (60, 90, 235), (235, 200, 30), (30, 210, 220), (220, 50, 210),
+        (250, 140, 20), (140, 40, 240), (20, 240, 140), (240, 120, 160), (120, 230, 40), (200, 100, 250)]
+SIZES = [(64, 48), (48, 64), (96, 48), (48, 48), (80, 60), (60, 90)]  # (width, height)
+BUILTIN_CLASSES = ("checker", "stripes")
+CLASSES = ("a_flat", "b_ramp") + BUILTIN_CLASSES
+
+
+def _luma(rgb) -> np.ndarray:
+    rgb = np.asarray(rgb, np.float64)
+    return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+
+
+def write_probe(root: Path) -> Path:
+    """N_FLAT flat, N_RAMP ramp, 2 x 48 built-in images: ImageFolder at ``root/train``."""
+    train = root / "train"
+    for cls in CLASSES:
+        (train / cls).mkdir(parents=True)
+    for i in range(N_FLAT):
+        w, h = SIZES[i % len(SIZES)]
+        Image.new("RGB", (w, h), FLAT[i % len(FLAT)]).save(train / "a_flat" / f"{i:03d}.jpg", quality=100)
+    for i in range(N_RAMP):
+        w, h = SIZES[i % len(SIZES)]
+        row = np.linspace(30, 225, w).round().astype(np.uint8)
+        ramp = np.repeat(np.tile(row, (h, 1))[..., None], 3, axis=2)
+        Image.fromarray(ramp).save(train / "b_ramp" / f"{i:03d}.jpg", quality=100)
+    for cls in BUILTIN_CLASSES:
+        for src in sorted((builtin_path() / "train" / cls).glob("*.jpg")):
+            shutil.copy(src, train / cls / src.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> dict[str, Path]:
+    from lut_fast.datasets.dali_writer import write_shards
+    from lut_fast.datasets.ffcv_writer import write_beton
+
+    root = write_probe(tmp_path_factory.mktemp("probe"))
+    return {
+        "folder": root,
+        "shards": write_shards(root, root / "shards", workers=2, shard_size=64).output,
+        "beton": write_beton(root, root / "probe.beton", workers=2, jpeg_quality=95).output,
+    }
+
+
+@dataclass
+class Views:
+    """EPOCHS epochs of one loader, un-normalised to 0..255 (float64, NCHW)."""
+
+    v1: np.ndarray
+    v2: np.ndarray | None
+    labels: np.ndarray
+    batches: int
+    channels_last_ok: bool
+
+    def of(self, cls: str) -> np.ndarray:
+        return self.labels == CLASSES.index(cls)
+
+
+def _unnormalize(x: torch.Tensor, spec: AugSpec) -> np.ndarray:
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
+    return (x.float() * std + mean).double().numpy()
+
+
+def collect(backend: str, data: Path, recipe: str, channels_last: bool = False) -> Views:
+    spec = AugSpec(recipe=recipe, img_size=S)
+    loader = build_loader(backend, str(data), spec, BATCH, num_workers=2, seed=0, channels_last=channels_last)
+    v1, v2, labels, ok = [], [], [], True
+    for epoch in range(EPOCHS):
+        loader.set_epoch(epoch)
+        for b in loader:
+            for view in (b.view1, b.view2):
+                if view is not None:
+                    assert view.dtype == torch.float32 and view.shape == (BATCH, 3, S, S)
+                    fmt = torch.channels_last if channels_last else torch.contiguous_format
+                    ok &= view.is_contiguous(memory_format=fmt)
+            assert b.labels.dtype == torch.int64 and b.labels.shape == (BATCH,)
+            v1.append(_unnormalize(b.view1, spec))
+            if b.view2 is not None:
+                v2.append(_unnormalize(b.view2, spec))
+            labels.append(b.labels.numpy())
+    return Views(np.concatenate(v1), np.concatenate(v2) if v2 else None, np.concatenate(labels), len(loader), ok)
+
+
+LUT_CASES = {  # name: (backend, data key, channels_last)
+    "torch": ("torch", "folder", False),
+    "dali-folder": ("dali", "folder", True),
+    "dali-shards": ("dali", "shards", False),
+    "ffcv": ("ffcv", "beton", True),
+}
+MAE_CASES = {"torch": ("torch", "folder"), "dali": ("dali", "shards"), "ffcv": ("ffcv", "beton")}
+_cache: dict[tuple, Views] = {}
+
+
+def _views(probe, backend: str, key: str, recipe: str, channels_last: bool = False) -> Views:
+    k = (backend, key, recipe, channels_last)
+    if k not in _cache:
+        _cache[k] = collect(backend, probe[key], recipe, channels_last)
+    return _cache[k]
+
+
+@pytest.fixture(scope="module", params=list(LUT_CASES))
+def lut(request, probe) -> Views:
+    return _views(probe, *LUT_CASES[request.param][:2], "lut", LUT_CASES[request.param][2])
+
+
+@pytest.fixture(scope="module", params=list(MAE_CASES))
+def mae(request, probe) -> Views:
+    return _views(probe, *MAE_CASES[request.param], "mae")
+
+
+@pytest.fixture(scope="module")
+def torch_lut(probe) -> Views:
+    return _views(probe, "torch", "folder", "lut", False)
+
+
+@pytest.fixture(scope="module")
+def torch_mae(probe) -> Views:
+    return _views(probe, "torch", "folder", "mae")
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def flip_rate(v: Views) -> float:
+    ramps = v.v1[v.of("b_ramp")]
+    half = S // 2
+    slope = ramps[..., half:].mean(axis=(1, 2, 3)) - ramps[..., :half].mean(axis=(1, 2, 3))
+    return float((slope < 0).mean())
+
+
+def max_view1_change(v: Views) -> float:
+    """Largest |view 1 - source color| over flat images: 0 up to storage error when view 1 is photometrically untouched."""
+    flat = v.v1[v.of("a_flat")]
+    colors = np.array([_source_color(x) for x in flat])  # nearest palette color per sample
+    return float(np.abs(flat - colors[:, :, None, None]).max())
+
+
+def _source_color(view: np.ndarray) -> np.ndarray:
+    mean = view.mean(axis=(1, 2))
+    return np.array(FLAT[int(np.argmin(((np.array(FLAT) - mean) ** 2).sum(axis=1)))], np.float64)
+
+
+def strong_rates(v: Views) -> dict[str, float]:
+    """Share of flat samples whose view 2 is gray / solarized / neither (blur), and jitter rate."""
+    flat = v.of("a_flat")
+    colors = np.array([_source_color(x) for x in v.v1[flat]])
+    out = v.v2[flat].mean(axis=(2, 3))  # flat images: the mean is every pixel
+    gray = np.ptp(out, axis=1) <= 3
+    solarized = ~gray & (out.max(axis=1) <= 127 + 2)
+    blur = ~gray & ~solarized
+    # Without jitter, the op alone maps c to: luma(c) (gray), solarize(c), c (blur).
+    solarized_colors = np.where(colors >= 128, 255 - colors, colors)
+    plain = np.where(gray[:, None], _luma(colors)[:, None], np.where(solarized[:, None], solarized_colors, colors))
+    jittered = np.abs(out - plain).max(axis=1) > PIXEL_TOL
+    colorful = ~gray  # luma-preserving jitter (saturation, YIQ hue) is invisible after grayscale: rate from the rest
+    return {"grayscale": gray.mean(), "solarize": solarized.mean(), "blur": blur.mean(), "jitter": jittered[colorful].mean()}
+
+
+def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std in normalised units."""
+    spec = AugSpec()
+    mean, std = np.array(spec.mean) * 255, np.array(spec.std) * 255
+    z = (x - mean[None, :, None, None]) / std[None, :, None, None]
+    return z.mean(axis=(0, 2, 3)), z.std(axis=(0, 2, 3))
+
+
+def builtin(v: Views, view: np.ndarray) -> np.ndarray:
+    return view[np.isin(v.labels, [CLASSES.index(c) for c in BUILTIN_CLASSES])]
+
+
+# ---------------------------------------------------------------- LUT recipe
+
+
+def test_lut_layout_and_length(lut):
+    n = N_FLAT + N_RAMP + 2 * 48
+    assert lut.batches == n // BATCH  # last-batch policy: drop
+    assert lut.v1.shape == lut.v2.shape == (EPOCHS * (n // BATCH) * BATCH, 3, S, S)
+    assert lut.channels_last_ok
+    assert set(np.unique(lut.labels)) == set(range(len(CLASSES)))
+
+
+def test_lut_labels_match_images(lut):
+    assert lut.v1[lut.of("a_flat")].std(axis=(2, 3)).max() < 3  # flat class: flat images
+    ramps = lut.v1[lut.of("b_ramp")]
+    assert np.abs(ramps[:, 0] - ramps[:, 1]).max() < PIXEL_TOL  # ramp class: gray
+    assert (np.ptp(builtin(lut, lut.v1).mean(axis=(2, 3)), axis=1) > 10).mean() > 0.5  # built-in: colorful
+
+
+def test_lut_view1_has_no_photometric_change(lut):
+    assert max_view1_change(lut) <= PIXEL_TOL
+    ramps = lut.v1[lut.of("b_ramp")]
+    assert np.abs(ramps[:, 0] - ramps[:, 2]).max() <= PIXEL_TOL  # gray stays gray
+
+
+def test_lut_flip_rate(lut):
+    assert abs(flip_rate(lut) - 0.5) <= RATE_TOL
+
+
+def test_lut_strong_ops_and_jitter_rates(lut):
+    rates = strong_rates(lut)
+    for op in ("grayscale", "solarize", "blur"):
+        assert abs(rates[op] - 1 / 3) <= RATE_TOL, rates
+    assert abs(rates["jitter"] - 0.8) <= RATE_TOL, rates
+
+
+def test_lut_crop_geometry_matches_torch(lut, torch_lut):
+    """Mean and spread of view-1 brightness on ramps = where crops land horizontally: same SRC rule."""
+    for stat in (np.mean, np.std):
+        got = stat(lut.v1[lut.of("b_ramp")].mean(axis=(1, 2, 3))) / 255
+        ref = stat(torch_lut.v1[torch_lut.of("b_ramp")].mean(axis=(1, 2, 3))) / 255
+        assert abs(got - ref) <= RAMP_TOL, (stat.__name__, got, ref)
+
+
+def test_lut_channel_statistics_match_torch(lut, torch_lut):
+    for name in ("v1", "v2"):
+        mean, std = channel_stats(builtin(lut, getattr(lut, name)))
+        ref_mean, ref_std = channel_stats(builtin(torch_lut, getattr(torch_lut, name)))
+        assert np.abs(mean - ref_mean).max() <= MEAN_TOL[name], (name, mean, ref_mean)
+        assert np.abs(std - ref_std).max() <= STD_TOL, (name, std, ref_std)
+
+
+# ---------------------------------------------------------------- MAE recipe
+
+
+def test_mae_single_view(mae):
+    assert mae.v2 is None and mae.v1.shape[1:] == (3, S, S)
+    assert max_view1_change(mae) <= PIXEL_TOL
+    assert abs(flip_rate(mae) - 0.5) <= RATE_TOL
+
+
+def test_mae_crop_geometry_matches_torch(mae, torch_mae):
+    for stat in (np.mean, np.std):
+        got = stat(mae.v1[mae.of("b_ramp")].mean(axis=(1, 2, 3))) / 255
+        ref = stat(torch_mae.v1[torch_mae.of("b_ramp")].mean(axis=(1, 2, 3))) / 255
+        assert abs(got - ref) <= RAMP_TOL, (stat.__name__, got, ref)
+
+
+# ---------------------------------------------------------------- epochs, resume, errors
+
+
+def _batches(loader, epoch: int, start: int = 0) -> list:
+    loader.set_epoch(epoch, start)
+    return [(b.view1.clone(), b.labels.clone()) for b in loader]
+
+
+def test_dali_epochs_are_deterministic_and_resumable(probe):
+    loader = build_loader("dali", str(probe["folder"]), AugSpec(img_size=S), BATCH, num_workers=2, seed=3)
+    first, again, resumed = _batches(loader, 1), _batches(loader, 1), _batches(loader, 1, start=2)
+    assert len(first) == len(loader) and len(resumed) == len(loader) - 2
+    for (x, y), (x2, y2) in zip(first, again):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    for (x, y), (x2, y2) in zip(first[2:], resumed):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    other = _batches(loader, 2)
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other))  # a new order each epoch
+
+
+def test_dali_ranks_get_disjoint_shards(tmp_path):
+    """48 flat images, each its own red level (image i: R = 5 i + 5): view 1's color names the image."""
+    folder = tmp_path / "train" / "x"
+    folder.mkdir(parents=True)
+    for i in range(48):
+        Image.new("RGB", (40, 36), (5 * i + 5, 128, 90)).save(folder / f"{i:02d}.jpg", quality=100)
+    batch, seen = 8, []
+    for rank in range(2):
+        loader = build_loader("dali", str(tmp_path), AugSpec(recipe="mae", img_size=S), batch, num_workers=1,
+                              seed=0, rank=rank, world_size=2)
+        assert len(loader) == 24 // batch
+        loader.set_epoch(0)
+        red = np.concatenate([_unnormalize(b.view1, loader.spec)[:, 0].mean(axis=(1, 2)) for b in loader])
+        seen.append(set(np.round((red - 5) / 5).astype(int).tolist()))
+    assert len(seen[0]) == len(seen[1]) == 24 and not seen[0] & seen[1]
+
+
+def test_ffcv_order_per_epoch_and_resume(probe):
+    loader = build_loader("ffcv", str(probe["beton"]), AugSpec(recipe="mae", img_size=S), BATCH, num_workers=2, seed=3)
+    first, resumed = _batches(loader, 1), _batches(loader, 1, start=3)
+    assert [y.tolist() for _, y in first[3:]] == [y.tolist() for _, y in resumed]
+    assert [y.tolist() for _, y in _batches(loader, 1)] == [y.tolist() for _, y in first]
+
+
+def test_wrong_format_for_backend_says_what_to_do(probe):
+    with pytest.raises(UserError, match="lut-fast convert ffcv"):
+        build_loader("ffcv", str(probe["folder"]), AugSpec(img_size=S), BATCH)
+    with pytest.raises(UserError, match="--backend ffcv"):
+        build_loader("dali", str(probe["beton"]), AugSpec(img_size=S), BATCH)
+
+
+def test_dali_on_folder_with_corrupt_file_points_to_convert(tmp_path):
+    folder = tmp_path / "train" / "x"
+    folder.mkdir(parents=True)
+    for i in range(BATCH):
+        Image.new("RGB", (40, 40), (i * 10, 50, 90)).save(folder / f"{i}.jpg")
+    (folder / "0.jpg").write_bytes((folder / "1.jpg").read_bytes()[:200])
+    loader = build_loader("dali", str(tmp_path), AugSpec(img_size=S), BATCH, num_workers=1)
+    loader.set_epoch(0)
+    with pytest.raises(UserError, match="lut-fast convert dali"):
+        list(loader)
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_missing_backend_says_how_to_install(monkeypatch, backend):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("ffcv", "nvidia.dali") else real(name, *a))
+    with pytest.raises(UserError, match="pip install"):
+        build_loader(backend, None, AugSpec(img_size=S), BATCH)
+
+
+def test_ffcv_kernels_match_the_torch_reference():
+    """Each numba op of the FFCV target view against photometric.py (the torch backend's ops)."""
+    from lut_fast.pipelines import ffcv_ops as F
+    from lut_fast.pipelines import photometric as P
+
+    img = np.random.default_rng(0).uniform(0, 255, (20, 24, 3)).astype(np.float32)
+    ref = torch.from_numpy(img).permute(2, 0, 1)[None] / 255
+    f = lambda v: torch.tensor([v])  # noqa: E731
+    cases = [
+        (F._brightness, (1.3,), P.adjust_brightness(ref, f(1.3))),
+        (F._contrast, (0.7,), P.adjust_contrast(ref, f(0.7))),
+        (F._saturation, (1.2,), P.adjust_saturation(ref, f(1.2))),
+        (F._hue, (0.08,), P.adjust_hue(ref, f(0.08))),
+        (F._grayscale, (), P.grayscale(ref)),
+        (F._solarize, (128.0,), P.solarize(ref, 128)),
+        (F._blur, (np.empty_like(img), 1.5, 6), P.gaussian_blur(ref, f(1.5), 13)),
+    ]
+    for op, args, expected in cases:
+        x = img.copy()
+        op(x, *args)
+        np.testing.assert_allclose(x, (expected[0].permute(1, 2, 0) * 255).numpy(), atol=0.01, err_msg=op.__name__)
+    small = img.round().astype(np.uint8)  # enlargement (images stored below S): PIL's bicubic
+    big = np.empty((45, 61, 3), np.uint8)
+    F.resize_bicubic_up(small, big, np.empty(45 * 61 * 3, np.float32))
+    pil = np.asarray(Image.fromarray(small).resize((61, 45), Image.BICUBIC))
+    assert np.abs(big.astype(int) - pil).max() <= 1
+
+
+def test_dali_reflect_pad_matches_numpy():
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    from lut_fast.pipelines.dali_backend import reflect_pad
+
+    arr = np.random.default_rng(0).integers(0, 256, (7, 9, 3)).astype(np.uint8)
+
+    @pipeline_def
+    def pad():
+        return reflect_pad(fn.external_source(source=lambda: [arr], batch=True, layout="HWC"), 7, 9, 4)
+
+    pipe = pad(batch_size=1, num_threads=1, device_id=None)
+    pipe.build()
+    np.testing.assert_array_equal(np.array(pipe.run()[0][0]), np.pad(arr, ((4, 4), (4, 4), (0, 0)), mode="reflect"))

@@ -1,0 +1,225 @@
+"""``lut-fast convert ffcv|dali`` on a folder with bad files, then training on the outputs.
+
+The source: three built-in classes (16 images each) plus, inside them, a
+PNG with alpha, a CMYK JPEG, a grayscale JPEG and a palette PNG (converted
+to RGB), and a truncated JPEG, a non-image with a .jpg name, a zero-byte
+file and a .txt file (skipped and reported). The checks: every good image is
+written once with torchvision ImageFolder's label, every bad file is
+reported, outputs appear only complete and only with --overwrite when they
+exist, and the trainer runs a few steps on each output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from collections import Counter
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lut_fast.datasets import dali_writer, ffcv_writer, sources
+from lut_fast.datasets.builtin import builtin_path
+from lut_fast.errors import UserError
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+CLASSES = ("circle", "square", "star")
+PER_CLASS = 16
+GOOD_EXTRA = {"circle/rgba.png": "RGBA", "square/cmyk.jpg": "CMYK", "star/gray.jpg": "L", "star/palette.png": "P"}
+BAD = {
+    "circle/truncated.jpg": "unreadable",
+    "square/not_an_image.jpg": "unreadable",
+    "star/empty.jpg": "empty file",
+    "star/notes.txt": "not an image",
+}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("src")
+    for cls in CLASSES:
+        (root / "train" / cls).mkdir(parents=True)
+        for src in sorted((builtin_path() / "train" / cls).glob("*.jpg"))[:PER_CLASS]:
+            shutil.copy(src, root / "train" / cls / src.name)
+    rgb = Image.open(root / "train" / "circle" / "circle_0000.jpg").convert("RGB")
+    for name, mode in GOOD_EXTRA.items():
+        rgb.convert(mode).save(root / "train" / name)
+    jpeg = (root / "train" / "circle" / "circle_0001.jpg").read_bytes()
+    (root / "train" / "circle/truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (root / "train" / "square/not_an_image.jpg").write_bytes(b"this is not a JPEG\n" * 20)
+    (root / "train" / "star/empty.jpg").write_bytes(b"")
+    (root / "train" / "star/notes.txt").write_text("a stray file\n")
+    return root
+
+
+def torchvision_mapping(root: Path) -> dict[str, int]:
+    from torchvision.datasets import ImageFolder
+
+    return ImageFolder(str(root / "train")).class_to_idx
+
+
+def expected_labels(root: Path) -> Counter:
+    mapping = torchvision_mapping(root)
+    counts = Counter({mapping[c]: PER_CLASS for c in CLASSES})
+    for name in GOOD_EXTRA:
+        counts[mapping[name.split("/")[0]]] += 1
+    return counts
+
+
+def check_report(report: sources.ConversionReport, root: Path) -> None:
+    assert report.images == len(CLASSES) * PER_CLASS + len(GOOD_EXTRA)
+    assert report.classes == list(CLASSES)
+    skipped = {str(Path(p).relative_to(root / "train")): reason for p, reason in report.skipped}
+    assert set(skipped) == set(BAD)
+    for name, reason in BAD.items():
+        assert skipped[name].startswith(reason), (name, skipped[name])
+    assert report.bytes > 0 and report.seconds > 0
+
+
+def no_leftovers(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def shards(source, tmp_path_factory) -> tuple[Path, sources.ConversionReport]:
+    out = tmp_path_factory.mktemp("dali") / "shards"
+    return out, dali_writer.write_shards(source, out, shard_size=20, workers=2)
+
+
+@pytest.fixture(scope="module")
+def beton(source, tmp_path_factory) -> tuple[Path, sources.ConversionReport]:
+    out = tmp_path_factory.mktemp("ffcv") / "train.beton"
+    return out, ffcv_writer.write_beton(source, out, max_resolution=128, workers=2)
+
+
+def test_dali_conversion_report_labels_and_index(source, shards):
+    out, report = shards
+    check_report(report, source)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert json.loads((out / "classes.json").read_text()) == torchvision_mapping(source)
+    assert manifest["num_samples"] == report.images == sum(s["samples"] for s in manifest["shards"])
+    assert len(manifest["shards"]) == -(-report.images // 20)
+    labels = Counter()
+    for shard in manifest["shards"]:
+        index = (out / shard["index"]).read_text().splitlines()
+        assert index[0] == f"v1.2 {shard['samples']}" and len(index) == shard["samples"] + 1
+        entries = {}
+        for line in index[1:]:
+            fields = line.split()
+            for i in range(0, len(fields), 4):
+                ext, offset, size, name = fields[i : i + 4]
+                entries[name] = (ext, int(offset), int(size))
+        with tarfile.open(out / shard["tar"]) as tar:
+            members = tar.getmembers()
+            assert {m.name for m in members} == set(entries)
+            for m in members:  # the index points at the member's data, as DALI's reader expects
+                assert entries[m.name][1:] == (m.offset_data, m.size)
+                data = tar.extractfile(m).read()
+                if m.name.endswith(".jpg"):
+                    with Image.open(BytesIO(data)) as img:
+                        assert img.format == "JPEG" and img.mode == "RGB"
+                elif m.name.endswith(".label"):
+                    labels[int(np.frombuffer(data, "<i8")[0])] += 1
+                else:
+                    assert m.name.endswith(".cls") and data.decode().isdigit()
+    assert labels == expected_labels(source)
+    assert no_leftovers(out.parent)
+
+
+def test_ffcv_conversion_report_and_labels(source, beton):
+    from ffcv.reader import Reader
+
+    out, report = beton
+    check_report(report, source)
+    assert json.loads(ffcv_writer.classes_path(out).read_text()) == torchvision_mapping(source)
+    reader = Reader(str(out))
+    assert reader.num_samples == report.images
+    assert Counter(reader.metadata["f1"].tolist()) == expected_labels(source)
+    assert max(reader.metadata["f0"]["width"].max(), reader.metadata["f0"]["height"].max()) <= 128
+    assert no_leftovers(out.parent)
+
+
+def test_existing_output_needs_overwrite(source, shards, beton):
+    for out, convert in ((shards[0], dali_writer.write_shards), (beton[0], ffcv_writer.write_beton)):
+        before = sources.path_size(out)
+        with pytest.raises(UserError, match="--overwrite"):
+            convert(source, out, workers=1)
+        assert sources.path_size(out) == before
+
+
+def test_failed_dali_conversion_leaves_nothing(source, tmp_path, monkeypatch):
+    calls = []
+
+    def failing_add(self, key, image, label):
+        calls.append(key)
+        if len(calls) == 10:
+            raise RuntimeError("disk full (simulated)")
+        return real_add(self, key, image, label)
+
+    real_add = dali_writer._ShardWriter.add
+    monkeypatch.setattr(dali_writer._ShardWriter, "add", failing_add)
+    with pytest.raises(RuntimeError, match="simulated"):
+        dali_writer.write_shards(source, tmp_path / "out", shard_size=4, workers=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_ffcv_conversion_leaves_nothing(source, tmp_path, monkeypatch):
+    from ffcv.writer import DatasetWriter
+
+    def failing_write(self, dataset, **_):
+        Path(self.fname).write_bytes(b"half a file")
+        raise RuntimeError("worker died (simulated)")
+
+    monkeypatch.setattr(DatasetWriter, "from_indexed_dataset", failing_write)
+    with pytest.raises(RuntimeError, match="simulated"):
+        ffcv_writer.write_beton(source, tmp_path / "x.beton", workers=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_atomically(source, tmp_path):
+    out = tmp_path / "shards"
+    dali_writer.write_shards(source, out, workers=1, shard_size=1000)
+    (out / "stale.txt").write_text("from an older conversion")
+    report = dali_writer.write_shards(source, out, workers=1, shard_size=25, overwrite=True)
+    assert not (out / "stale.txt").exists() and len(list(out.glob("*.tar"))) == -(-report.images // 25)
+    assert no_leftovers(tmp_path)
+
+
+def test_convert_cli_reports_and_refuses(source, tmp_path):
+    from typer.testing import CliRunner
+
+    from lut_fast.datasets.convert import convert_app
+
+    runner = CliRunner()
+    result = runner.invoke(convert_app, ["dali", str(source), str(tmp_path / "s"), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    again = runner.invoke(convert_app, ["dali", str(source), str(tmp_path / "s")])
+    assert isinstance(again.exception, UserError) and "--overwrite" in str(again.exception)
+    wrong = runner.invoke(convert_app, ["ffcv", str(source), str(tmp_path / "x.ffcv")])
+    assert isinstance(wrong.exception, UserError) and ".beton" in str(wrong.exception)
+
+
+def test_convert_ffcv_without_ffcv_says_how_to_install(source, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ffcv" else real(name, *a))
+    with pytest.raises(UserError, match="pip install"):
+        ffcv_writer.write_beton(source, tmp_path / "x.beton")
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_train_on_converted_output(backend, shards, beton, tmp_path):
+    from helpers import tiny_config
+
+    from lut_fast.train import train
+
+    data = shards[0] if backend == "dali" else beton[0]
+    cfg = tiny_config(tmp_path / "run", "data.num_workers=2", data__backend=backend, data__path=str(data), max_steps=3)
+    result = train(cfg)
+    assert result.steps == 3 and np.isfinite(result.final_metrics["loss"])
