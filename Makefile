@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= runs/demo
 # FFCV builds from source against these (BACKENDS_NOTES.md)
-APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+APT_PACKAGES := pkg-config g++ libturbojpeg0-dev libopencv-dev
 
 .PHONY: demo test install install-test sysdeps clean
 

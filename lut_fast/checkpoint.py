@@ -73,7 +73,7 @@ def load_file(path: str | os.PathLike) -> dict:
     if not p.exists():
         raise UserError(f"checkpoint not found: {p}")
     try:
-        return torch.load(p, map_location="cpu", weights_only=False)
+        return torch.load(p, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing condition
         raise UserError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from None
 
@@ -84,7 +84,7 @@ def latest_checkpoint(ckpt_dir: Path) -> dict | None:
     for p in candidates:
         if p.exists():
             try:
-                return torch.load(p, map_location="cpu", weights_only=False)
+                return torch.load(p, map_location="cpu", weights_only=False, mmap=True)
             except Exception:  # noqa: BLE001 - fall back to an older complete file
                 continue
     return None
@@ -116,3 +116,79 @@ def export_timm_encoder(ckpt_path: str | os.PathLike, out: str | os.PathLike, us
     out_path = Path(out)
     atomic_torch_save(state, out_path)
     return out_path
+
+
+# ---------------------------------------------------------------- encoders for evaluation and analysis
+
+_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # timm's ViT-Ti/S/B/L/H
+
+
+def infer_encoder_arch(state: dict[str, torch.Tensor], config: dict | None = None, num_heads: int | None = None) -> dict:
+    """ViTEncoder keyword arguments (img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio) of an encoder state dict.
+
+    Everything but the number of heads is read off the tensor shapes. Heads
+    come from ``num_heads`` if given, else the lut-fast config stored in the
+    checkpoint, else timm's ViT-Ti/S/B/L/H width -> heads table, else width / 64.
+    """
+    required = ("pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise UserError(f"not a ViT encoder state dict (missing {', '.join(missing)})")
+    embed_dim, _, patch, patch_w = state["patch_embed.proj.weight"].shape
+    num_tokens = state["pos_embed"].shape[1] - (1 if "cls_token" in state else 0)
+    grid = round(num_tokens**0.5)
+    if grid * grid != num_tokens or patch != patch_w:
+        raise UserError(f"only square inputs and patches are supported (pos_embed has {num_tokens} patch tokens)")
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    if num_heads is None and config:
+        model_cfg = config.get("model", {})
+        num_heads = model_cfg.get("num_heads")
+        if num_heads is None and model_cfg.get("name"):
+            from lut_fast.models.vit import PRESETS
+
+            num_heads = PRESETS.get(model_cfg["name"], {}).get("num_heads")
+    if num_heads is None:
+        num_heads = _HEADS_BY_WIDTH.get(embed_dim, max(1, embed_dim // 64))
+    if embed_dim % num_heads:
+        raise UserError(f"embed dim {embed_dim} is not divisible by {num_heads} heads (pass --num-heads)")
+    return dict(
+        img_size=grid * patch, patch_size=patch, embed_dim=embed_dim, depth=depth,
+        num_heads=num_heads, mlp_ratio=mlp_ratio,
+    )
+
+
+def load_encoder(path: str | os.PathLike, use_ema: bool = False, num_heads: int | None = None, random_init: bool = False):
+    """A ``ViTEncoder`` (eval mode, on CPU) and a description of it, from any checkpoint eval/analysis accepts.
+
+    lut-fast checkpoints (online encoder, or the momentum one with ``use_ema``),
+    ``lut-fast export timm`` files and official-MAE-style ``{"model": {...}}``
+    files. ``random_init`` keeps the architecture and discards the weights (a baseline).
+    """
+    from lut_fast.models.vit import ViTEncoder
+
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} does not hold a state dict or a checkpoint")
+    state = encoder_state(ckpt, use_ema=use_ema)
+    config = ckpt.get("config") if "format" in ckpt else None
+    arch = infer_encoder_arch(state, config, num_heads)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a random-init baseline is the same network every time
+        encoder = ViTEncoder(**arch)
+    if not random_init:
+        # Sin-cos positions are fixed; a file without them (or with learned ones) keeps/loads as given.
+        result = encoder.load_state_dict(state, strict=False)
+        bad = [k for k in result.missing_keys if k != "pos_embed"] + list(result.unexpected_keys)
+        if bad:
+            raise UserError(f"{path}: encoder weights do not match a ViT ({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''})")
+    info = {
+        "checkpoint": str(path),
+        "kind": "lut-fast" if "format" in ckpt else ("mae-style" if isinstance(ckpt.get("model"), dict) else "timm"),
+        "method": (config or {}).get("method"),
+        "use_ema": use_ema,
+        "random_init": random_init,
+        "step": ckpt.get("step") if "format" in ckpt else None,
+        **arch,
+    }
+    return encoder.eval(), info

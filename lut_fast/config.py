@@ -64,6 +64,17 @@ class DataConfig:
     photometric_on: str = "auto"  # torch backend: worker | device | auto (device on CUDA)
     max_bad_images: int = 100  # unreadable images tolerated (skipped, counted) before stopping
     channels_last: bool = True  # channels-last batches on CUDA (faster patch embedding)
+    ffcv_order: str = "random"  # FFCV: random / quasi_random (data larger than RAM) / sequential
+    ffcv_os_cache: bool = True  # FFCV: let the OS page cache hold the .beton (False for data larger than RAM)
+    dali_shuffle_buffer: int = 4096  # DALI: reader shuffle buffer (samples)
+
+    def backend_options(self) -> dict:
+        """The options of the chosen backend, as ``build_loader`` keyword arguments."""
+        return {
+            "torch": {"photometric_on": self.photometric_on},
+            "ffcv": {"order": self.ffcv_order, "os_cache": self.ffcv_os_cache},
+            "dali": {"shuffle_buffer": self.dali_shuffle_buffer},
+        }[self.backend]
 
 
 @dataclass
