@@ -68,12 +68,21 @@ def save_checkpoint(state: dict, ckpt_dir: Path, step: int, keep: int = 2) -> Pa
     return path
 
 
+def _torch_load(path: Path) -> dict:
+    """Memory-mapped where the file allows it (each rank of a resuming job would otherwise hold a full copy);
+    plain loading for legacy (pre-zip) files, which cannot be mapped."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def load_file(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.exists():
         raise UserError(f"checkpoint not found: {p}")
     try:
-        return torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+        return _torch_load(p)
     except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing condition
         raise UserError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from None
 
@@ -84,7 +93,7 @@ def latest_checkpoint(ckpt_dir: Path) -> dict | None:
     for p in candidates:
         if p.exists():
             try:
-                return torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+                return _torch_load(p)
             except Exception:  # noqa: BLE001 - fall back to an older complete file
                 continue
     return None

@@ -119,27 +119,19 @@ def export_timm(
     export_timm_encoder(ckpt, out, use_ema=use_ema)
 
 
-def _mount_optional() -> None:
-    """Mount sub-command groups that live in other modules."""
-    from lut_fast.datasets.convert import convert_app
+# Sub-command groups that live beside the code they drive (their modules import only typer at the top).
+from lut_fast.analysis.cli import analyze_app  # noqa: E402
+from lut_fast.bench.cli import bench_app  # noqa: E402
+from lut_fast.datasets.convert import convert_app  # noqa: E402
+from lut_fast.evaluation.cli import eval_app  # noqa: E402
 
-    app.add_typer(convert_app, name="convert")
-    from lut_fast.bench.cli import bench_app
-
-    app.add_typer(bench_app, name="bench")
-    from lut_fast.evaluation.cli import eval_app
-
-    app.add_typer(eval_app, name="eval")
-    from lut_fast.analysis.cli import analyze_app
-
-    app.add_typer(analyze_app, name="analyze")
+app.add_typer(convert_app, name="convert")
+app.add_typer(bench_app, name="bench")
+app.add_typer(eval_app, name="eval")
+app.add_typer(analyze_app, name="analyze")
 
 
 def main() -> None:
-    try:
-        _mount_optional()
-    except ImportError as e:  # a sub-package under construction must not take the CLI down
-        print(f"lut-fast: warning: some commands unavailable ({e})", file=sys.stderr)
     try:
         app()
     except UserError as e:

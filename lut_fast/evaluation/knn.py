@@ -1,0 +1,95 @@
+"""Frozen-encoder k-NN classification (the DINO protocol).
+
+Features are L2-normalised; for each val image the k most cosine-similar
+train images vote for their class with weight exp(similarity / T)
+(T = 0.07, k = 20 by default); the class with the largest summed weight wins.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lut_fast.errors import UserError
+from lut_fast.evaluation.common import cached_features, progress, resolve_device, resolve_splits, topk_accuracy, write_json
+
+
+@torch.no_grad()
+def knn_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Temperature-weighted votes (N_query, num_classes) of the ``k`` nearest train features (cosine)."""
+    if k < 1:
+        raise UserError(f"k must be >= 1, got {k}")
+    if temperature <= 0:
+        raise UserError(f"temperature must be positive, got {temperature}")
+    k = min(k, train_features.shape[0])
+    train = F.normalize(train_features.float(), dim=1)
+    query = F.normalize(query_features.float(), dim=1)
+    out = []
+    for start in range(0, query.shape[0], chunk):
+        sim = query[start : start + chunk] @ train.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        out.append(votes)
+    return torch.cat(out)
+
+
+def run_knn(
+    ckpt: str | Path,
+    data: str | None = None,
+    out: Path | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+    pool: str = "cls",
+    use_ema: bool = False,
+    random_init: bool = False,
+    num_heads: int | None = None,
+    batch_size: int = 128,
+    workers: int = 2,
+    crop_pct: float = 0.875,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    device: str = "auto",
+    cache: bool = True,
+    show_progress: bool = True,
+) -> dict:
+    """k-NN accuracy of a checkpoint's frozen encoder; writes ``knn.json`` into ``out`` when given."""
+    from lut_fast.checkpoint import load_encoder
+
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    encoder, info = load_encoder(ckpt, use_ema=use_ema, num_heads=num_heads, random_init=random_init)
+    splits = resolve_splits(data, val_fraction, seed)
+    cache_dir = (out / "cache") if (cache and out is not None) else None
+    common = dict(pool=pool, device=dev, batch_size=batch_size, workers=workers, crop_pct=crop_pct)
+    with progress(show_progress) as bar:
+        xtr, ytr, hit_tr = cached_features(cache_dir, ckpt, info, encoder, splits.train, bar=bar, description="k-NN train features", **common)
+        xva, yva, hit_va = cached_features(cache_dir, ckpt, info, encoder, splits.val, bar=bar, description="k-NN val features", **common)
+    scores = knn_scores(xtr, ytr, xva, len(splits.classes), k, temperature)
+    result = {
+        "command": "knn",
+        **topk_accuracy(scores, yva),
+        "k": k,
+        "temperature": temperature,
+        "pool": pool,
+        "crop_pct": crop_pct,
+        "features_from_cache": bool(hit_tr and hit_va),
+        "encoder": info,
+        "data": splits.describe(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if out is not None:
+        write_json(result, Path(out) / "knn.json")
+    return result
