@@ -8,7 +8,7 @@ skipped on all but the last micro-batch under DDP). Per optimizer step: lr
 from the schedule, optimizer step (through the GradScaler for fp16), EMA
 update with the cosine momentum.
 
-Faults (docs/sections/cluster.md): SIGTERM / SIGUSR1 (pre-emption) and the
+Faults (README: "Faults"): SIGTERM / SIGUSR1 (pre-emption) and the
 ``--max-hours`` budget make every rank stop at the same step (agreed through
 an all-reduce), rank 0 writes a checkpoint, and the process exits with code 0.
 A worker group restarted by ``torchrun --max-restarts`` resumes from the last
