@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lut_fast.errors import UserError
+from lut_fast.fileio import atomic_write
 
 FORMAT = "lut-fast/1"
 ENCODER_PREFIX = "encoder."  # the only prefix stripped when exporting to timm
@@ -25,19 +25,7 @@ _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide checkpoints from other users of a shared run folder
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def _point_last(ckpt_dir: Path, target: Path) -> None:

@@ -15,6 +15,8 @@ from lut_fast.errors import UserError
 from .batch import Batch
 from .spec import AugSpec
 
+__all__ = ["AugSpec", "BACKENDS", "Batch", "build_loader", "require_backend"]
+
 BACKENDS = ("torch", "dali", "ffcv")
 
 INSTALL_HINTS = {

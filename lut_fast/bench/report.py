@@ -13,9 +13,10 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
+
+from lut_fast.fileio import write_json_atomic
 
 SCHEMA = "lut-fast-bench/1"
 
@@ -81,21 +82,8 @@ def _plain(x: Any) -> Any:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> Path:
-    """Write atomically: a temporary file in the same folder, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_plain(report), f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide reports from other users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write the report atomically (temporary file, then rename)."""
+    return write_json_atomic(_plain(report), path)
 
 
 def load_json(path: str | os.PathLike) -> dict:

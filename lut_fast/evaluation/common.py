@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 
 from lut_fast.errors import UserError
+from lut_fast.fileio import write_json_atomic
 from lut_fast.pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 
 POOLS = ("mean", "cls")
@@ -54,21 +54,8 @@ def autocast(device: torch.device):
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write JSON atomically (numpy / torch values converted)."""
+    return write_json_atomic(obj, path, default=_json_default)
 
 
 def _json_default(o: Any) -> Any:
