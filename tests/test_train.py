@@ -129,3 +129,15 @@ def test_schedule_lr_rule_and_warmup_compression():
     assert make_schedule(cfg, 2502, 4).peak_lr == pytest.approx(2.4e-3)
     cfg.optim.max_steps = 1000  # compressed: warm-up keeps its 40/1600 share
     assert make_schedule(cfg, 2502, 4).warmup_steps == 25
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """--compile (torch.compile of the student) trains the same model: losses agree with eager."""
+    eager = tiny_config(tmp_path / "eager", "run.log_every=1", max_steps=2, optim__batch_size=8)
+    compiled = tiny_config(tmp_path / "compiled", "run.log_every=1", "run.compile=true", max_steps=2, optim__batch_size=8)
+    train(eager)
+    train(compiled)
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-3), step
