@@ -283,6 +283,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
         unused = isinstance(model, LUT) and target is None
         student = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
     forward = torch.compile(student) if cfg.run.compile else student
+    if cfg.run.compile and target is not None:
+        target.compile()  # in place: the target's full-image passes are a large share of LUT's FLOPs
 
     def state_at(step: int) -> dict:
         return {
