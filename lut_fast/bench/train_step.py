@@ -150,6 +150,7 @@ def build_step(cfg, device: torch.device, v: Variant, batch_size: int) -> Callab
     from lut_fast.ema import TargetNetwork
     from lut_fast.models import LUT, build_model
     from lut_fast.optim import build_optimizer
+    from lut_fast.train import autocast
 
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
@@ -163,19 +164,16 @@ def build_step(cfg, device: torch.device, v: Variant, batch_size: int) -> Callab
     amp = _amp_dtype(v.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     forward = torch.compile(model) if v.compile else model
+    if v.compile and target is not None:
+        target.compile()  # as the trainer does (lut_fast/train.py)
     s = cfg.model.img_size
     view1 = torch.randn(batch_size, 3, s, s, device=device).contiguous(memory_format=fmt)
     view2 = torch.randn(batch_size, 3, s, s, device=device).contiguous(memory_format=fmt) if target is not None else None
     noise = torch.rand(batch_size, model.encoder.num_patches, device=device)
 
-    def autocast():
-        if amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp)
-
     def step() -> torch.Tensor:
         with sdpa_context(v.sdpa):
-            with autocast():
+            with autocast(device, amp):
                 targets = target.targets(view1, view2, model.symmetric) if target is not None else None
                 out = forward(view1, view2, noise, targets)
             scaler.scale(out["loss"]).backward()
