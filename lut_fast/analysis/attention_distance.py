@@ -20,9 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lut_fast.analysis.common import labels_for, require_checkpoints, walk_blocks
-from lut_fast.errors import UserError
-from lut_fast.evaluation.common import image_loader, normalize, progress, resolve_device, resolve_splits, save_figure, tracked, write_json
+from lut_fast.analysis.common import analysis_samples, labels_for, require_checkpoints, walk_blocks
+from lut_fast.evaluation.common import image_loader, normalize, progress, resolve_device, save_figure, tracked, write_json
 
 
 def patch_centers(grid: int) -> torch.Tensor:
@@ -109,15 +108,9 @@ def run_attention_distance(
     from lut_fast.checkpoint import load_encoder
 
     require_checkpoints(ckpts)
-    if split not in ("train", "val"):
-        raise UserError(f"--split must be train or val, got {split!r}")
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    splits = resolve_splits(data, val_fraction, seed)
-    samples = splits.val if split == "val" else splits.train
-    if max_images > 0 and len(samples) > max_images:
-        pick = np.random.default_rng(seed).choice(len(samples), max_images, replace=False)
-        samples = [samples[i] for i in sorted(pick)]
+    samples, splits = analysis_samples(data, split, max_images, val_fraction, seed)
     names = labels_for(ckpts, labels, [{"use_ema": use_ema}] * len(ckpts))
     results = []
     with progress(show_progress) as bar:

@@ -76,3 +76,20 @@ def require_checkpoints(ckpts: Sequence[str | Path]) -> None:
     for c in ckpts:
         if not Path(c).is_file():
             raise UserError(f"checkpoint not found: {c}")
+
+
+def analysis_samples(data: str | None, split: str, max_images: int, val_fraction: float, seed: int):
+    """(samples, splits): the (path, label) pairs an analysis reads (one split, at most ``max_images``,
+    a seeded subset) and the resolved splits they come from."""
+    import numpy as np
+
+    from lut_fast.evaluation.common import resolve_splits
+
+    if split not in ("train", "val"):
+        raise UserError(f"--split must be train or val, got {split!r}")
+    splits = resolve_splits(data, val_fraction, seed)
+    samples = splits.val if split == "val" else splits.train
+    if max_images > 0 and len(samples) > max_images:
+        pick = np.random.default_rng(seed).choice(len(samples), max_images, replace=False)
+        samples = [samples[i] for i in sorted(pick)]
+    return samples, splits

@@ -20,10 +20,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lut_fast.analysis.common import labels_for, require_checkpoints, walk_blocks
+from lut_fast.analysis.common import analysis_samples, labels_for, require_checkpoints, walk_blocks
 from lut_fast.errors import UserError
 from lut_fast.evaluation.common import (
-    POOLS, image_loader, normalize, pool_tokens, progress, resolve_device, resolve_splits, save_figure, tracked, write_json,
+    POOLS, image_loader, normalize, pool_tokens, progress, resolve_device, save_figure, tracked, write_json,
 )
 
 
@@ -77,15 +77,9 @@ def run_spectrum(
     require_checkpoints(ckpts)
     if len(ckpts) > 2:
         raise UserError(f"spectrum compares at most two checkpoints, got {len(ckpts)}")
-    if split not in ("train", "val"):
-        raise UserError(f"--split must be train or val, got {split!r}")
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    splits = resolve_splits(data, val_fraction, seed)
-    samples = splits.val if split == "val" else splits.train
-    if max_images > 0 and len(samples) > max_images:
-        pick = np.random.default_rng(seed).choice(len(samples), max_images, replace=False)
-        samples = [samples[i] for i in sorted(pick)]
+    samples, splits = analysis_samples(data, split, max_images, val_fraction, seed)
     names = labels_for(ckpts, labels, [{"use_ema": use_ema}] * len(ckpts))
     results = []
     with progress(show_progress) as bar:
