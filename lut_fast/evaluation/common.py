@@ -336,3 +336,12 @@ def topk_accuracy(logits_or_scores: torch.Tensor, labels: torch.Tensor, ks: Sequ
         if k <= n_classes:
             out[f"top{k}"] = 100.0 * (top[:, :k] == labels.view(-1, 1)).any(dim=1).float().mean().item()
     return out
+
+
+def split_features(cache_dir, ckpt_path, ckpt_info, encoder, splits, bar, label: str, **options):
+    """Frozen features of both splits, through the cache: (x_train, y_train, x_val, y_val, all_from_cache)."""
+    xtr, ytr, hit_tr = cached_features(cache_dir, ckpt_path, ckpt_info, encoder, splits.train, bar=bar,
+                                       description=f"{label} train features", **options)
+    xva, yva, hit_va = cached_features(cache_dir, ckpt_path, ckpt_info, encoder, splits.val, bar=bar,
+                                       description=f"{label} val features", **options)
+    return xtr, ytr, xva, yva, bool(hit_tr and hit_va)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lut_fast.errors import UserError
-from lut_fast.evaluation.common import cached_features, progress, resolve_device, resolve_splits, topk_accuracy, write_json
+from lut_fast.evaluation.common import progress, resolve_device, resolve_splits, split_features, topk_accuracy, write_json
 
 
 @torch.no_grad()
@@ -75,8 +75,7 @@ def run_knn(
     cache_dir = (out / "cache") if (cache and out is not None) else None
     common = dict(pool=pool, device=dev, batch_size=batch_size, workers=workers, crop_pct=crop_pct)
     with progress(show_progress) as bar:
-        xtr, ytr, hit_tr = cached_features(cache_dir, ckpt, info, encoder, splits.train, bar=bar, description="k-NN train features", **common)
-        xva, yva, hit_va = cached_features(cache_dir, ckpt, info, encoder, splits.val, bar=bar, description="k-NN val features", **common)
+        xtr, ytr, xva, yva, from_cache = split_features(cache_dir, ckpt, info, encoder, splits, bar, "k-NN", **common)
     scores = knn_scores(xtr, ytr, xva, len(splits.classes), k, temperature)
     result = {
         "command": "knn",
@@ -85,7 +84,7 @@ def run_knn(
         "temperature": temperature,
         "pool": pool,
         "crop_pct": crop_pct,
-        "features_from_cache": bool(hit_tr and hit_va),
+        "features_from_cache": from_cache,
         "encoder": info,
         "data": splits.describe(),
         "seconds": round(time.perf_counter() - t0, 2),

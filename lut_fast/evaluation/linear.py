@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from lut_fast.errors import UserError
-from lut_fast.evaluation.common import cached_features, progress, resolve_device, resolve_splits, topk_accuracy, tracked, write_json
+from lut_fast.evaluation.common import progress, resolve_device, resolve_splits, split_features, topk_accuracy, tracked, write_json
 
 OPTIMIZERS = ("lars", "sgd")
 
@@ -154,8 +154,7 @@ def run_linear(
     common = dict(pool=pool, device=dev, batch_size=feature_batch_size, workers=workers, crop_pct=crop_pct)
     with progress(show_progress) as bar:
         t_feat = time.perf_counter()
-        xtr, ytr, hit_tr = cached_features(cache_dir, ckpt, info, encoder, splits.train, bar=bar, description="probe train features", **common)
-        xva, yva, hit_va = cached_features(cache_dir, ckpt, info, encoder, splits.val, bar=bar, description="probe val features", **common)
+        xtr, ytr, xva, yva, from_cache = split_features(cache_dir, ckpt, info, encoder, splits, bar, "probe", **common)
         t_feat = time.perf_counter() - t_feat
         t_head = time.perf_counter()
         head, history = train_linear_probe(
@@ -175,7 +174,7 @@ def run_linear(
         "weight_decay": weight_decay,
         "pool": pool,
         "crop_pct": crop_pct,
-        "features_from_cache": bool(hit_tr and hit_va),
+        "features_from_cache": from_cache,
         "seconds_features": round(t_feat, 2),
         "seconds_head": round(t_head, 2),
         "encoder": info,
