@@ -61,7 +61,7 @@ class DataConfig:
     path: Optional[str] = None  # None = the built-in dataset
     backend: str = "torch"  # torch | dali | ffcv
     num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # loader processes (torch) or threads (DALI, FFCV)
-    photometric_on: str = "auto"  # torch backend: worker | device | auto (device on CUDA)
+    photometric_on: str = "auto"  # view 2's jitter + 3-augment: loader (CPU) | device (batched after the copy) | auto (device on CUDA)
     max_bad_images: int = 100  # unreadable images tolerated (skipped, counted) before stopping
     channels_last: bool = True  # channels-last batches on CUDA (faster patch embedding)
     ffcv_order: str = "random"  # FFCV: random / quasi_random (data larger than RAM) / sequential
@@ -71,7 +71,7 @@ class DataConfig:
     def backend_options(self) -> dict:
         """The options of the chosen backend, as ``build_loader`` keyword arguments."""
         return {
-            "torch": {"photometric_on": self.photometric_on},
+            "torch": {},
             "ffcv": {"order": self.ffcv_order, "os_cache": self.ffcv_os_cache},
             "dali": {"shuffle_buffer": self.dali_shuffle_buffer},
         }[self.backend]

@@ -249,7 +249,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
         cfg.data.backend, cfg.data.path, cfg.aug, cfg.optim.batch_size, device=device,
         num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=dist_info.rank,
         world_size=dist_info.world_size, channels_last=cfg.data.channels_last and device.type == "cuda",
-        **cfg.data.backend_options(),
+        photometric_on=cfg.data.photometric_on, **cfg.data.backend_options(),
     )
     sched = make_schedule(cfg, len(loader), dist_info.world_size)
 

@@ -12,10 +12,10 @@ import torch
 
 from lut_fast.errors import UserError
 
-from .batch import Batch
+from .batch import Batch, RawBatch, finish_batch
 from .spec import AugSpec
 
-__all__ = ["AugSpec", "BACKENDS", "Batch", "build_loader", "require_backend"]
+__all__ = ["AugSpec", "BACKENDS", "Batch", "RawBatch", "build_loader", "finish_batch", "require_backend"]
 
 BACKENDS = ("torch", "dali", "ffcv")
 
@@ -55,13 +55,16 @@ def build_loader(
     world_size: int = 1,
     channels_last: bool = False,
     split: str = "train",
+    photometric_on: str = "auto",
     **options,
 ):
     """A loader over ``data`` (ImageFolder tree, split root, or a backend's converted format).
 
     ``data=None`` means the built-in dataset. The loader has ``len()``
-    (batches per epoch per rank), ``set_epoch(epoch, start_batch=0)`` and
-    yields ``Batch``.
+    (batches per epoch per rank), ``set_epoch(epoch, start_batch=0)``,
+    ``raw_batches()`` (the CPU side: ``RawBatch`` of uint8 views) and yields
+    ``Batch`` (``finish_batch`` of each raw batch). ``photometric_on``:
+    where view 2's jitter and 3-augment op run (``batch.resolve_photometric_on``).
     """
     require_backend(backend)
     if batch_size <= 0:
@@ -72,7 +75,7 @@ def build_loader(
         data = str(builtin_path())
     common = dict(
         spec=spec, batch_size=batch_size, device=device, num_workers=num_workers, seed=seed,
-        rank=rank, world_size=world_size, channels_last=channels_last,
+        rank=rank, world_size=world_size, channels_last=channels_last, photometric_on=photometric_on,
     )
     if backend == "torch":
         from lut_fast.datasets.imagefolder import scan_image_folder

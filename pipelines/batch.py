@@ -1,4 +1,21 @@
-"""The one structure every backend yields; the trainer never knows which made it."""
+"""The two structures every backend yields, and the one device stage they share.
+
+A loader's work is split where the bytes cross to the training device:
+
+* ``RawBatch``: what the CPU side hands over. Views are uint8 (a quarter of
+  the bytes of float32 over PCIe and through worker IPC). When the target
+  view's photometric ops are left to the device, ``strong_params`` carries
+  their per-sample parameters (``photometric.sample_params``), drawn by the
+  loader from its own seeded generator, so the augmentation stream does not
+  depend on where the ops run.
+* ``finish_batch``: the device stage, identical for every backend: copy,
+  photometric ops (when still to do), normalisation, memory format.
+  ``Batch`` is its result; the trainer never knows which backend made it.
+
+Every loader exposes ``raw_batches()`` (the CPU side alone: what ``bench
+data`` times for the GPU-training configuration) and iterates ``Batch`` as
+``finish_batch(raw)`` for each raw batch.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +24,45 @@ from dataclasses import dataclass
 import torch
 
 from .spec import AugSpec
+
+PHOTOMETRIC_PLACES = ("auto", "loader", "device")
+
+
+def resolve_photometric_on(photometric_on: str, device: torch.device | str) -> str:
+    """'loader' (the CPU pipeline applies view 2's ops) or 'device' (``finish_batch`` does, batched).
+
+    ``auto`` is ``device`` on CUDA (the GPU does in microseconds what costs the
+    CPU milliseconds per image) and ``loader`` elsewhere. ``worker`` is the
+    older name of ``loader``.
+    """
+    from lut_fast.errors import UserError
+
+    place = "loader" if photometric_on == "worker" else photometric_on
+    if place not in PHOTOMETRIC_PLACES:
+        raise UserError(f"photometric_on must be one of {', '.join(PHOTOMETRIC_PLACES)}, got {photometric_on!r}")
+    if place == "auto":
+        place = "device" if torch.device(device).type == "cuda" else "loader"
+    return place
+
+
+@dataclass
+class RawBatch:
+    """A batch as the loader's CPU side produced it (see the module doc).
+
+    Views are uint8 (B, 3, S, S) in any memory layout (an NHWC buffer
+    permuted to NCHW is fine), or float32 already normalised on the device
+    (DALI's GPU graph), which ``finish_batch`` passes through.
+    """
+
+    view1: torch.Tensor
+    view2: torch.Tensor | None
+    labels: torch.Tensor
+    strong_params: torch.Tensor | None = None  # (B, photometric.NUM_PARAMS): view 2's ops still to apply
+    bad_images: int = 0  # unreadable files replaced while building this batch
+
+    @property
+    def size(self) -> int:
+        return self.view1.shape[0]
 
 
 @dataclass
@@ -36,9 +92,40 @@ def normalize_uint8(
     Moves uint8 (4x fewer bytes over PCIe) and converts on the device.
     """
     x = x.to(device, non_blocking=True)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1) * 255.0
-    out = (x.float() - mean) / std
+    return _normalize_float(x.float(), spec, channels_last)
+
+
+def _normalize_float(x: torch.Tensor, spec: AugSpec, channels_last: bool) -> torch.Tensor:
+    """float (B, 3, H, W) on the 0..255 scale -> (x - 255 mean) / (255 std), one fused pass."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std], device=x.device).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std)], device=x.device).view(1, 3, 1, 1)
+    out = torch.addcmul(shift, x, scale)
     if channels_last:
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
+
+
+def finish_view(x: torch.Tensor, spec: AugSpec, device: torch.device, channels_last: bool,
+                strong_params: torch.Tensor | None = None) -> torch.Tensor:
+    """One view through the device stage: copy, photometric ops if ``strong_params``, normalise."""
+    if x.dtype != torch.uint8:  # already normalised on the device by the backend
+        x = x.to(device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+    if strong_params is None:
+        return normalize_uint8(x, spec, device, channels_last)
+    from . import photometric
+
+    y = x.to(device, non_blocking=True).float().div_(255.0)
+    y = photometric.apply_strong(y, strong_params, spec).mul_(255.0)
+    return _normalize_float(y, spec, channels_last)
+
+
+def finish_batch(raw: RawBatch, spec: AugSpec, device: torch.device | str, channels_last: bool) -> Batch:
+    """The device stage every backend shares (see the module doc)."""
+    device = torch.device(device)
+    return Batch(
+        view1=finish_view(raw.view1, spec, device, channels_last),
+        view2=None if raw.view2 is None else finish_view(raw.view2, spec, device, channels_last, raw.strong_params),
+        labels=raw.labels.to(device, non_blocking=True),
+        bad_images=raw.bad_images,
+    )

@@ -55,7 +55,7 @@ from lut_fast.datasets.imagefolder import scan_image_folder
 from lut_fast.errors import UserError
 
 from . import formats
-from .batch import Batch
+from .batch import Batch, resolve_photometric_on
 from .spec import STRONG_OPS, AugSpec
 
 _INTERP = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR, "nearest": types.INTERP_NN}
@@ -230,10 +230,14 @@ class DaliLoader:
         split: str = "train",
         shuffle_buffer: int = 4096,
         prefetch: int = 2,
+        photometric_on: str = "auto",
     ):
         self.spec, self.batch_size, self.seed = spec, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.device, self.channels_last = torch.device(device), channels_last
+        self.photometric_on = resolve_photometric_on(photometric_on, self.device)
+        if photometric_on == "device" and self.device.type != "cuda":
+            raise UserError("the DALI backend applies view 2's photometric ops in its graph: use photometric_on=loader")
         self.threads, self.shuffle_buffer, self.prefetch = max(1, num_workers), shuffle_buffer, prefetch
         if spec.img_size <= spec.src_padding:
             raise UserError(f"image size {spec.img_size} must exceed the SRC padding {spec.src_padding}")

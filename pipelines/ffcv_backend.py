@@ -38,7 +38,7 @@ import torch
 from lut_fast.errors import UserError
 
 from . import formats
-from .batch import Batch, normalize_uint8
+from .batch import Batch, resolve_photometric_on, normalize_uint8
 from .ffcv_ops import RrcFlipDecoder, SrcViewsDecoder, StrongView, TakeView  # first: keeps torch's thread count
 from .spec import AugSpec
 
@@ -97,9 +97,13 @@ class FfcvLoader:
         order: str = "random",
         os_cache: bool = True,
         batches_ahead: int = 3,
+        photometric_on: str = "auto",
     ):
         self.path = resolve_beton(data, split)
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
+        self.photometric_on = resolve_photometric_on(photometric_on, self.device)
+        if photometric_on == "device":
+            raise UserError("the FFCV backend applies view 2's photometric ops in its pipeline: use photometric_on=loader")
         if order not in ORDERS:
             raise UserError(f"FFCV order must be one of {', '.join(ORDERS)}, got {order!r}")
         distributed = world_size > 1

@@ -25,7 +25,7 @@ from PIL import Image
 from lut_fast.errors import UserError
 
 from . import photometric
-from .batch import Batch, normalize_uint8
+from .batch import Batch, RawBatch, finish_batch, resolve_photometric_on
 from .spec import AugSpec
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -265,11 +265,7 @@ class TorchLoader:
         photometric_on: str = "auto",
     ):
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
-        if photometric_on == "auto":
-            photometric_on = "device" if self.device.type == "cuda" else "worker"
-        if photometric_on not in ("worker", "device"):
-            raise UserError(f"photometric_on must be auto, worker or device, got {photometric_on!r}")
-        self.photometric_on = photometric_on
+        self.photometric_on = resolve_photometric_on(photometric_on, self.device)
         self.dataset = DualViewDataset(samples, spec, seed)
         self.sampler = EpochSampler(len(samples), batch_size, seed, rank, world_size)
         self.loader = torch.utils.data.DataLoader(
@@ -277,7 +273,7 @@ class TorchLoader:
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=num_workers,
-            collate_fn=CollateViews(spec, photometric_in_worker=photometric_on == "worker"),
+            collate_fn=CollateViews(spec, photometric_in_worker=self.photometric_on == "loader"),
             pin_memory=self.device.type == "cuda",
             drop_last=True,  # last-batch policy: drop, so every step has the full batch
             persistent_workers=num_workers > 0,
@@ -291,19 +287,12 @@ class TorchLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)
 
-    def to_batch(self, raw: dict) -> Batch:
-        view2 = raw["view2"]
-        if view2 is not None and raw["params"] is not None:  # photometric ops on the training device
-            x = view2.to(self.device, non_blocking=True).float().div_(255.0)
-            x = photometric.apply_strong(x, raw["params"], self.spec).mul_(255.0)
-            view2 = x
-        return Batch(
-            view1=normalize_uint8(raw["view1"], self.spec, self.device, self.channels_last),
-            view2=None if view2 is None else normalize_uint8(view2, self.spec, self.device, self.channels_last),
-            labels=raw["labels"].to(self.device, non_blocking=True),
-            bad_images=raw["bad"],
-        )
+    def raw_batches(self) -> Iterator[RawBatch]:
+        """The CPU side alone: uint8 views (and view 2's parameters when its ops are left to the device)."""
+        for raw in self.loader:
+            yield RawBatch(view1=raw["view1"], view2=raw["view2"], labels=raw["labels"],
+                           strong_params=raw["params"], bad_images=raw["bad"])
 
     def __iter__(self) -> Iterator[Batch]:
-        for raw in self.loader:
-            yield self.to_batch(raw)
+        for raw in self.raw_batches():
+            yield finish_batch(raw, self.spec, self.device, self.channels_last)
