@@ -181,3 +181,41 @@ def test_encoder_state_dict_loads_into_timm_strictly(name):
         ours = model.encoder(x)
         theirs = ref.forward_features(x)
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def _xavier_std(fan_in: int, fan_out: int) -> float:
+    """xavier_uniform_ draws from U(-a, a), a = sqrt(6 / (fan_in + fan_out)): std a / sqrt(3)."""
+    return math.sqrt(2.0 / (fan_in + fan_out))
+
+
+@pytest.mark.parametrize("method", ["mae", "lut"])
+def test_initialisation_is_the_official_one(method):
+    """Every Linear (encoder, decoder, projector, predictor) xavier-uniform with zero bias; norms at 1 / 0;
+    patch embedding xavier as a Linear; cls and mask tokens N(0, 0.02); positions fixed sin-cos."""
+    torch.manual_seed(0)
+    cfg = load_config(None, {"method": method, "model.img_size": 32, "model.patch_size": 8},
+                      ["model.depth=2", "model.decoder_depth=1", "model.head_hidden_dim=1024"])
+    model = build_model(cfg)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if method == "lut":
+        heads = [n for n, _ in linears if n.startswith(("projector", "predictor"))]
+        assert heads == ["projector.0", "projector.3", "predictor.0", "predictor.3"]
+    for name, m in linears:
+        fan_out, fan_in = m.weight.shape
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        assert m.weight.abs().max().item() <= bound + 1e-6, name
+        # A sample std of >= 2e4 draws lies within 5 % of the true one; PyTorch's default init is
+        # 20-50 % off here (std 1 / sqrt(3 fan_in)), so this tells the two apart.
+        assert m.weight.std().item() == pytest.approx(_xavier_std(fan_in, fan_out), rel=0.05), name
+        if m.bias is not None:
+            assert torch.count_nonzero(m.bias) == 0, name
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm1d))]
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in norms) == (method == "lut")
+    for m in norms:
+        assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+    w = model.encoder.patch_embed.proj.weight  # (D, 3, p, p): a Linear from 3 p^2 inputs to D outputs
+    assert w.std().item() == pytest.approx(_xavier_std(w[0].numel(), w.shape[0]), rel=0.05)
+    for token in (model.encoder.cls_token, model.mask_token):
+        assert token.std().item() == pytest.approx(0.02, rel=0.3)
+    assert not model.encoder.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+    assert torch.count_nonzero(model.encoder.pos_embed[0, 0]) == 0  # the cls position is zeros

@@ -20,7 +20,7 @@ import torch.nn as nn
 from lut_fast.losses import bc_loss
 from lut_fast.masking import keep_ids, shuffle_from_noise
 from lut_fast.models.mae import MaskedAutoencoder
-from lut_fast.models.vit import ViTEncoder, pool_patch_tokens
+from lut_fast.models.vit import ViTEncoder, init_weights, pool_patch_tokens
 
 
 def mlp_head(dim: int, hidden: int) -> nn.Sequential:
@@ -49,6 +49,11 @@ class LUT(MaskedAutoencoder):
         self.direction = direction
         self.projector = mlp_head(encoder.embed_dim, head_hidden_dim)
         self.predictor = mlp_head(encoder.embed_dim, head_hidden_dim)
+        # The official model runs its weight-init pass after building the heads, so they are
+        # xavier-uniform too (PyTorch's default would start the second layer about 2x smaller
+        # at ViT-B); BatchNorm keeps weight 1, bias 0.
+        self.projector.apply(init_weights)
+        self.predictor.apply(init_weights)
 
     @property
     def symmetric(self) -> bool:
