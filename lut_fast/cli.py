@@ -61,6 +61,7 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Random seed " + _default("run.seed")),
     max_hours: Optional[float] = typer.Option(None, help="Wall-clock budget in hours; ends cleanly with a checkpoint (default: none)"),
     set_: list[str] = typer.Option([], "--set", help="Any config field, repeatable: --set optim.blr=1e-4 --set model.depth=4 (see README: configuration)"),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config (each value with where it came from) and exit without training."),
 ) -> None:
     """Pre-train LUT (or the MAE baseline) and write config.yaml, metrics.jsonl and checkpoints/ to OUT."""
     from lut_fast.config import load_config
@@ -73,7 +74,16 @@ def train(
         "run.compile": compile, "run.precision": precision, "run.device": device, "run.seed": seed,
         "run.max_hours": max_hours,
     }
-    cfg = load_config(config, flags, set_)
+    # Flags whose name is not "--" + the key's last part (for "where each value came from").
+    flag_names = {"model.name": "--model", "data.path": "--data", "optim.accum_steps": "--accum", "run.out_dir": "--out"}
+    cfg = load_config(config, flags, set_, flag_names)
+    if print_config:
+        import os
+
+        from lut_fast.config import format_resolved
+
+        typer.echo(format_resolved(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1"))), nl=False)
+        return
     run_training(cfg, resume=resume)
 
 

@@ -1,9 +1,12 @@
 """The whole training recipe as typed dataclasses: the single source of defaults.
 
 A run's config is built as: defaults -> YAML file -> CLI flags -> ``--set key=value``,
-then validated. It is printed at start and saved as ``config.yaml`` beside the
-checkpoints (and inside each checkpoint). The README's table is checked
-against these defaults by a test.
+then the defaults of the chosen method (``METHOD_DEFAULTS``) fill whatever the user did
+not set, then it is validated. ``TrainConfig.sources`` records where each value came
+from (``cfg.source(key)``, ``cfg.user_set(key)``); the header printed at start and
+``lut-fast train --print-config`` show it. The config is saved as ``config.yaml``
+beside the checkpoints (and inside each checkpoint). The README's table is checked
+against these defaults by a test; docs/METHOD.md explains every recipe value.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class OptimConfig:
     accum_steps: int = 1  # micro-batches per optimizer step
     blr: float = 1.5e-4  # base lr; lr = blr * sqrt(eff_batch) / 4 (sqrt) or blr * eff_batch / 256 (linear)
     lr: Optional[float] = None  # absolute lr, overrides blr scaling
-    lr_scaling: str = "sqrt"  # sqrt (official LUT) | linear (MAE)
+    lr_scaling: str = "sqrt"  # sqrt (official LUT) | linear (MAE); follows --method unless set
     weight_decay: float = 0.05  # AdamW; none on biases and 1-D parameters
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     epochs: float = 1600  # schedule length (the paper: 1600; ablations 400)
@@ -116,6 +119,22 @@ class TrainConfig:
     aug: AugSpec = field(default_factory=AugSpec)  # recipe and img_size follow method and model
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Where each value came from, by dotted key (filled by ``load_config``). Not part of the
+    # recipe: never saved, never compared, not in the README table.
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False, metadata={"recipe": False})
+
+    def source(self, key: str) -> str:
+        """Where ``key`` (e.g. ``optim.lr_scaling``) came from: see ``SOURCE_DEFAULT`` and ``load_config``."""
+        return self.sources.get(key, SOURCE_DEFAULT)
+
+    def user_set(self, key: str) -> bool:
+        """True when the user chose ``key`` (YAML, a flag or ``--set``); for a section (``optim``), any key in it.
+
+        False for the dataclass defaults, the method's defaults and derived values, so later code
+        may adapt those (e.g. a smaller recipe on CPU) without overriding a choice the user made.
+        """
+        keys = [k for k in self.sources if k == key or k.startswith(key + ".")]
+        return any(is_user_source(self.sources[k]) for k in keys)
 
     @property
     def out_dir(self) -> Path:
@@ -126,6 +145,8 @@ class TrainConfig:
 
 
 def to_dict(cfg: Any) -> dict:
+    """The recipe as plain YAML-able data (fields marked ``recipe: False``, like ``sources``, left out)."""
+
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
             return [plain(x) for x in v]
@@ -133,7 +154,11 @@ def to_dict(cfg: Any) -> dict:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    out = plain(dataclasses.asdict(cfg))
+    for f in dataclasses.fields(cfg):
+        if not f.metadata.get("recipe", True):
+            out.pop(f.name, None)
+    return out
 
 
 def to_yaml(cfg: TrainConfig) -> str:
@@ -207,9 +232,17 @@ def load_config(
     path: str | os.PathLike | None = None,
     flags: dict[str, Any] | None = None,
     sets: list[str] | None = None,
+    flag_names: dict[str, str] | None = None,
 ) -> TrainConfig:
-    """Defaults <- YAML <- flags (None = not given) <- ``key=value`` strings; validated."""
+    """Defaults <- YAML <- flags (None = not given) <- ``key=value`` strings <- the method's defaults
+    for what none of these set; validated. ``cfg.sources`` says where each value came from.
+
+    ``flag_names`` maps a config key to the flag that sets it, for the provenance (default:
+    ``--`` + the key's last part, e.g. ``optim.batch_size`` -> ``--batch-size``).
+    """
     tree = to_dict(TrainConfig())
+    sources: dict[str, str] = {}
+    _mark(sources, "", tree, SOURCE_DEFAULT)
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -220,31 +253,193 @@ def load_config(
             raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise UserError(f"config file {p} must hold a mapping")
-        _merge(tree, loaded, str(p))
+        _merge(tree, loaded, str(p), sources, f"YAML {p}")
     for key, value in (flags or {}).items():
         if value is not None:
             _set_path(tree, key, value)
+            _mark(sources, key, value, f"flag {(flag_names or {}).get(key) or _flag_name(key)}")
     for item in sets or []:
         if "=" not in item:
             raise UserError(f"--set takes key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw))
-    # The augmentation recipe and size follow the method and the model.
-    tree["aug"]["recipe"] = "mae" if tree["method"] == "mae" else "lut"
-    tree["aug"]["img_size"] = tree["model"]["img_size"]
+        value = yaml.safe_load(raw)
+        _set_path(tree, key.strip(), value)
+        _mark(sources, key.strip(), value, SOURCE_SET)
+    apply_method_defaults(tree, sources)
     cfg = from_dict(TrainConfig, tree)
+    cfg.sources = sources
     validate(cfg)
     return cfg
 
 
-def _merge(base: dict, new: dict, where: str) -> None:
+def _merge(base: dict, new: dict, where: str, sources: dict[str, str], label: str, prefix: str = "") -> None:
     for k, v in new.items():
         if k not in base:
             raise UserError(f"unknown config field {k!r} in {where}; valid: {', '.join(base)}")
         if isinstance(base[k], dict) and isinstance(v, dict):
-            _merge(base[k], v, f"{where}:{k}")
+            _merge(base[k], v, f"{where}:{k}", sources, label, f"{prefix}{k}.")
         else:
             base[k] = v
+            _mark(sources, prefix + k, v, label)
+
+
+# ---------------------------------------------------------------- per-method defaults and provenance
+
+# The two official recipes (LUT's released pre-training script and MAE's, with the commands their
+# READMEs give) agree on blr 1.5e-4, AdamW betas (0.9, 0.95), weight decay 0.05, 40 warm-up epochs,
+# half-cycle cosine to 0, mask ratio 0.75, norm_pix_loss, the decoder and an effective batch of 4096.
+# They differ in what is below; the dataclass defaults above are LUT's. A value the user set (YAML,
+# flag, --set) always wins. Epochs are deliberately NOT here: MAE's released command trains 800 epochs
+# (ViT-L), but the LUT paper compares both methods at equal epochs (1600, and 400 in ablations), so
+# switching --method keeps the budget equal. docs/METHOD.md, "The two recipes", lists every value.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lut": {
+        "optim.lr_scaling": "sqrt",  # lr = blr * sqrt(eff_batch) / 4
+        "aug.recipe": "lut",  # two views: simple random crop; view 2 adds jitter and one of 3 ops
+    },
+    "mae": {
+        "optim.lr_scaling": "linear",  # lr = blr * eff_batch / 256
+        "aug.recipe": "mae",  # one view: RandomResizedCrop(scale 0.2..1) + flip
+    },
+}
+
+SOURCE_DEFAULT = "default"  # the dataclass default
+SOURCE_SET = "--set"
+SOURCE_DERIVED_IMG_SIZE = "follows model.img_size"
+_USER_PREFIXES = ("YAML ", "flag ", SOURCE_SET)
+
+
+def method_source(method: str) -> str:
+    return f"default of method {method}"
+
+
+def is_user_source(source: str) -> bool:
+    """A value the user chose: from a YAML file, a flag or ``--set``."""
+    return source.startswith(_USER_PREFIXES)
+
+
+def _flag_name(key: str) -> str:
+    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def _mark(sources: dict[str, str], key: str, value: Any, label: str) -> None:
+    """Record ``label`` for ``key``; a mapping marks each leaf under it."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _mark(sources, f"{key}.{k}" if key else k, v, label)
+    else:
+        sources[key] = label
+
+
+def apply_method_defaults(tree: dict, sources: dict[str, str]) -> None:
+    """Fill the method-dependent values the user did not set, and derive ``aug.img_size``."""
+    method = tree.get("method")
+    for key, value in METHOD_DEFAULTS.get(method, {}).items():
+        if not is_user_source(sources.get(key, SOURCE_DEFAULT)):
+            section, name = key.split(".")
+            tree[section][name] = value
+            sources[key] = method_source(method)
+    # The views are made at the model's input size; a different aug.img_size cannot train.
+    size = tree["model"]["img_size"]
+    if is_user_source(sources.get("aug.img_size", SOURCE_DEFAULT)) and tree["aug"]["img_size"] != size:
+        raise UserError(
+            f"aug.img_size {tree['aug']['img_size']} differs from model.img_size {size}: "
+            "set model.img_size (--img-size); the views follow it"
+        )
+    tree["aug"]["img_size"] = size
+    if not is_user_source(sources.get("aug.img_size", SOURCE_DEFAULT)):
+        sources["aug.img_size"] = SOURCE_DERIVED_IMG_SIZE
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out += _leaves(v, f"{prefix}{k}.")
+        else:
+            out.append((prefix + k, v))
+    return out
+
+
+def _scalar(value: Any) -> str:
+    """A value as it would be written in a YAML file (lists in flow style)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def lr_description(cfg: TrainConfig, eff_batch: int, peak_lr: float) -> str:
+    """``lr 3.75e-05 (linear rule: blr 0.00015 x 64 / 256; rule: default of method mae)``, or who set optim.lr."""
+    o = cfg.optim
+
+    def source(key: str) -> str:  # a config read back from a checkpoint carries no provenance
+        return cfg.source(key) if cfg.sources else "as saved in the run's config"
+
+    if o.lr is not None:
+        return f"lr {peak_lr:.3g} (set by optim.lr: {source('optim.lr')})"
+    formula = f"x sqrt({eff_batch}) / 4" if o.lr_scaling == "sqrt" else f"x {eff_batch} / 256"
+    return f"lr {peak_lr:.3g} ({o.lr_scaling} rule: blr {o.blr:g} {formula}; rule: {source('optim.lr_scaling')})"
+
+
+def source_lines(cfg: TrainConfig, width: int = 100) -> list[str]:
+    """The values that are not plain defaults, grouped by where they came from (for the run header).
+
+    Always lists the method-dependent values (``METHOD_DEFAULTS``), then everything a YAML file, a
+    flag or ``--set`` chose. Empty when the config was not made by ``load_config`` (e.g. read back
+    from a checkpoint).
+    """
+    if not cfg.sources:
+        return []
+    values = dict(_leaves(to_dict(cfg)))
+    groups: dict[str, list[str]] = {}
+    for key, value in values.items():
+        src = cfg.source(key)
+        if key in METHOD_DEFAULTS.get(cfg.method, {}) or is_user_source(src):
+            # One group for all flags (each flag's name is in --print-config); one per other source.
+            groups.setdefault("flags" if src.startswith("flag ") else src, []).append(f"{key}={_scalar(value)}")
+    def rank(src: str) -> int:  # method defaults, then YAML, flags, --set: the order they are applied
+        return next((i for i, p in enumerate(("default of method", "YAML ", "flags", SOURCE_SET)) if src.startswith(p)), 4)
+
+    lines = []
+    for src, items in sorted(groups.items(), key=lambda kv: rank(kv[0])):
+        head = f"  {src}: "
+        line = head
+        for item in items:
+            if len(line) + len(item) + 2 > width and line != head:
+                lines.append(line.rstrip())
+                line = " " * len(head)
+            line += item + ", "
+        lines.append(line.rstrip(", "))
+    return lines
+
+
+def format_resolved(cfg: TrainConfig, world_size: int = 1) -> str:
+    """The resolved config as YAML, each value followed by ``# where it came from`` (``--print-config``).
+
+    The output loads back as a config file (the comments are ignored).
+    """
+    lines = ["# lut-fast: the resolved config; after each value, where it came from"]
+    stack: list[str] = []
+    for key, value in _leaves(to_dict(cfg)):
+        parts = key.split(".")
+        common = 0
+        while common < min(len(stack), len(parts) - 1) and stack[common] == parts[common]:
+            common += 1
+        stack = stack[:common]
+        for depth in range(common, len(parts) - 1):
+            lines.append("  " * depth + parts[depth] + ":")
+            stack.append(parts[depth])
+        lines.append(f"{'  ' * (len(parts) - 1)}{parts[-1]}: {_scalar(value)}  # {cfg.source(key)}")
+    from lut_fast.optim import scaled_lr
+
+    o = cfg.optim
+    eff_batch = o.batch_size * o.accum_steps * world_size
+    peak = o.lr if o.lr is not None else scaled_lr(o.blr, eff_batch, o.lr_scaling)
+    lines.append(f"# derived, at {world_size} process(es): effective batch {eff_batch}, {lr_description(cfg, eff_batch, peak)}")
+    out_src = cfg.source("run.out_dir") if cfg.run.out_dir else "from method and model"
+    lines.append(f"# derived: output folder {cfg.out_dir} ({out_src})")
+    if cfg.method == "lut":
+        lam_src = cfg.source("lut.lam") if cfg.lut.lam is not None else f"by model size ({cfg.model.name})"
+        lines.append(f"# derived: lambda {cfg.lut.resolved_lam(cfg.model.name):g} ({lam_src})")
+    return "\n".join(lines) + "\n"
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -257,6 +452,10 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(msg)
 
     check(cfg.method in METHODS, f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    check(
+        cfg.method != "lut" or cfg.aug.two_views,
+        f"aug.recipe={cfg.aug.recipe} makes one view, LUT needs two: leave aug.recipe to follow the method",
+    )
     check(m.name in PRESETS, f"unknown model {m.name!r}; choose one of {', '.join(PRESETS)}")
     check(m.img_size > 0 and m.patch_size > 0, "image size and patch size must be positive")
     check(m.img_size % m.patch_size == 0, f"image size {m.img_size} is not divisible by patch size {m.patch_size}")
@@ -309,6 +508,8 @@ def defaults_table() -> str:
         defaults = cls()
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                continue
+            if not f.metadata.get("recipe", True):
                 continue
             value = getattr(defaults, f.name)
             if f.name == "num_workers":

@@ -39,7 +39,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lut_fast.checkpoint import latest_checkpoint, save_checkpoint
-from lut_fast.config import TrainConfig, from_dict, to_dict, to_yaml
+from lut_fast.config import TrainConfig, from_dict, lr_description, source_lines, to_dict, to_yaml
 from lut_fast.distributed import (
     DistInfo, all_reduce_max, all_reduce_mean, all_same, barrier, broadcast_from_main, cleanup,
     convert_sync_batchnorm, init_distributed, replicas_in_sync, restart_count,
@@ -473,10 +473,17 @@ def _print_header(cfg, sched: Schedule, device, amp_dtype, dist_info: DistInfo, 
     what = f"{cfg.method.upper()} {cfg.model.name} {cfg.model.img_size}px/p{cfg.model.patch_size}"
     c.print(f"[bold]{what}[/] on {device} ({prec}), {dist_info.world_size} process(es), backend {cfg.data.backend}")
     c.print(
-        f"effective batch {sched.eff_batch} -> lr {sched.peak_lr:.3g} ({cfg.optim.lr_scaling} rule), "
+        f"effective batch {sched.eff_batch} -> {lr_description(cfg, sched.eff_batch, sched.peak_lr)}, "
         f"{sched.total_steps} steps ({sched.steps_per_epoch}/epoch), warm-up {sched.warmup_steps}"
-        + (f", resuming at step {start_step}" if start_step else "")
+        + (f", resuming at step {start_step}" if start_step else ""),
+        markup=False, highlight=False, soft_wrap=True,
     )
+    # Where the recipe came from: the method's defaults, then what YAML / flags / --set chose.
+    sources = source_lines(cfg)
+    if sources:
+        c.print("recipe (values other than the plain defaults, by where they came from):", highlight=False)
+        for line in sources:
+            c.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_footer(out_dir: Path, ckpt: Optional[Path], step: int, record: dict, bad: int, stopped: str) -> None:
