@@ -219,3 +219,33 @@ def test_initialisation_is_the_official_one(method):
         assert token.std().item() == pytest.approx(0.02, rel=0.3)
     assert not model.encoder.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
     assert torch.count_nonzero(model.encoder.pos_embed[0, 0]) == 0  # the cls position is zeros
+
+
+def test_lr_schedule_is_linear_warmup_then_half_cosine():
+    from lut_fast.optim import lr_at, scaled_lr
+
+    assert scaled_lr(1.5e-4, 4096, "sqrt") == pytest.approx(2.4e-3) == scaled_lr(1.5e-4, 4096, "linear")
+    assert scaled_lr(1.5e-4, 64, "sqrt") == pytest.approx(3e-4) and scaled_lr(1.5e-4, 64, "linear") == pytest.approx(3.75e-5)
+    peak, total, warm = 1.0, 100, 10
+    assert [lr_at(k, total, warm, peak) for k in (0, 5, 10)] == pytest.approx([0.0, 0.5, 1.0])
+    assert lr_at(55, total, warm, peak) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_at(100, total, warm, peak, min_lr=0.1) == pytest.approx(0.1)
+
+
+def test_optimizer_groups_decay_only_matrices():
+    """AdamW, no weight decay on biases and 1-D parameters (norms); frozen sin-cos positions left out;
+    the 3-D cls token and mask token are decayed, as in the official codes."""
+    from lut_fast.optim import build_optimizer
+
+    lut = LUT(tiny_encoder(), head_hidden_dim=16, lam=1.0, **TINY)
+    opt = build_optimizer(lut, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), fused=False)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
+    names = {id(p): n for n, p in lut.named_parameters()}
+    by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    assert set(by_decay) == {0.0, 0.05}
+    assert all(lut.get_parameter(n).ndim <= 1 for n in by_decay[0.0])
+    assert all(lut.get_parameter(n).ndim >= 2 for n in by_decay[0.05])
+    assert {"encoder.cls_token", "mask_token", "projector.0.weight", "predictor.3.weight"} <= by_decay[0.05]
+    assert {"projector.1.weight", "projector.1.bias", "encoder.norm.weight"} <= by_decay[0.0]
+    trainable = {n for n, p in lut.named_parameters() if p.requires_grad}
+    assert by_decay[0.0] | by_decay[0.05] == trainable and "encoder.pos_embed" not in trainable
