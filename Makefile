@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= runs/demo
-# FFCV builds from source against these (BACKENDS_NOTES.md)
+# FFCV builds from source against these (docs/BACKENDS.md, "Installing")
 APT_PACKAGES := pkg-config g++ libturbojpeg0-dev libopencv-dev
 
 .PHONY: demo test install install-test sysdeps clean

@@ -1,6 +1,6 @@
 """The two loss terms, each in one short function.
 
-total = mae_pixel_loss(view 1) + lambda * bc_loss     (LUT_SPEC.md, "Loss")
+total = mae_pixel_loss(view 1) + lambda * bc_loss     (docs/METHOD.md, "5. Losses")
 """
 
 from __future__ import annotations

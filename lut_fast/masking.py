@@ -2,7 +2,7 @@
 
 MAE keeps the first K shuffled indices. LUT shares the same shuffle between
 its two views: view 1 keeps ``ids[:K]`` and view 2 keeps ``ids[K:2K]``, so
-their visible sets are disjoint (LUT_SPEC.md, "Masking").
+their visible sets are disjoint (docs/METHOD.md, "3. Masking").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """LUT = MAE + projector/predictor heads + a cosine loss toward a momentum target.
 
-Per image (LUT_SPEC.md): one shuffle, view 1 keeps ids[:K], view 2 keeps
+Per image (docs/METHOD.md, sections 3-7): one shuffle, view 1 keeps ids[:K], view 2 keeps
 ids[K:2K]. The student encodes both visible sets (one batched encoder call:
 the encoder has no batch statistics, so this is exact), reconstructs view 1
 with the MAE decoder, pools each view's visible patch tokens and maps them
