@@ -12,7 +12,10 @@ against these defaults by a test; docs/METHOD.md explains every recipe value.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,9 +364,33 @@ def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+_PLAIN_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "none", "~", ""}
+
+
 def _scalar(value: Any) -> str:
-    """A value as it would be written in a YAML file (lists in flow style)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+    """A value as YAML writes it on one line (lists in flow style), so ``--print-config`` loads back.
+
+    Hand-written rather than ``yaml.safe_dump``: the GPU check imports this module with a JSON
+    stand-in for PyYAML, and one line per value is wanted either way.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        if e and "." not in mantissa:  # YAML 1.1 reads 1e-06 as a string; 1.0e-06 is a float
+            text = f"{mantissa}.0e{exponent}"
+        return text
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    if isinstance(value, str):
+        plain = re.fullmatch(r"[A-Za-z_/][\w./-]*", value) and value.lower() not in _PLAIN_YAML_WORDS
+        return value if plain else json.dumps(value)
+    return str(value)
 
 
 def lr_description(cfg: TrainConfig, eff_batch: int, peak_lr: float) -> str:

@@ -123,7 +123,8 @@ def test_lr_description_says_who_set_the_lr():
 
 
 def test_resolved_config_loads_back_as_the_same_config(tmp_path):
-    cfg = load_config(None, {"method": "mae", "optim.batch_size": 32}, ["model.depth=3", "optim.betas=[0.9, 0.99]"])
+    cfg = load_config(None, {"method": "mae", "optim.batch_size": 32},
+                      ["model.depth=3", "optim.betas=[0.9, 0.99]", "optim.min_lr=1e-6", "run.out_dir='runs/a b: c'"])
     text = format_resolved(cfg, world_size=2)
     assert "  lr_scaling: linear  # default of method mae\n" in text
     assert "  batch_size: 32  # flag --batch-size\n" in text and "  betas: [0.9, 0.99]  # --set\n" in text
