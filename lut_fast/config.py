@@ -422,18 +422,18 @@ def source_lines(cfg: TrainConfig, width: int = 100) -> list[str]:
         if key in METHOD_DEFAULTS.get(cfg.method, {}) or is_user_source(src):
             # One group for all flags (each flag's name is in --print-config); one per other source.
             groups.setdefault("flags" if src.startswith("flag ") else src, []).append(f"{key}={_scalar(value)}")
+
     def rank(src: str) -> int:  # method defaults, then YAML, flags, --set: the order they are applied
         return next((i for i, p in enumerate(("default of method", "YAML ", "flags", SOURCE_SET)) if src.startswith(p)), 4)
 
     lines = []
     for src, items in sorted(groups.items(), key=lambda kv: rank(kv[0])):
-        head = f"  {src}: "
-        line = head
+        line, filled = f"  {src}: ", False
         for item in items:
-            if len(line) + len(item) + 2 > width and line != head:
+            if filled and len(line) + len(item) + 2 > width:
                 lines.append(line.rstrip())
-                line = " " * len(head)
-            line += item + ", "
+                line, filled = "    ", False  # continuation: a fixed indent, however long the source's name
+            line, filled = line + item + ", ", True
         lines.append(line.rstrip(", "))
     return lines
 
