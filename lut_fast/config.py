@@ -409,9 +409,10 @@ def lr_description(cfg: TrainConfig, eff_batch: int, peak_lr: float) -> str:
 def source_lines(cfg: TrainConfig, width: int = 100) -> list[str]:
     """The values that are not plain defaults, grouped by where they came from (for the run header).
 
-    Always lists the method-dependent values (``METHOD_DEFAULTS``), then everything a YAML file, a
-    flag or ``--set`` chose. Empty when the config was not made by ``load_config`` (e.g. read back
-    from a checkpoint).
+    Always lists the method-dependent values (``METHOD_DEFAULTS``), then every value whose source is
+    not the dataclass default: a YAML file, a flag, ``--set``, or a label later code recorded in
+    ``cfg.sources`` (e.g. a default chosen for the device). Empty when the config was not made by
+    ``load_config`` (e.g. read back from a checkpoint).
     """
     if not cfg.sources:
         return []
@@ -419,12 +420,12 @@ def source_lines(cfg: TrainConfig, width: int = 100) -> list[str]:
     groups: dict[str, list[str]] = {}
     for key, value in values.items():
         src = cfg.source(key)
-        if key in METHOD_DEFAULTS.get(cfg.method, {}) or is_user_source(src):
+        if key in METHOD_DEFAULTS.get(cfg.method, {}) or src not in (SOURCE_DEFAULT, SOURCE_DERIVED_IMG_SIZE):
             # One group for all flags (each flag's name is in --print-config); one per other source.
             groups.setdefault("flags" if src.startswith("flag ") else src, []).append(f"{key}={_scalar(value)}")
 
-    def rank(src: str) -> int:  # method defaults, then YAML, flags, --set: the order they are applied
-        return next((i for i, p in enumerate(("default of method", "YAML ", "flags", SOURCE_SET)) if src.startswith(p)), 4)
+    def rank(src: str) -> int:  # the order they are applied: defaults of the method (or others), YAML, flags, --set
+        return next((i for i, p in enumerate(("YAML ", "flags", SOURCE_SET), 1) if src.startswith(p)), 0)
 
     lines = []
     for src, items in sorted(groups.items(), key=lambda kv: rank(kv[0])):

@@ -120,6 +120,10 @@ def test_lr_description_says_who_set_the_lr():
     lines = source_lines(cfg)
     assert lines[0] == "  default of method lut: aug.recipe=lut, optim.lr_scaling=sqrt"
     assert "  flags: method=lut" in lines and "  --set: optim.lr=0.001" in lines
+    # A label recorded by later code (not a user choice) is shown too, before what the user set.
+    cfg.sources["optim.epochs"] = "default on CPU"
+    assert not cfg.user_set("optim.epochs")
+    assert source_lines(cfg)[1] == "  default on CPU: optim.epochs=1600.0"
 
 
 def test_resolved_config_loads_back_as_the_same_config(tmp_path):
