@@ -260,14 +260,14 @@ def load_config(
     for key, value in (flags or {}).items():
         if value is not None:
             _set_path(tree, key, value)
-            _mark(sources, key, value, f"flag {(flag_names or {}).get(key) or _flag_name(key)}")
+            _replace_marks(sources, key, value, f"flag {(flag_names or {}).get(key) or _flag_name(key)}")
     for item in sets or []:
         if "=" not in item:
             raise UserError(f"--set takes key=value, got {item!r}")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw)
         _set_path(tree, key.strip(), value)
-        _mark(sources, key.strip(), value, SOURCE_SET)
+        _replace_marks(sources, key.strip(), value, SOURCE_SET)
     apply_method_defaults(tree, sources)
     cfg = from_dict(TrainConfig, tree)
     cfg.sources = sources
@@ -334,17 +334,27 @@ def _mark(sources: dict[str, str], key: str, value: Any, label: str) -> None:
         sources[key] = label
 
 
+def _replace_marks(sources: dict[str, str], key: str, value: Any, label: str) -> None:
+    """A flag or ``--set`` replaces ``key`` whole: a mapping drops what was set under it before."""
+    if isinstance(value, dict):
+        for k in [k for k in sources if k.startswith(key + ".")]:
+            sources[k] = SOURCE_DEFAULT
+    _mark(sources, key, value, label)
+
+
 def apply_method_defaults(tree: dict, sources: dict[str, str]) -> None:
     """Fill the method-dependent values the user did not set, and derive ``aug.img_size``."""
+    if not all(isinstance(tree.get(s), dict) for s in ("model", "aug", "optim")):
+        return  # a section replaced by a non-mapping: from_dict reports it in one line
     method = tree.get("method")
-    for key, value in METHOD_DEFAULTS.get(method, {}).items():
+    for key, value in (METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {}).items():
         if not is_user_source(sources.get(key, SOURCE_DEFAULT)):
             section, name = key.split(".")
             tree[section][name] = value
             sources[key] = method_source(method)
     # The views are made at the model's input size; a different aug.img_size cannot train.
-    size = tree["model"]["img_size"]
-    if is_user_source(sources.get("aug.img_size", SOURCE_DEFAULT)) and tree["aug"]["img_size"] != size:
+    size = tree["model"].get("img_size", ModelConfig.img_size)
+    if is_user_source(sources.get("aug.img_size", SOURCE_DEFAULT)) and tree["aug"].get("img_size") != size:
         raise UserError(
             f"aug.img_size {tree['aug']['img_size']} differs from model.img_size {size}: "
             "set model.img_size (--img-size); the views follow it"

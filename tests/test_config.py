@@ -90,6 +90,10 @@ def test_provenance_strings_and_user_set(tmp_path):
     assert not cfg.user_set("data") and not cfg.user_set("aug.img_size") and not cfg.user_set("run.device")
     # every field has a source
     assert set(cfg.sources) == {k for k in _keys(to_dict(cfg))}
+    # a whole section given by --set replaces the section: what the YAML set there is gone, and says so
+    cfg = load_config(path, None, ["optim={'batch_size': 8}"])
+    assert tuple(cfg.optim.betas) == (0.9, 0.95) and cfg.source("optim.betas") == "default"
+    assert cfg.source("optim.batch_size") == "--set" and cfg.source("model.name") == f"YAML {path}"
 
 
 def _keys(tree: dict, prefix: str = "") -> list[str]:
