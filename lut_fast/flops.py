@@ -1,6 +1,6 @@
 """Analytic training FLOPs per image for MAE and LUT, counted from the architecture.
 
-Convention (the one that reproduces LUT_SPEC.md's ViT-B figures, 58.7 / 155.6 /
+Convention (the one that reproduces docs/METHOD.md's ViT-B figures (section 12), 58.7 / 155.6 /
 93.9 GF per image, to within 0.1 %):
 
 * 1 multiply-accumulate = 2 FLOPs; only matrix products are counted (linear

@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning, the recipe of the paper's Table D (LUT_SPEC.md, "Evaluation recipes").
+"""End-to-end fine-tuning, the recipe of the paper's Table D (docs/METHOD.md, "13. Evaluation protocols").
 
 Model: timm's ``VisionTransformer`` with the pre-trained encoder loaded
 (every encoder key; only the new head is missing), drop path 0.1, a linear
