@@ -64,23 +64,25 @@ def _finish(report: dict, json_path: Optional[Path]) -> None:
 
 @bench_app.command("data")
 def data_cmd(
-    backend: str = typer.Option("torch", help="torch | dali | ffcv | all (all: every backend whose library imports)."),
-    data: Optional[str] = typer.Option(None, help="ImageFolder tree; 'builtin' (default) or 'synthetic[:N]' (ImageNet-sized JPEGs, made once)."),
-    dali_data: Optional[str] = typer.Option(None, help="What the DALI backend reads, if not --data (e.g. converted shards)."),
-    ffcv_data: Optional[str] = typer.Option(None, help="What the FFCV backend reads, if not --data (a .beton)."),
+    backend: str = typer.Option("all", help="torch | dali | ffcv | all (all: every backend whose library imports)."),
+    data: str = typer.Option("photos:1024", help="ImageFolder tree; 'photos[:N]' (crops of real photographs, ImageNet-sized, made once), 'synthetic[:N]' or 'builtin'."),
+    dali_data: Optional[str] = typer.Option(None, help="What the DALI backend reads, if not --data (e.g. shards made by `lut-fast convert dali`)."),
+    ffcv_data: Optional[str] = typer.Option(None, help="What the FFCV backend reads (a .beton made by `lut-fast convert ffcv`); without it FFCV rows say how to make one."),
     pipelines: str = typer.Option("lut,mae", help="lut (dual-view) and/or mae (single-view)."),
+    configurations: str = typer.Option("gpu-training,cpu-only", help="gpu-training (the CPU side alone: raw uint8 batches, photometric ops left to the device) and/or cpu-only (every op on the CPU)."),
+    official: bool = typer.Option(True, "--official/--no-official", help="Time the official LUT recipe as the reference row."),
     img_size: int = typer.Option(224, help="Output size of the views."),
     batch_size: int = typer.Option(32),
     workers: Optional[int] = typer.Option(None, help="Loader workers / threads; the decode floor uses as many threads.  [default: min(8, cores)]"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda: where batches are delivered."),
-    warmup: int = typer.Option(3, help="Batches read before timing (worker start-up, JIT)."),
-    windows: int = typer.Option(5, help="Timed windows; the median is reported."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda: on cuda the gpu-training rows pin memory and device-stage rows are added."),
+    warmup: int = typer.Option(1, help="Untimed rounds first (one window of every subject each)."),
+    windows: int = typer.Option(5, help="Timed rounds; each row reports its median window."),
     window_batches: int = typer.Option(4, help="Batches per window."),
-    floor_files: int = typer.Option(256, help="Files the decode floor cycles through."),
+    floor_files: int = typer.Option(256, help="Files the decode floor cycles through (per file set)."),
     gpu_decode: Optional[bool] = typer.Option(None, "--gpu-decode/--no-gpu-decode", help="Also time decode_jpeg on the device + torch-op views  [default: on with CUDA]."),
     json_path: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
-    """Images/s and CPU-seconds per image of each backend (LUT dual-view, MAE single-view) against the JPEG decode floor."""
+    """Images/s and CPU ms per image of each backend x recipe x configuration, against the JPEG decode floor and the official recipe, timed interleaved."""
     from lut_fast.bench.data import run_data_bench
     from lut_fast.bench.report import new_report
     from lut_fast.errors import UserError
@@ -92,18 +94,31 @@ def data_cmd(
     workers = _default_workers() if workers is None else workers
     dev = _device(device)
     recipes = [p.strip() for p in pipelines.split(",") if p.strip()]
-    settings = dict(backend=backend, data=data or "builtin", pipelines=recipes, img_size=img_size, batch_size=batch_size,
-                    workers=workers, device=str(dev), warmup_batches=warmup, windows=windows, window_batches=window_batches)
+    confs = tuple(c.strip() for c in configurations.split(",") if c.strip())
+    settings = dict(backend=backend, data=data, pipelines=recipes, img_size=img_size, batch_size=batch_size,
+                    workers=workers, device=str(dev), warmup_rounds=warmup, windows=windows, window_batches=window_batches)
     report = new_report("data", settings)
     results, info = run_data_bench(
-        backend, data, recipes, img_size, batch_size, workers, dev, warmup, windows, window_batches, floor_files,
-        backend_data={"dali": dali_data, "ffcv": ffcv_data}, device_decode=gpu_decode,
+        backend, data, recipes, img_size, batch_size, workers, dev, windows, window_batches, floor_files,
+        backend_data={"dali": dali_data, "ffcv": ffcv_data}, configurations=confs, official=official,
+        warmup_rounds=warmup, device_decode=gpu_decode, progress=lambda m: typer.echo(m, err=True),
     )
     report["settings"].update(info)
     report["results"] = results
-    report["notes"] = [f"decode floor: best of Pillow / torchvision decode_jpeg on {info['floor_threads']} thread(s), "
-                       f"same files, decode only: {info['decode_floor_images_per_sec'] or 0:.0f} img/s"]
+    report["notes"] = data_notes(info)
     _finish(report, json_path)
+
+
+def data_notes(info: dict) -> list[str]:
+    floors = info.get("decode_floors") or {}
+    lines = [f"decode floor ({name}): {f.get('images_per_sec') or 0:.0f} img/s ({f.get('decoder')}), "
+             f"{f.get('cpu_ms_per_image') or 0:.2f} CPU ms/img at best, {info['floor_threads']} thread(s), decode only"
+             for name, f in floors.items()]
+    lines.append("of floor = img/s / floor img/s (wall clock); of floor CPU = floor CPU ms / row CPU ms; "
+                 "vs official = img/s / the official recipe's (LUT rows; the CPU-ms ratio is in the JSON)")
+    load = (info.get("load_avg_start") or [None])[0], (info.get("load_avg_end") or [None])[0]
+    lines.append(f"load average (1 min): {load[0]} at start, {load[1]} at end; {info.get('elapsed_s')} s")
+    return lines
 
 
 @bench_app.command("train")
