@@ -214,7 +214,7 @@ class StreamSubject(Subject):
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
-        self._it = self.loader = self.last_batch = None
+        self._it = self.loader = None  # last_batch stays: the report reads its shape and dtype
 
 
 @dataclass
