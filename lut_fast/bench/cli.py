@@ -64,7 +64,7 @@ def _finish(report: dict, json_path: Optional[Path]) -> None:
 
 @bench_app.command("data")
 def data_cmd(
-    backend: str = typer.Option("all", help="torch | dali | ffcv | all (all: every backend whose library imports)."),
+    backend: str = typer.Option("all", help="torch | dali | ffcv, a comma list, or all (every backend; those whose library is missing say how to install it)."),
     data: str = typer.Option("photos:1024", help="ImageFolder tree; 'photos[:N]' (crops of real photographs, ImageNet-sized, made once), 'synthetic[:N]' or 'builtin'."),
     dali_data: Optional[str] = typer.Option(None, help="What the DALI backend reads, if not --data (e.g. shards made by `lut-fast convert dali`)."),
     ffcv_data: Optional[str] = typer.Option(None, help="What the FFCV backend reads (a .beton made by `lut-fast convert ffcv`); without it FFCV rows say how to make one."),
@@ -87,8 +87,8 @@ def data_cmd(
     from lut_fast.bench.report import new_report
     from lut_fast.errors import UserError
 
-    if backend not in ("torch", "dali", "ffcv", "all"):
-        raise UserError(f"unknown backend {backend!r}; choose torch, dali, ffcv or all")
+    if backend != "all" and not {b.strip() for b in backend.split(",")} <= {"torch", "dali", "ffcv"}:
+        raise UserError(f"unknown backend {backend!r}; choose torch, dali, ffcv (a comma list) or all")
     if min(batch_size, windows, window_batches, floor_files) < 1 or warmup < 0:
         raise UserError("batch size, windows, window batches and floor files must be >= 1; warmup >= 0")
     workers = _default_workers() if workers is None else workers

@@ -479,16 +479,16 @@ def bench_device_decode(files: list[str], recipe: str | None, img_size: int, bat
 
 
 def select_backends(backend: str) -> tuple[list[str], list[dict]]:
-    """(backends to run, 'unavailable' rows with install hints) for ``--backend torch|dali|ffcv|all``."""
+    """(backends to run, 'unavailable' rows with install hints) for ``--backend torch|dali|ffcv|all`` or a comma list."""
     from lut_fast.pipelines import BACKENDS, require_backend
 
-    wanted = list(BACKENDS) if backend == "all" else [backend]
+    wanted = list(BACKENDS) if backend == "all" else [b.strip() for b in backend.split(",") if b.strip()]
     run, missing = [], []
     for b in wanted:
         try:
             require_backend(b)
         except UserError as e:
-            if backend != "all" and b not in BACKENDS:
+            if b not in BACKENDS:
                 raise
             missing.append(row("data", f"data/{b}/lut", "unavailable", str(e), label=f"{b}", backend=b))
             continue
