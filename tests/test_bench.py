@@ -347,14 +347,43 @@ def test_photos_data_is_imagenet_like_and_cached(tmp_path):
         photo_jpegs(0, root=tmp_path)
 
 
-def test_floor_of_the_jpegs_stored_in_dali_shards(tmp_path, photos_dir):
-    from lut_fast.bench.data import stored_jpegs
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory, photos_dir) -> str:
     from lut_fast.datasets.dali_writer import write_shards
 
-    out = write_shards(photos_dir, tmp_path / "shards", shard_size=16, workers=1).output
-    blobs = stored_jpegs("dali", str(out), limit=10)
+    return str(write_shards(photos_dir, tmp_path_factory.mktemp("shards") / "s", shard_size=16, workers=1).output)
+
+
+def test_floor_of_the_jpegs_stored_in_dali_shards(photos_dir, photo_shards):
+    from lut_fast.bench.data import stored_jpegs
+
+    blobs = stored_jpegs("dali", photo_shards, limit=10)
     assert blobs and len(blobs) == 10 and all(b[:2] == b"\xff\xd8" for b in blobs)
     assert stored_jpegs("torch", photos_dir, 10) is None  # an image folder is its own floor
+
+
+def test_converted_data_rows_share_both_floors(monkeypatch, tmp_path, photos_dir, photo_shards):
+    """A backend reading converted data is measured against the floor of the JPEGs stored in it and, when the
+    converter recorded its source folder, against the floor of those original files too."""
+    import torch
+
+    from lut_fast.bench.data import run_data_bench
+    from lut_fast.bench.photos import photo_jpegs
+    from lut_fast.pipelines import formats
+
+    source = str(photo_jpegs(16, root=tmp_path))  # stands in for the folder the shards were made from
+    monkeypatch.setattr(formats, "stored_metadata", lambda path: {"source": source, "shorter_side": None}, raising=False)
+    results, info = run_data_bench("dali", photos_dir, ["mae"], 32, 4, 1, torch.device("cpu"), 1, 1, 8,
+                                   backend_data={"dali": photo_shards}, configurations=("cpu-only",),
+                                   official=False, warmup_rounds=0)
+    assert set(info["decode_floors"]) == {"images", "dali-stored", "dali-source"}
+    (r,) = [r for r in results if r["key"] == "data/dali/mae/cpu-only"]
+    assert r["status"] == "ok", r
+    assert r["file_set"] == "dali-stored" and r["source_file_set"] == "dali-source" and r["source_floor_assumed"] is False
+    floors = info["decode_floors"]
+    assert r["frac_of_decode_floor"] == pytest.approx(r["images_per_sec"] / floors["dali-stored"]["images_per_sec"], rel=1e-3)
+    assert r["frac_of_source_floor"] == pytest.approx(r["images_per_sec"] / floors["dali-source"]["images_per_sec"], rel=1e-3)
+    assert info["stored_metadata"]["dali"]["source"] == source
 
 
 def test_backend_all_reports_missing_libraries_with_install_hint(monkeypatch):

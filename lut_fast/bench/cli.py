@@ -192,7 +192,7 @@ def e2e_cmd(
     direction: str = typer.Option("symmetric", help="LUT direction: symmetric | one_way"),
     model: str = typer.Option("vit_tiny"),
     backend: str = typer.Option("torch", help="torch | dali | ffcv"),
-    data: Optional[str] = typer.Option(None, help="As for train (ImageFolder tree / converted data; empty = built-in), or synthetic[:N]."),
+    data: Optional[str] = typer.Option(None, help="As for train (ImageFolder tree / converted data; empty = built-in), or synthetic[:N] / photos[:N] as for bench data."),
     batch_size: int = typer.Option(32),
     workers: Optional[int] = typer.Option(None, help="Loader workers  [default: min(8, cores)]"),
     steps: int = typer.Option(30, help="Optimizer steps in all."),

@@ -73,7 +73,7 @@ def run_e2e(method: str, model: str, backend: str, data: str | None, batch_size:
 
     if steps <= warmup:
         raise UserError(f"--steps ({steps}) must exceed --warmup ({warmup})")
-    if data is not None and (data == "builtin" or data.startswith("synthetic")):
+    if data is not None and (data == "builtin" or data.startswith(("synthetic", "photos"))):
         from lut_fast.bench.data import resolve_data
 
         data = resolve_data(data)[0]
