@@ -169,6 +169,9 @@ def test_data_report_rows_configurations_floors_and_official(tmp_path, photos_di
             assert r["load_avg_start"] == s["load_avg_start"][0] and r["load_avg_end"] == s["load_avg_end"][0]
             assert r["startup_s"] > 0 and r["paused_between_windows"] is True  # DataLoader workers are processes
             assert ("vs_official" in r) is (recipe == "lut")
+            assert r["goal"]["floor_share"] == (0.70 if conf == "gpu-training" else 0.35)
+            assert ("vs_official" in r["goal"]) is (recipe == "lut" and conf == "cpu-only")
+            assert isinstance(r["goal_met"], bool) and r["note"].startswith("goal")
         # the device-decode pipeline (decode_jpeg + torch-op views) runs on CPU too
         assert rows[f"data/torch-cpu-ops/{recipe}"]["status"] == "ok"
     assert rows["data/torch-cpu-ops/decode"]["status"] == "ok"
