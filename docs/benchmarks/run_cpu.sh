@@ -30,22 +30,23 @@ say() { echo "[$(( $(date +%s) - t0 ))s, load $(cut -d' ' -f1-3 /proc/loadavg)] 
 
 say "1/4 images and converted data (made once, under $WORK)"
 SRC="$("$PY" -c "from lut_fast.bench.data import resolve_data; print(resolve_data('photos:$IMAGES')[0])")"
-BETON="$WORK/photos-$IMAGES.beton"
+NAME="$(basename "$SRC")"  # names the photograph set too: converted data never outlives its source
+BETON="$WORK/$NAME.beton"
 [ -f "$BETON" ] || "$LF" convert ffcv "$SRC" "$BETON" --workers "$WORKERS"
 STORED=0
 if "$LF" convert ffcv --help | grep -q -- "--shorter-side"; then
   STORED=1
-  BETON224="$WORK/photos-$IMAGES-s224.beton"
-  SHARDS224="$WORK/photos-$IMAGES-s224-shards"
+  BETON224="$WORK/$NAME-s224.beton"
+  SHARDS224="$WORK/$NAME-s224-shards"
   [ -f "$BETON224" ] || "$LF" convert ffcv "$SRC" "$BETON224" --shorter-side 224 --workers "$WORKERS"
   [ -d "$SHARDS224" ] || "$LF" convert dali "$SRC" "$SHARDS224" --shorter-side 224 --workers "$WORKERS"
 fi
 
 say "2/4 bench data: every backend, both configurations, the official recipe, decode floors"
-"$LF" bench data --backend all --data "$SRC" --ffcv-data "$BETON" --workers "$WORKERS" --windows 4 \
+"$LF" bench data --backend all --data "photos:$IMAGES" --ffcv-data "$BETON" --workers "$WORKERS" --windows 4 \
   --json "$DEST/cpu-data.json"
 if [ "$STORED" = 1 ]; then
-  "$LF" bench data --backend dali,ffcv --data "$SRC" --dali-data "$SHARDS224" --ffcv-data "$BETON224" \
+  "$LF" bench data --backend dali,ffcv --data "photos:$IMAGES" --dali-data "$SHARDS224" --ffcv-data "$BETON224" \
     --workers "$WORKERS" --windows 4 --json "$DEST/cpu-data-stored224.json"
 else
   say "   (skipped cpu-data-stored224.json: this checkout's converters have no --shorter-side)"
@@ -55,7 +56,7 @@ say "3/4 bench train (CPU defaults, methods interleaved)"
 "$LF" bench train --json "$DEST/cpu-train-vit_tiny.json"
 
 say "4/4 bench e2e (torch backend)"
-"$LF" bench e2e --model vit_tiny --img-size 112 --backend torch --data "$SRC" --batch-size 16 \
+"$LF" bench e2e --model vit_tiny --img-size 112 --backend torch --data "photos:$IMAGES" --batch-size 16 \
   --workers "$WORKERS" --steps 10 --warmup 3 --json "$DEST/cpu-e2e-torch.json"
 
 say "done: wrote the JSON files in $DEST"
