@@ -11,7 +11,7 @@ DEMO_OUT ?= runs/demo
 # FFCV builds from source against these (docs/BACKENDS.md, "Installing")
 APT_PACKAGES := pkg-config g++ libturbojpeg0-dev libopencv-dev
 
-.PHONY: demo test install install-test sysdeps clean
+.PHONY: demo test install install-test sysdeps clean bench-cpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ demo: install
 
 test: install-test
 	$(BIN)/pytest
+
+# Regenerate every CPU figure in docs/benchmarks/ (about 15 minutes on 2 cores; run it on a quiet machine)
+bench-cpu: install-test
+	$(PIP) install -q -c constraints.txt -e '.[bench]'
+	bash docs/benchmarks/run_cpu.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info

@@ -7,9 +7,13 @@
 # (lut_fast/bench/gpu_check.py maps pipelines/ and datasets/ itself and stands
 # in for PyYAML if it is missing). Needs python3 with torch, timm, numpy, rich
 # (+ torchvision for JPEG decode). Measures: train step of vit_small / vit_base,
-# MAE vs LUT, eager vs torch.compile, bf16; the JPEG decode floor; the torch
-# pipeline to the GPU; decode_jpeg on CUDA. Writes gpu_check.json (after every
-# row) and gpu_check.txt to $OUT if set, else runs/gpu_check/.
+# MAE vs LUT (interleaved), eager vs torch.compile, bf16; every GPU-side data
+# path: each backend's gpu-training configuration (CPU side alone, uint8 out),
+# the device stage (finish_batch: view 2's photometric ops + normalisation on
+# the GPU), decode_jpeg on CUDA, against the decode floor and the official LUT
+# recipe. Without a CUDA device it stops at once (exit 2). Writes
+# gpu_check.json (after every row) and gpu_check.txt to $OUT if set, else
+# runs/gpu_check/.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

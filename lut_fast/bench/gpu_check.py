@@ -7,13 +7,18 @@ What it measures (bf16, synthetic on-device inputs for the train step):
 
 1. train step, eager: vit_small and vit_base, MAE / LUT symmetric / LUT one-way
    (ms/step, images/s, peak memory, FLOPs, MFU, LUT/MAE time ratio);
-2. data: the JPEG decode floor on CPU threads, the torch backend's LUT
-   dual-view pipeline delivering to the GPU, and ``decode_jpeg`` on CUDA
+2. data (``bench data`` on 1,024 crops of real photographs, every GPU-side
+   path in one call): the decode floors, each backend's gpu-training
+   configuration (the CPU side alone, pinned uint8 out; FFCV on a .beton
+   converted here first) and cpu-only configuration, the official LUT recipe
+   for reference, the device stage (``finish_batch``: copy, view 2's
+   photometric ops and normalisation on the GPU), and ``decode_jpeg`` on CUDA
    (decode only, then with the views built on the GPU);
 3. train step, ``torch.compile``: MAE and LUT symmetric for both models, as
    long as the time budget allows (a skipped row says so).
 
-Results are written after every row to ``$OUT/gpu_check.json`` (so a run cut
+Without a visible CUDA device it stops at once with exit code 2 (``--quick``
+runs a tiny smoke test of the preset on the CPU instead). Results are written after every row to ``$OUT/gpu_check.json`` (so a run cut
 short still leaves its figures) and the table to ``$OUT/gpu_check.txt``.
 
 Running without installing: the lent GPU machine has torch, timm, typer, rich
@@ -128,7 +133,16 @@ def bootstrap(repo: Path = REPO) -> list[str]:
 def run_gpu_check(out: Path, budget_s: float = 420.0, quick: bool = False, boot_notes: list[str] | None = None) -> dict:
     import torch
 
-    from lut_fast.bench.data import bench_backend, bench_device_decode, decode_floor, image_files, synthetic_jpegs
+    from lut_fast.errors import UserError
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not quick:  # say so at once, not after minutes of CPU work
+        raise UserError("no CUDA device is visible (torch.cuda.is_available() is False), so there is nothing to check; "
+                        "--quick runs a tiny CPU smoke test of the preset itself")
+    print(f"gpu check: {torch.cuda.get_device_name(0) if cuda else 'no GPU (quick CPU smoke test)'}, "
+          f"budget {budget_s:.0f} s", flush=True)
+
+    from lut_fast.bench.data import run_data_bench
     from lut_fast.bench.machine import machine_info, usable_cores
     from lut_fast.bench.report import new_report, plain_text, print_report, row, write_json
     from lut_fast.bench.train_step import Variant, add_time_ratios, run_train_bench
@@ -136,7 +150,6 @@ def run_gpu_check(out: Path, budget_s: float = 420.0, quick: bool = False, boot_
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -150,13 +163,13 @@ def run_gpu_check(out: Path, budget_s: float = 420.0, quick: bool = False, boot_
         sets = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.decoder_embed_dim=64",
                 "model.decoder_depth=1", "model.decoder_num_heads=2", "model.head_hidden_dim=64"]
         img, patch, warmup, windows, spw = 32, 8, 1, 2, 1
-        n_files, batch_data, data_windows, data_wb = 16, 4, 2, 1
+        n_files, batch_data, data_windows, data_wb = 48, 4, 2, 1
         compiled_cost = {"vit_tiny": 5.0}
     else:
         models = [("vit_small", 256), ("vit_base", 256)]
         sets = []
         img, patch, warmup, windows, spw = 224, 16, 3, 3, 5
-        n_files, batch_data, data_windows, data_wb = 256, 64, 5, 4
+        n_files, batch_data, data_windows, data_wb = 1024, 32, 3, 4  # about 1-2 minutes on a 16-core GPU host
         compiled_cost = {"vit_small": 75.0, "vit_base": 100.0}  # seconds, compile included (estimates)
     settings = dict(preset="gpu_check", quick=quick, budget_s=budget_s, precision=precision, img_size=img,
                     patch_size=patch, models=[m for m, _ in models], batch_sizes={m: b for m, b in models},
@@ -196,25 +209,29 @@ def run_gpu_check(out: Path, budget_s: float = 420.0, quick: bool = False, boot_
     for model, batch in models:
         train_rows(model, batch, ["mae", "lut_sym", "lut_one_way"], eager, 30.0)
 
-    # 2. data: ImageNet-sized synthetic JPEGs, decode floor, torch backend to the GPU, decode_jpeg on CUDA
+    # 2. data, every GPU-side path in one go: each backend's gpu-training configuration (the CPU side alone,
+    #    pinned uint8 out), the cpu-only one and the official recipe for reference, the device stage
+    #    (finish_batch: copy + view 2's photometric ops + normalisation on the GPU), decode_jpeg on CUDA.
     def data_rows() -> None:
-        data_dir = synthetic_jpegs(n_files, root=Path(tempfile.gettempdir()) / "lut_fast_bench")
-        files = image_files(str(data_dir), n_files)
-        for r in decode_floor(files, workers, data_windows, max(batch_data * data_wb, 4 * workers)):
+        backend_data: dict[str, str | None] = {}
+        if not quick:
+            try:  # FFCV reads a .beton: convert the same photographs once (a few seconds on a GPU host's cores)
+                from lut_fast.bench.data import resolve_data
+                from lut_fast.datasets.ffcv_writer import write_beton
+
+                beton = Path(tempfile.gettempdir()) / "lut_fast_bench" / f"photos-{n_files}.beton"
+                if not beton.is_file():
+                    write_beton(resolve_data(f"photos:{n_files}")[0], beton, workers=workers, overwrite=True)
+                backend_data["ffcv"] = str(beton)
+            except Exception as e:  # noqa: BLE001 - FFCV rows then say why they could not run
+                print(f"FFCV conversion skipped: {type(e).__name__}: {e}", flush=True)
+        results, info = run_data_bench(
+            "torch" if quick else "all", f"photos:{n_files}", ["lut", "mae"], img, batch_data, workers, dev,
+            data_windows, data_wb, n_files, backend_data=backend_data, warmup_rounds=1, device_decode=cuda,
+            progress=lambda m: print(m, flush=True))
+        report["settings"]["data"] = info
+        for r in results:
             add(r)
-        floors = [r["images_per_sec"] for r in report["results"] if r["key"].startswith("data/floor/") and r["status"] == "ok"]
-        for recipe in ("lut", "mae"):
-            add(bench_backend("torch", str(data_dir), recipe, img, batch_data, workers, dev, 2, data_windows, data_wb))
-        if cuda:
-            add(bench_device_decode(files, None, img, batch_data, dev, 2, data_windows, data_wb))
-            for recipe in ("lut", "mae"):
-                add(bench_device_decode(files, recipe, img, batch_data, dev, 2, data_windows, data_wb))
-        else:
-            add(row("data", "data/torch-gpu/lut", "skipped", "no CUDA GPU: decode_jpeg on CUDA not measured"))
-        for r in report["results"]:
-            if r["bench"] == "data" and r["status"] == "ok" and floors and not r["key"].startswith("data/floor/"):
-                r["frac_of_decode_floor"] = round(r["images_per_sec"] / max(floors), 4)
-        write_json(report, json_path)
 
     if left() > 40:
         try:
@@ -251,7 +268,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of this script (CPU is fine)")
     args = p.parse_args(argv)
     notes = bootstrap()
-    run_gpu_check(Path(args.out), budget_s=args.budget_s, quick=args.quick, boot_notes=notes)
+    from lut_fast.errors import UserError
+
+    try:
+        run_gpu_check(Path(args.out), budget_s=args.budget_s, quick=args.quick, boot_notes=notes)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

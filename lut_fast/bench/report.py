@@ -25,8 +25,10 @@ COLUMNS = {
     "data": [
         ("images_per_sec", "img/s", "{:.1f}", True),
         ("cpu_ms_per_image", "CPU ms/img", "{:.2f}", False),
-        ("cores_busy", "cores busy", "{:.2f}", None),
-        ("frac_of_decode_floor", "of decode floor", "{:.0%}", True),
+        ("frac_of_decode_floor", "of floor", "{:.0%}", True),
+        ("frac_of_decode_floor_cpu", "of floor CPU", "{:.0%}", True),
+        ("frac_of_source_floor_cpu", "of src floor CPU", "{:.0%}", True),
+        ("vs_official", "vs official", "{:.2f}x", True),
     ],
     "train": [
         ("ms_per_step", "ms/step", "{:.1f}", False),

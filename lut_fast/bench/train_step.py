@@ -6,6 +6,12 @@ optimizer step: target outputs under no_grad (LUT), the student's forward
 under autocast, backward (through a GradScaler for fp16), AdamW, zero_grad and
 the EMA update of the target.
 
+Interleaved: for each variant every method is built at once on the same
+inputs and the steps are timed in turn (MAE, LUT, MAE, LUT, ...), one step
+each, so a busy spell on a shared machine slows every method alike and the
+LUT/MAE ratio stays meaningful. Each row's figure is the median window of
+``steps_per_window`` of its own steps.
+
 Variants: eager vs ``torch.compile``, fp32 / bf16 / fp16 autocast, the SDPA
 kernel (``torch.nn.attention.sdpa_kernel``: flash, efficient, math, cudnn or
 auto = PyTorch's choice), channels-last inputs and patch-embedding weights.
@@ -145,8 +151,16 @@ def _amp_dtype(p: str):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
 
-def build_step(cfg, device: torch.device, v: Variant, batch_size: int) -> Callable[[], torch.Tensor]:
-    """A closure running one optimizer step on fixed synthetic inputs; returns the (detached) loss."""
+def make_inputs(device: torch.device, batch_size: int, img_size: int, num_patches: int, seed: int = 0) -> dict:
+    """Two normalised-looking views and the masking noise, made once and shared by every method's step."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch_size, 3, img_size, img_size)
+    return {"view1": torch.randn(shape, generator=g).to(device), "view2": torch.randn(shape, generator=g).to(device),
+            "noise": torch.rand(batch_size, num_patches, generator=g).to(device)}
+
+
+def build_step(cfg, device: torch.device, v: Variant, batch_size: int, inputs: dict | None = None) -> Callable[[], torch.Tensor]:
+    """A closure running one optimizer step on fixed synthetic inputs (``inputs``, or its own); returns the loss."""
     from lut_fast.ema import TargetNetwork
     from lut_fast.models import LUT, build_model
     from lut_fast.optim import build_optimizer
@@ -166,10 +180,11 @@ def build_step(cfg, device: torch.device, v: Variant, batch_size: int) -> Callab
     forward = torch.compile(model) if v.compile else model
     if v.compile and target is not None:
         target.compile()  # as the trainer does (lut_fast/train.py)
-    s = cfg.model.img_size
-    view1 = torch.randn(batch_size, 3, s, s, device=device).contiguous(memory_format=fmt)
-    view2 = torch.randn(batch_size, 3, s, s, device=device).contiguous(memory_format=fmt) if target is not None else None
-    noise = torch.rand(batch_size, model.encoder.num_patches, device=device)
+    if inputs is None:
+        inputs = make_inputs(device, batch_size, cfg.model.img_size, model.encoder.num_patches)
+    view1 = inputs["view1"].contiguous(memory_format=fmt)
+    view2 = inputs["view2"].contiguous(memory_format=fmt) if target is not None else None
+    noise = inputs["noise"]
 
     def step() -> torch.Tensor:
         with sdpa_context(v.sdpa):
@@ -195,58 +210,119 @@ def _cleanup(device: torch.device) -> None:
         torch._dynamo.reset()
 
 
-def bench_variant(cfg, method: str, v: Variant, device: torch.device, batch_size: int, warmup: int,
-                  windows: int, steps_per_window: int, flops_per_image: float, peak_tflops: float | None) -> dict:
-    key = f"train/{method}/{v.label}"
-    common = dict(method=method, model=cfg.model.name, variant=v.as_dict(), label=f"{method:<11} {v.label}", batch_size=batch_size,
-                  gflops_per_image=round_sig(flops_per_image / 1e9, 5))
+class _Method:
+    """One method's step for one variant, and its timed steps."""
+
+    def __init__(self, cfg, method: str, v: Variant, flops_per_image: float, batch_size: int):
+        self.cfg, self.method, self.v, self.flops = cfg, method, v, flops_per_image
+        self.key = f"train/{method}/{v.label}"
+        self.common = dict(method=method, model=cfg.model.name, variant=v.as_dict(), label=f"{method:<11} {v.label}",
+                           batch_size=batch_size, gflops_per_image=round_sig(flops_per_image / 1e9, 5))
+        self.step: Callable[[], torch.Tensor] | None = None
+        self.failure: dict | None = None
+        self.times: list[float] = []
+        self.first_step_s: float | None = None
+        self.warmup_s = 0.0
+        self.mem_before: float | None = None
+
+    def fail(self, e: BaseException) -> None:
+        self.step = None
+        if isinstance(e, Skip):
+            self.failure = row("train", self.key, "skipped", str(e), **self.common)
+        elif isinstance(e, torch.cuda.OutOfMemoryError):
+            self.failure = row("train", self.key, "failed", f"out of GPU memory at batch {self.common['batch_size']} "
+                               "(the methods of a variant are held together, to interleave them)", **self.common)
+        else:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "No viable backend" in msg or "No available kernel" in msg:
+                self.failure = row("train", self.key, "skipped", f"SDPA {self.v.sdpa} kernel not available here: {msg[:160]}", **self.common)
+            else:
+                self.failure = row("train", self.key, "failed", f"{type(e).__name__}: {msg[:300]}", **self.common)
+
+
+def interleave_steps(methods: list, rounds: int, sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> list[str]:
+    """``rounds`` rounds of one timed step of each live method in turn (MAE, LUT, MAE, LUT, ...); returns the order."""
+    order = []
+    for _ in range(rounds):
+        for m in methods:
+            if m.step is None:
+                continue
+            sync()
+            t = clock()
+            try:
+                m.step()
+                sync()
+            except Exception as e:  # noqa: BLE001 - one method failing must not stop the others
+                m.fail(e)
+                continue
+            m.times.append(clock() - t)
+            order.append(m.method)
+    return order
+
+
+def bench_variant_methods(cfgs: dict, flops: dict, v: Variant, device: torch.device, batch_size: int, warmup: int,
+                          windows: int, steps_per_window: int, peak_tflops: float | None,
+                          say: Callable[[str], None] = lambda _m: None) -> list[dict]:
+    """Every method of one variant, built together and timed step by step in turn on the same inputs."""
+    methods = [_Method(cfgs[m], m, v, flops[m], batch_size) for m in cfgs]
+    sync = synchronizer(device)
     try:
-        check_runnable(v, device)
-        sync = synchronizer(device)
-        mem_before = current_memory_mb(device)
-        step = build_step(cfg, device, v, batch_size)
+        inputs = None
+        for m in methods:
+            try:
+                check_runnable(v, device)
+                m.mem_before = current_memory_mb(device)
+                if inputs is None:
+                    from lut_fast.models import build_model
+
+                    patches = build_model(m.cfg).encoder.num_patches
+                    inputs = make_inputs(device, batch_size, m.cfg.model.img_size, patches)
+                m.step = build_step(m.cfg, device, v, batch_size, inputs)
+                t0 = time.perf_counter()
+                loss = m.step()
+                sync()
+                m.first_step_s = time.perf_counter() - t0
+                if not torch.isfinite(loss).item():
+                    raise RuntimeError(f"loss is {loss.item()} after the first step")
+            except Exception as e:  # noqa: BLE001
+                m.fail(e)
+        live = [m for m in methods if m.step is not None]
+        if live:
+            per_round = sum(m.first_step_s or 0 for m in live)
+            say(f"  {v.label}: first steps took {per_round:.1f} s in all; about "
+                f"{per_round * (max(0, warmup - 1) + windows * steps_per_window):.0f} s more for this variant")
         t0 = time.perf_counter()
-        for _ in range(warmup):
-            loss = step()
-        sync()
+        interleave_steps(methods, max(0, warmup - 1), sync)
+        for m in methods:
+            m.times.clear()
         warmup_s = time.perf_counter() - t0
-        if warmup and not torch.isfinite(loss).item():
-            raise RuntimeError(f"loss is {loss.item()} after warm-up")
         reset_peak_memory(device)
-        per_step = []
-        for _ in range(windows):
-            sync()
-            t = time.perf_counter()
-            for _ in range(steps_per_window):
-                step()
-            sync()
-            per_step.append((time.perf_counter() - t) / steps_per_window)
+        order = interleave_steps(methods, windows * steps_per_window, sync)
         peak, peak_kind = peak_memory_mb(device)
-    except Skip as e:
-        return row("train", key, "skipped", str(e), **common)
-    except torch.cuda.OutOfMemoryError:
-        return row("train", key, "failed", f"out of GPU memory at batch {batch_size}", **common)
-    except Exception as e:  # noqa: BLE001 - one variant failing must not stop the others
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "No viable backend" in msg or "No available kernel" in msg:
-            return row("train", key, "skipped", f"SDPA {v.sdpa} kernel not available here: {msg[:160]}", **common)
-        return row("train", key, "failed", f"{type(e).__name__}: {msg[:300]}", **common)
     finally:
-        step = None  # noqa: F841 - drop the model before the next variant
+        for m in methods:
+            m.step = None
         _cleanup(device)
-    ms = sorted(per_step)[len(per_step) // 2] * 1000  # median window (upper median for even counts)
-    ips = batch_size / (ms / 1000)
-    achieved = flops_per_image * ips / 1e12
-    out = row(
-        "train", key, **common,
-        ms_per_step=round_sig(ms), ms_per_step_windows=[round_sig(x * 1000) for x in per_step],
-        images_per_sec=round_sig(ips), peak_mem_mb=round_sig(peak), peak_mem_kind=peak_kind,
-        mem_before_build_mb=round_sig(mem_before),
-        achieved_tflops=round_sig(achieved), warmup_s=round_sig(warmup_s),
-        mfu=round_sig(achieved / peak_tflops) if peak_tflops else None,
-    )
-    if not peak_tflops:
-        out["mfu_reason"] = "no GPU" if device.type != "cuda" else "unknown GPU peak: pass --peak-tflops"
+    out = []
+    for m in methods:
+        if m.failure is not None:
+            out.append(m.failure)
+            continue
+        per_step = [sum(m.times[i * steps_per_window : (i + 1) * steps_per_window]) / steps_per_window for i in range(windows)]
+        ms = sorted(per_step)[len(per_step) // 2] * 1000  # median window (upper median for even counts)
+        ips = batch_size / (ms / 1000)
+        achieved = m.flops * ips / 1e12
+        r = row(
+            "train", m.key, **m.common,
+            ms_per_step=round_sig(ms), ms_per_step_windows=[round_sig(x * 1000) for x in per_step],
+            images_per_sec=round_sig(ips), peak_mem_mb=round_sig(peak), peak_mem_kind=peak_kind,
+            peak_mem_scope="all methods of this variant, held together", mem_before_build_mb=round_sig(m.mem_before),
+            achieved_tflops=round_sig(achieved), first_step_s=round_sig(m.first_step_s), warmup_s=round_sig(warmup_s),
+            mfu=round_sig(achieved / peak_tflops) if peak_tflops else None, step_order=order[: len(methods) * 2],
+        )
+        if not peak_tflops:
+            r["mfu_reason"] = "no GPU" if device.type != "cuda" else "unknown GPU peak: pass --peak-tflops"
+        out.append(r)
     return out
 
 
@@ -267,7 +343,9 @@ def add_time_ratios(results: list[dict]) -> None:
 
 def run_train_bench(model: str, methods: list[str], variants: list[Variant], device: torch.device, batch_size: int,
                     img_size: int, patch_size: int, sets: list[str], warmup: int, windows: int, steps_per_window: int,
-                    peak_tflops: float | None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                    peak_tflops: float | None, on_row: Callable[[dict], None] | None = None,
+                    say: Callable[[str], None] = lambda _m: None) -> list[dict]:
+    """For each variant, every method built together and timed step by step in turn (``bench_variant_methods``)."""
     from lut_fast.config import load_config
     from lut_fast.flops import flops_per_image
 
@@ -276,15 +354,17 @@ def run_train_bench(model: str, methods: list[str], variants: list[Variant], dev
             raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if warmup < 1 or windows < 1 or steps_per_window < 1:
         raise UserError("--warmup, --windows and --steps-per-window must be >= 1")
-    results = []
+    cfgs, flops = {}, {}
     for method in methods:
         kind, direction = METHODS[method]
         flags = {"method": kind, "model.name": model, "model.img_size": img_size, "model.patch_size": patch_size,
                  "lut.direction": direction}
-        cfg = load_config(None, flags, sets)
-        fl = flops_per_image(cfg).total
-        for v in variants:
-            r = bench_variant(cfg, method, v, device, batch_size, warmup, windows, steps_per_window, fl, peak_tflops)
+        cfgs[method] = load_config(None, flags, sets)
+        flops[method] = flops_per_image(cfgs[method]).total
+    results = []
+    for v in variants:
+        for r in bench_variant_methods(cfgs, flops, v, device, batch_size, warmup, windows, steps_per_window,
+                                       peak_tflops, say):
             results.append(r)
             add_time_ratios(results)
             if on_row is not None:
