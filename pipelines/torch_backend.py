@@ -216,9 +216,9 @@ class DualViewDataset(torch.utils.data.Dataset):
                 bad += 1
         raise UserError("no readable image in the dataset")
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
+    def __getitem__(self, key: tuple[int, int]) -> RawBatch:
         """One sample as a batch of one (the DataLoader uses ``__getitems__``)."""
-        return self.__getitems__([key])
+        return unpack_batch(self.__getitems__([key]))
 
     def __getitems__(self, keys: Sequence[tuple[int, int]]) -> dict:
         try:
@@ -233,9 +233,11 @@ class DualViewDataset(torch.utils.data.Dataset):
         indices = [k[1] for k in keys]
         lut = spec.recipe == "lut"
         u = sample_uniforms(self.seed, epochs, indices, LUT_NUM_DRAWS if lut else MAE_NUM_DRAWS)
-        view1 = _new_batch((n, 3, s, s))
-        view2 = _new_batch((n, 3, s, s)) if lut else None
-        labels = torch.empty(n, dtype=torch.long)
+        # Both views in one buffer: one shared-memory file per batch to hand over (each costs the main
+        # process a file-descriptor transfer); labels and parameters are small and travel pickled.
+        views = _new_batch((2 if lut else 1, n, 3, s, s))
+        view1, view2 = views[0], (views[1] if lut else None)
+        labels = np.empty(n, dtype=np.int64)
         bad = 0
         for i, index in enumerate(indices):
             img, labels[i], skipped = self.load(index)
@@ -253,7 +255,7 @@ class DualViewDataset(torch.utils.data.Dataset):
             if self.photometric_in_loader:
                 photometric.apply_strong_uint8(view2, params, spec, out=view2)
                 params = None
-        return {"view1": view1, "view2": view2, "params": params, "labels": labels, "bad": bad}
+        return {"views": views, "params": None if params is None else params.numpy(), "labels": labels, "bad": bad}
 
     def _src_views(self, img: torch.Tensor, u: list[float], out1: torch.Tensor, out2: torch.Tensor) -> None:
         """Both SRC views of one image: one resize and one padding shared, two windows."""
@@ -267,6 +269,15 @@ class DualViewDataset(torch.utils.data.Dataset):
         for out, top, left, flip in ((out1, d["top1"], d["left1"], d["flip1"]), (out2, d["top2"], d["left2"], d["flip2"])):
             y, x = _randint(u[top], hp - s + 1), _randint(u[left], wp - s + 1)
             _put(out, base[:, y : y + s, x : x + s], u[flip] < spec.flip_p)
+
+
+def unpack_batch(raw: dict) -> RawBatch:
+    """``RawBatch`` from what ``DualViewDataset.__getitems__`` returns."""
+    views = raw["views"]
+    params = raw["params"]
+    return RawBatch(view1=views[0], view2=views[1] if views.shape[0] > 1 else None,
+                    labels=torch.from_numpy(raw["labels"]),
+                    strong_params=None if params is None else torch.from_numpy(params), bad_images=raw["bad"])
 
 
 def _whole_batch(batch: dict) -> dict:
@@ -404,8 +415,7 @@ class TorchLoader:
         for raw in self.loader:
             if "error" in raw:  # raised in a worker (e.g. no readable image): one line, from here
                 raise UserError(raw["error"])
-            yield RawBatch(view1=raw["view1"], view2=raw["view2"], labels=raw["labels"],
-                           strong_params=raw["params"], bad_images=raw["bad"])
+            yield unpack_batch(raw)
 
     def __iter__(self) -> Iterator[Batch]:
         for raw in self.raw_batches():

@@ -48,12 +48,12 @@ def test_augmentations_depend_only_on_seed_epoch_index(recipe):
     spec = AugSpec(recipe=recipe, img_size=32)
     samples = scan_image_folder(builtin_path()).samples[:12]
     ds = DualViewDataset(samples, spec, seed=3)
-    batch = ds.__getitems__([(1, 2), (1, 7), (0, 2)])
+    batch = tb.unpack_batch(ds.__getitems__([(1, 2), (1, 7), (0, 2)]))
     alone = ds[(1, 7)]
-    assert torch.equal(batch["view1"][1], alone["view1"][0])
+    assert torch.equal(batch.view1[1], alone.view1[0])
     if recipe == "lut":
-        assert torch.equal(batch["view2"][1], alone["view2"][0]) and torch.equal(batch["params"][1], alone["params"][0])
-    assert not torch.equal(batch["view1"][0], batch["view1"][2])  # another epoch, other views
+        assert torch.equal(batch.view2[1], alone.view2[0]) and torch.equal(batch.strong_params[1], alone.strong_params[0])
+    assert not torch.equal(batch.view1[0], batch.view1[2])  # another epoch, other views
 
 
 def test_views_are_windows_of_the_resized_image():
@@ -69,7 +69,7 @@ def test_views_are_windows_of_the_resized_image():
     padded = np.pad(ref, ((4, 4), (4, 4), (0, 0)), mode="reflect").astype(int)
     u = tb.sample_uniforms(5, [0], [0], tb.LUT_NUM_DRAWS)[0]
     d = tb.LUT_DRAWS
-    for view, (top, left, flip) in ((out["view1"][0], ("top1", "left1", "flip1")), (out["view2"][0], ("top2", "left2", "flip2"))):
+    for view, (top, left, flip) in ((out.view1[0], ("top1", "left1", "flip1")), (out.view2[0], ("top2", "left2", "flip2"))):
         y = int(u[d[top]] * (padded.shape[0] - 32 + 1))
         x = int(u[d[left]] * (padded.shape[1] - 32 + 1))
         want = padded[y : y + 32, x : x + 32]
