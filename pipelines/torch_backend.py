@@ -182,6 +182,10 @@ def _new_batch(shape: tuple[int, ...]) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.uint8).share_memory_()
 
 
+# SRC padding modes (numpy's names, as torchvision's RandomCrop) -> torch's.
+_PAD_MODES = {"reflect": "reflect", "edge": "replicate", "constant": "constant"}
+
+
 def _put(out: torch.Tensor, window: torch.Tensor, flip: bool) -> None:
     out.copy_(window.flip(-1) if flip else window)
 
@@ -201,6 +205,8 @@ class DualViewDataset(torch.utils.data.Dataset):
         self.photometric_in_loader = photometric_in_loader
         if spec.recipe == "lut" and spec.img_size <= spec.src_padding:
             raise UserError(f"image size {spec.img_size} must exceed the SRC padding {spec.src_padding}")
+        if spec.src_padding_mode not in _PAD_MODES:
+            raise UserError(f"aug.src_padding_mode must be one of {', '.join(_PAD_MODES)}, got {spec.src_padding_mode!r}")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -262,7 +268,7 @@ class DualViewDataset(torch.utils.data.Dataset):
         spec, s, pad = self.spec, self.spec.img_size, self.spec.src_padding
         base = resize_shorter(img, s, spec.interpolation)
         if pad:
-            base = F.pad(base, (pad, pad, pad, pad), mode=spec.src_padding_mode)
+            base = F.pad(base, (pad, pad, pad, pad), mode=_PAD_MODES[spec.src_padding_mode])
         base = base[0]
         hp, wp = base.shape[1:]
         d = LUT_DRAWS

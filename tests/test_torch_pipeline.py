@@ -184,3 +184,16 @@ def test_photometric_on_device_equals_in_worker():
     assert (a.view2 - b.view2).abs().max().item() < 0.5 / 255 / min(spec.std) + 1e-4
     # ... and the ops did something (the same crops without them differ from view 2)
     assert (next(iter(plain)).view2 - b.view2).abs().max().item() > 0.1
+
+
+def test_resume_mid_epoch_gives_the_same_batches():
+    spec = AugSpec(img_size=32)
+    loader = build_loader("torch", None, spec, batch_size=8, num_workers=2, seed=2, photometric_on="loader")
+    loader.set_epoch(3)
+    it = iter(loader)
+    full = [next(it) for _ in range(4)]
+    loader.set_epoch(3, start_batch=2)
+    it = iter(loader)
+    resumed = [next(it) for _ in range(2)]
+    for a, b in zip(full[2:], resumed):
+        assert torch.equal(a.view1, b.view1) and torch.equal(a.view2, b.view2) and torch.equal(a.labels, b.labels)
