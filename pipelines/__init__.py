@@ -80,8 +80,16 @@ def build_loader(
     if backend == "torch":
         from lut_fast.datasets.imagefolder import scan_image_folder
 
+        from . import formats
         from .torch_backend import TorchLoader
 
+        source = formats.detect(data, split)
+        if source.kind == "beton":
+            raise UserError(f"{source.path} is an FFCV .beton file, which the FFCV backend reads: use --backend ffcv "
+                            "(the torch backend reads ImageFolder trees)")
+        if source.kind == "shards":
+            raise UserError(f"{source.path} holds DALI shards (made by `lut-fast convert dali`), which the DALI "
+                            "backend reads: use --backend dali (the torch backend reads ImageFolder trees)")
         index = scan_image_folder(data, split)
         return TorchLoader(index.samples, **common, **options)
     if backend == "dali":

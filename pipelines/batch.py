@@ -91,18 +91,25 @@ def normalize_uint8(
 
     Moves uint8 (4x fewer bytes over PCIe) and converts on the device.
     """
-    x = x.to(device, non_blocking=True)
-    return _normalize_float(x.float(), spec, channels_last)
+    return _normalize(x.to(device, non_blocking=True), spec, channels_last)
 
 
-def _normalize_float(x: torch.Tensor, spec: AugSpec, channels_last: bool) -> torch.Tensor:
-    """float (B, 3, H, W) on the 0..255 scale -> (x - 255 mean) / (255 std), one fused pass."""
+def _normalize(x: torch.Tensor, spec: AugSpec, channels_last: bool, in_place: bool = False) -> torch.Tensor:
+    """uint8 or float (B, 3, H, W) on the 0..255 scale -> (x - 255 mean) / (255 std), float32.
+
+    The dtype conversion happens inside the multiply, which writes straight
+    into the output in the requested memory format; the shift is added in
+    place: two passes, one allocation. ``in_place``: a float32 ``x`` already
+    in that format (one the caller owns) is normalised where it is.
+    """
     scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std], device=x.device).view(1, 3, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std)], device=x.device).view(1, 3, 1, 1)
-    out = torch.addcmul(shift, x, scale)
-    if channels_last:
-        return out.contiguous(memory_format=torch.channels_last)
-    return out.contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if in_place and x.dtype == torch.float32 and x.is_contiguous(memory_format=fmt):
+        return x.mul_(scale).add_(shift)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
+    torch.mul(x, scale, out=out)
+    return out.add_(shift)
 
 
 def finish_view(x: torch.Tensor, spec: AugSpec, device: torch.device, channels_last: bool,
@@ -115,9 +122,10 @@ def finish_view(x: torch.Tensor, spec: AugSpec, device: torch.device, channels_l
         return normalize_uint8(x, spec, device, channels_last)
     from . import photometric
 
-    y = x.to(device, non_blocking=True).float().div_(255.0)
-    y = photometric.apply_strong(y, strong_params, spec).mul_(255.0)
-    return _normalize_float(y, spec, channels_last)
+    # On the 0..255 scale throughout: no rescaling passes around the ops.
+    y = x.to(device, non_blocking=True).float()
+    y = photometric.apply_strong_(y, strong_params, spec, value_range=255.0)
+    return _normalize(y, spec, channels_last, in_place=True)
 
 
 def finish_batch(raw: RawBatch, spec: AugSpec, device: torch.device | str, channels_last: bool) -> Batch:

@@ -1,164 +1,315 @@
-"""The target view's photometric augmentations as batched tensor ops.
+"""The target view's photometric augmentations as batched tensor ops, on any device.
 
-One implementation for the torch backend, used in two places: in the data
-workers (on CPU, per batch) or on the training device after the copy
-(``--photometric-on device``, the GPU path). Every op takes per-sample
-parameters, so a batch is processed in a handful of vectorised calls and the
-result does not depend on which other images share the batch.
+One implementation, used in two places: in the torch backend's data workers
+(on CPU, per batch, ``photometric_on=loader``) and after the copy to the
+training device (``batch.finish_batch``, ``photometric_on=device``) for every
+backend that hands over uint8 views. Every op takes per-sample parameters,
+so a batch is processed in a handful of vectorised calls and the result does
+not depend on which other images share the batch.
 
-Semantics follow torchvision's ColorJitter (random order of the four ops,
-factors uniform in [1-s, 1+s], hue in [-h, h]) and DeiT-III's 3-augment
-(grayscale, solarize at 128/255, PIL-style Gaussian blur with sigma ~ U(0.1, 2)).
-Images are float in [0, 1], shape (B, 3, H, W).
+What the ops are (every number from ``AugSpec``):
+
+* Color jitter, with probability ``jitter_p``: brightness b and contrast c
+  uniform in [1-s, 1+s], saturation f likewise, hue h uniform in [-hue, hue]
+  (a fraction of a full turn). All four are linear maps of the pixel's RGB
+  colour, so they are composed into one 3x3 matrix and one offset per image
+  and applied in a single pass (``jitter_matrix``, ``apply_colour``):
+
+  - brightness: ``b * x``;
+  - contrast: ``c * x + (1 - c) * mean luma of the image`` (the mean of a
+    linear function of the pixels is the same function of the mean colour,
+    so this is affine too, with a per-image offset);
+  - saturation: ``f * x + (1 - f) * luma(x)`` (torchvision's blend with the
+    grayscale image);
+  - hue: a rotation of the chroma plane of YIQ about the gray axis by
+    ``-2 pi h`` (the linear hue model of DALI's ``fn.hsv``; positive h turns
+    red towards green, as HSV's hue does).
+
+  In YIQ coordinates these are diagonal or block-diagonal maps that keep the
+  gray axis, so they commute: the random op order of torchvision's
+  ColorJitter makes no difference and is not drawn. The composed map is
+  ``y = b c H S x + b (1 - c) Y(mean x) (1, 1, 1)``.
+
+  Where this departs from torchvision's ColorJitter, deliberately, for speed:
+  the hue step is the YIQ rotation, not an HSV round trip (it keeps each
+  pixel's luma where HSV keeps its maximum channel; the two agree on grays
+  and differ by a few levels on saturated colours), and values are clamped to
+  the valid range once, after the composed map, instead of after every op (so
+  highlights first pushed past white by one factor and then pulled back by
+  another keep their detail here, where torchvision flattens them). The
+  per-op functions below (``adjust_*``) are the one-op-at-a-time definitions
+  with torchvision's clamping; the tests pin the composed map against them.
+* Then exactly one of ``spec.strong_ops`` per image (DeiT-III's 3-augment):
+  grayscale (ITU-R 601-2 luma in all three channels), solarize (values at or
+  above ``solarize_threshold`` on the 0..255 scale are inverted, PIL's rule
+  on the rounded value), or a Gaussian blur with sigma uniform in
+  ``blur_sigma``, separable, reflect padding, over a window of
+  2 * ceil(3 sigma) + 1 pixels for that image (as DALI sizes it; the weights
+  left out hold 0.3 % of the mass).
+
+Images are float (B, 3, H, W), any memory format, with values in
+[0, value_range]: 1 for [0, 1] images, 255 for the loaders' uint8 scale (no
+rescaling passes then). The parameters are a (B, NUM_PARAMS) float tensor on
+the CPU (``sample_params`` or ``params_from_uniforms``), columns below.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .spec import STRONG_OPS, AugSpec
 
 # Column layout of the per-sample parameter tensor (B, NUM_PARAMS).
-JITTER_ON, BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3, 4
-ORDER = slice(5, 9)  # permutation of the four jitter ops (0=b, 1=c, 2=s, 3=h)
-STRONG_OP = 9  # index into STRONG_OPS
-BLUR_SIGMA = 10
-NUM_PARAMS = 11
+JITTER_ON = 0  # 1.0: apply the color jitter
+BRIGHTNESS, CONTRAST, SATURATION = 1, 2, 3  # factors (1 = unchanged)
+HUE = 4  # fraction of a full turn in [-spec.hue, spec.hue] (0 = unchanged)
+STRONG_OP = 5  # index into STRONG_OPS; -1 = none (tests)
+BLUR_SIGMA = 6  # pixels
+NUM_PARAMS = 7
+NUM_UNIFORMS = 7  # uniforms in [0, 1) that ``params_from_uniforms`` reads per sample
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L") and torchvision
+# RGB -> YIQ (FCC NTSC). Row 0 is the luma; rows 1 and 2 sum to zero, so grays have no chroma.
+RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_YIQ = torch.tensor(RGB_TO_YIQ, dtype=torch.float64)
+_YIQ_INV = torch.linalg.inv(_YIQ)
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def params_from_uniforms(spec: AugSpec, u: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(n, NUM_PARAMS) parameters from (n, NUM_UNIFORMS) independent uniforms in [0, 1).
+
+    The loaders derive the uniforms per sample (the torch backend from a hash
+    of (seed, epoch, index)); ``sample_params`` from a torch generator.
+    """
+    u = torch.as_tensor(u, dtype=torch.float64)
+    n = u.shape[0]
+    p = torch.zeros(n, NUM_PARAMS, dtype=torch.float64)
+    p[:, JITTER_ON] = (u[:, 0] < spec.jitter_p).double()
+    for col, strength in ((BRIGHTNESS, spec.brightness), (CONTRAST, spec.contrast), (SATURATION, spec.saturation)):
+        lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+        p[:, col] = lo + (hi - lo) * u[:, col]
+    p[:, HUE] = (2 * u[:, 4] - 1) * spec.hue
+    allowed = torch.tensor([STRONG_OPS.index(op) for op in spec.strong_ops], dtype=torch.float64)
+    pick = (u[:, 5] * len(allowed)).long().clamp_(max=len(allowed) - 1)
+    p[:, STRONG_OP] = allowed[pick]
+    lo, hi = spec.blur_sigma
+    p[:, BLUR_SIGMA] = lo + (hi - lo) * u[:, 6]
+    return p.float()
 
 
 def sample_params(spec: AugSpec, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw the target-view parameters of ``n`` images (CPU float tensor)."""
-    u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
-    p = torch.zeros(n, NUM_PARAMS)
-    p[:, JITTER_ON] = (u(n) < spec.jitter_p).float()
-    for col, strength in ((BRIGHTNESS, spec.brightness), (CONTRAST, spec.contrast), (SATURATION, spec.saturation)):
-        lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
-        p[:, col] = lo + (hi - lo) * u(n)
-    p[:, HUE] = (2 * u(n) - 1) * spec.hue
-    p[:, ORDER] = torch.argsort(u(n, 4), dim=1).float()
-    allowed = torch.tensor([STRONG_OPS.index(op) for op in spec.strong_ops], dtype=torch.float)
-    p[:, STRONG_OP] = allowed[torch.randint(len(allowed), (n,), generator=generator)]
-    lo, hi = spec.blur_sigma
-    p[:, BLUR_SIGMA] = lo + (hi - lo) * u(n)
-    return p
+    """Draw the target-view parameters of ``n`` images (CPU float tensor) from ``generator``."""
+    return params_from_uniforms(spec, torch.rand(n, NUM_UNIFORMS, generator=generator, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- the ops one at a time (definitions)
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) ITU-R 601-2 luma of (B, 3, H, W)."""
+    w = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601-2 luma, kept as 3 identical channels (B, 3, H, W)."""
-    y = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-    return y.expand(-1, 3, -1, -1)
+    """ITU-R 601-2 luma, kept as 3 identical channels (B, 3, H, W) (an expanded view)."""
+    n, _, h, w = x.shape
+    weights = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 1, 3).expand(n, 1, 3)
+    return torch.bmm(weights, x.reshape(n, 3, h * w)).view(n, 1, h, w).expand(-1, 3, -1, -1)
 
 
-def _per_sample(v: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, 1, 1, 1)
+def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
 
 
-def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * _per_sample(f)).clamp_(0, 1)
+def _clamped(x: torch.Tensor, clamp: bool, value_range: float) -> torch.Tensor:
+    return x.clamp_(0, value_range) if clamp else x
 
 
-def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    mean = grayscale(x)[:, :1].mean(dim=(2, 3), keepdim=True)
-    f = _per_sample(f)
-    return (f * x + (1 - f) * mean).clamp_(0, 1)
+def adjust_brightness(x, f, clamp: bool = True, value_range: float = 1.0):
+    return _clamped(x * _per_sample(f, x), clamp, value_range)
 
 
-def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    f = _per_sample(f)
-    return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
+def adjust_contrast(x, f, clamp: bool = True, value_range: float = 1.0):
+    mean = luma(x).mean(dim=(2, 3), keepdim=True)
+    f = _per_sample(f, x)
+    return _clamped(f * x + (1 - f) * mean, clamp, value_range)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    flat = maxc == minc
-    chroma = maxc - minc
-    s = chroma / torch.where(flat, torch.ones_like(maxc), maxc)
-    div = torch.where(flat, torch.ones_like(chroma), chroma)
-    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(flat, torch.zeros_like(h), h)
-    h = torch.remainder(h / 6.0, 1.0)
-    return torch.stack((h, s, maxc), dim=1)
+def adjust_saturation(x, f, clamp: bool = True, value_range: float = 1.0):
+    f = _per_sample(f, x)
+    return _clamped(f * x + (1 - f) * luma(x), clamp, value_range)
 
 
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    frac = h6 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1 - s)).clamp(0, 1)
-    q = (v * (1 - s * frac)).clamp(0, 1)
-    t = (v * (1 - s * (1 - frac))).clamp(0, 1)
-    # Sector i of the hue circle picks (r, g, b) from (v, p, q, t).
-    r = torch.stack((v, q, p, p, t, v), 1).gather(1, i.unsqueeze(1)).squeeze(1)
-    g = torch.stack((t, v, v, q, p, p), 1).gather(1, i.unsqueeze(1)).squeeze(1)
-    b = torch.stack((p, p, t, v, v, q), 1).gather(1, i.unsqueeze(1)).squeeze(1)
-    return torch.stack((r, g, b), dim=1)
+def _chroma_block(hue: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) YIQ-space map: keep Y, scale I/Q by ``saturation`` and rotate them by -2 pi ``hue``."""
+    theta = 2 * math.pi * hue.double()
+    cos, sin = torch.cos(theta) * saturation.double(), torch.sin(theta) * saturation.double()
+    block = torch.zeros(hue.shape[0], 3, 3, dtype=torch.float64)
+    block[:, 0, 0] = 1.0
+    block[:, 1, 1], block[:, 1, 2] = cos, sin
+    block[:, 2, 1], block[:, 2, 2] = -sin, cos
+    return block
 
 
-def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    hsv = _rgb_to_hsv(x)
-    hsv[:, 0] = torch.remainder(hsv[:, 0] + f.view(-1, 1, 1), 1.0)
-    return _hsv_to_rgb(hsv)
+def hue_matrix(hue: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) RGB -> RGB hue rotation (float64): positive ``hue`` turns red towards green."""
+    return _YIQ_INV @ _chroma_block(hue, torch.ones_like(hue)) @ _YIQ
 
 
-def solarize(x: torch.Tensor, threshold: int) -> torch.Tensor:
-    # Threshold on the 0..255 scale, as PIL's ImageOps.solarize.
-    return torch.where(x * 255.0 >= threshold - 0.5, 1.0 - x, x)
+def _apply_matrix(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bij,bjhw->bihw", m.to(device=x.device, dtype=x.dtype), x)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Separable blur with one sigma per image, reflect padding."""
+def adjust_hue(x, f, clamp: bool = True, value_range: float = 1.0):
+    """Rotate the chroma plane of YIQ about the gray axis by ``f`` of a full turn (luma unchanged)."""
+    return _clamped(_apply_matrix(x, hue_matrix(torch.as_tensor(f).reshape(-1))), clamp, value_range)
+
+
+def solarize(x: torch.Tensor, threshold: int, value_range: float = 1.0) -> torch.Tensor:
+    """Invert values at or above ``threshold`` on the 0..255 scale (PIL's ImageOps.solarize after rounding).
+
+    Written as x + step * (range - 2x) with step = clamp(sign(x - t) + 1, max=1)
+    (1 from the threshold up): on a CPU, torch.where on a boolean mask was 3-4x slower.
+    """
+    step = torch.sign(x - (threshold - 0.5) * (value_range / 255.0)).add_(1).clamp_(max=1)
+    return x.addcmul(step, x.mul(-2).add_(value_range))
+
+
+def blur_window(sigma: torch.Tensor) -> torch.Tensor:
+    """Odd window 2 * ceil(3 sigma) + 1 per sigma (int64)."""
+    return 2 * torch.ceil(3.0 * sigma.double()).long() + 1
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int | None = None) -> torch.Tensor:
+    """Separable Gaussian blur, one sigma per image, reflect padding.
+
+    ``kernel_size=None``: each image over its own window ``blur_window(sigma)``
+    (one convolution for the batch: the taps beyond an image's window have
+    weight 0); an int: every image over that window.
+    """
     n, c, h, w = x.shape
-    half = kernel_size // 2
-    coords = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - half
-    k = torch.exp(-(coords.view(1, -1) ** 2) / (2 * sigma.view(-1, 1).to(x.dtype) ** 2))
-    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c, K)
+    sigma = sigma.to(device=x.device, dtype=torch.float64).view(-1, 1)
+    half_each = (blur_window(sigma.view(-1)) // 2).view(-1, 1) if kernel_size is None else None
+    half = int(half_each.max()) if half_each is not None else kernel_size // 2
+    coords = torch.arange(-half, half + 1, device=x.device, dtype=torch.float64).view(1, -1)
+    k = torch.exp(-(coords**2) / (2 * sigma**2))
+    if half_each is not None:
+        k = k * (coords.abs() <= half_each)
+    k = (k / k.sum(dim=1, keepdim=True)).to(x.dtype).repeat_interleave(c, dim=0)  # (n*c, 2*half+1)
+    size = 2 * half + 1
     y = x.reshape(1, n * c, h, w)
-    y = F.conv2d(F.pad(y, (half, half, 0, 0), mode="reflect"), k.view(n * c, 1, 1, kernel_size), groups=n * c)
-    y = F.conv2d(F.pad(y, (0, 0, half, half), mode="reflect"), k.view(n * c, 1, kernel_size, 1), groups=n * c)
+    y = F.conv2d(F.pad(y, (half, half, 0, 0), mode="reflect"), k.view(n * c, 1, 1, size), groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, half, half), mode="reflect"), k.view(n * c, 1, size, 1), groups=n * c)
     return y.view(n, c, h, w)
 
 
-_JITTER_OPS = (
-    (adjust_brightness, BRIGHTNESS),
-    (adjust_contrast, CONTRAST),
-    (adjust_saturation, SATURATION),
-    (adjust_hue, HUE),
-)
+# ---------------------------------------------------------------- the composed, batched pipeline
 
 
-def apply_strong(x: torch.Tensor, params: torch.Tensor, spec: AugSpec) -> torch.Tensor:
-    """Color jitter (p=jitter_p) then exactly one of grayscale/solarize/blur.
+def jitter_matrix(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The color jitter of each image as ``y = M x + k * Y(mean x) * (1, 1, 1)`` (float64, CPU).
 
-    ``x`` is float (B, 3, H, W) in [0, 1]; ``params`` from ``sample_params``.
+    Returns M (B, 3, 3) and k (B,): the offset's weight on the image's mean
+    luma (the contrast's centre), known before the image is. Images whose
+    JITTER_ON is 0 get M = identity, k = 0.
     """
-    x = x.clone()
-    params = params.to(x.device)
-    jitter_on = params[:, JITTER_ON] > 0.5
-    order = params[:, ORDER].long()
-    for position in range(4):
-        for op_index, (op, col) in enumerate(_JITTER_OPS):
-            sel = jitter_on & (order[:, position] == op_index)
-            if sel.any():
-                x[sel] = op(x[sel], params[sel, col])
-    strong = params[:, STRONG_OP].long()
-    sel = strong == STRONG_OPS.index("grayscale")
-    if sel.any():
-        x[sel] = grayscale(x[sel])
-    sel = strong == STRONG_OPS.index("solarize")
-    if sel.any():
-        x[sel] = solarize(x[sel], spec.solarize_threshold)
-    sel = strong == STRONG_OPS.index("blur")
-    if sel.any():
-        x[sel] = gaussian_blur(x[sel], params[sel, BLUR_SIGMA], spec.blur_kernel_size)
+    params = params.double().cpu()
+    on = params[:, JITTER_ON] > 0.5
+    one = torch.ones_like(params[:, 0])
+    b = torch.where(on, params[:, BRIGHTNESS], one)
+    c = torch.where(on, params[:, CONTRAST], one)
+    s = torch.where(on, params[:, SATURATION], one)
+    h = torch.where(on, params[:, HUE], torch.zeros_like(one))
+    m = (b * c).view(-1, 1, 1) * (_YIQ_INV @ _chroma_block(h, s) @ _YIQ)
+    return m, b * (1 - c)
+
+
+def jitter_offset(k: torch.Tensor, mean_rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3) offset t of the composed jitter from k (``jitter_matrix``) and each image's mean colour (B, 3)."""
+    w = torch.tensor(LUMA, dtype=mean_rgb.dtype, device=mean_rgb.device)
+    return (k.to(device=mean_rgb.device, dtype=mean_rgb.dtype) * (mean_rgb @ w)).view(-1, 1).expand(-1, 3)
+
+
+def mean_colour(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3) per-image mean of (B, 3, H, W), any memory format."""
+    return x.mean(dim=(2, 3))
+
+
+def apply_colour(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, value_range: float) -> torch.Tensor:
+    """``clamp(M x + t)`` per image in one batched matmul (new NCHW-contiguous tensor).
+
+    (B, 3, 3) @ (B, 3, H*W) on planar memory: on a CPU the same product on
+    NHWC memory, (B, H*W, 3) @ (B, 3, 3), was 4-5x slower.
+    """
+    n, _, h, w = x.shape
+    m = m.to(device=x.device, dtype=x.dtype)
+    t = t.to(device=x.device, dtype=x.dtype).reshape(n, 3, 1)
+    y = torch.baddbmm(t, m, x.contiguous().view(n, 3, h * w)).view(n, 3, h, w)
+    return y.clamp_(0, value_range)
+
+
+def _on_subset(x: torch.Tensor, index: torch.Tensor, op) -> None:
+    """x[index] = op(x[index]) in place (index: CPU int64).
+
+    On a CPU one image at a time through views (gathering the images and
+    scattering them back cost more than the ops); elsewhere batched.
+    """
+    if index.numel() == 0:
+        return
+    if x.device.type == "cpu":
+        for i in index.tolist():
+            x[i : i + 1] = op(x[i : i + 1])
+        return
+    on_device = index.to(x.device)
+    x.index_copy_(0, on_device, op(x.index_select(0, on_device)).to(x.dtype))
+
+
+def apply_strong_(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, value_range: float = 1.0) -> torch.Tensor:
+    """Color jitter (where JITTER_ON) then each image's 3-augment op; may reuse ``x``'s storage.
+
+    ``x`` float (B, 3, H, W) in [0, value_range]; returns the result (use it, not ``x``).
+    """
+    params = params.detach().cpu().float()  # selections on the CPU: no device syncs
+    if bool((params[:, JITTER_ON] > 0.5).any()):
+        m, k = jitter_matrix(params)
+        x = apply_colour(x, m, jitter_offset(k, mean_colour(x)), value_range)
+    op = params[:, STRONG_OP].long()
+
+    def select(name: str) -> torch.Tensor:
+        return torch.nonzero(op == STRONG_OPS.index(name)).view(-1)
+
+    _on_subset(x, select("grayscale"), grayscale)
+    _on_subset(x, select("solarize"), lambda v: solarize(v, spec.solarize_threshold, value_range))
+    # The blur stays batched on every device: per image, the convolutions' fixed costs dominate.
+    blurred = select("blur")
+    if blurred.numel():
+        on_device = blurred.to(x.device)
+        sigma = params[blurred, BLUR_SIGMA]
+        x.index_copy_(0, on_device, gaussian_blur(x.index_select(0, on_device), sigma))
     return x
 
 
-def apply_strong_uint8(x: torch.Tensor, params: torch.Tensor, spec: AugSpec) -> torch.Tensor:
-    """uint8 in, uint8 out (the CPU-worker path keeps batches small for IPC)."""
-    y = apply_strong(x.float().div_(255.0), params, spec)
-    return y.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+def apply_strong(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, value_range: float = 1.0) -> torch.Tensor:
+    """``apply_strong_`` on a copy: ``x`` (float, [0, value_range]) is left as it is."""
+    return apply_strong_(x.clone(), params, spec, value_range)
+
+
+def apply_strong_uint8(x: torch.Tensor, params: torch.Tensor, spec: AugSpec,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 in, uint8 out (rounded), computed on the 0..255 scale.
+
+    ``out`` (uint8, may be ``x`` itself) receives the result: the rounding
+    and the conversion back to uint8 are then one pass.
+    """
+    y = apply_strong_(x.float(), params, spec, value_range=255.0).round_()
+    if out is None:
+        return y.to(torch.uint8)
+    return out.copy_(y)

@@ -1,16 +1,20 @@
 """The augmentation spec: every number a backend needs to build the views.
 
-LUT (LUT_SPEC.md, "Views"): one decode, two views, each drawn independently:
+LUT: one decode, two views, each drawn independently:
 
 * view 1 (online, weak):   SRC -> normalize
 * view 2 (target, strong): SRC -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8
                            -> exactly one of {grayscale, solarize, blur} -> normalize
 
 SRC = DeiT-III "simple random crop": resize the shorter side to S (bicubic),
-pad 4 px (reflect), random S x S crop, horizontal flip p=0.5.
+pad 4 px (reflect), random S x S crop, horizontal flip p=0.5. Since the resize
+depends only on the image, storage converted at shorter side S serves SRC
+exactly (the loaders then skip the resize).
 
 MAE baseline: RandomResizedCrop(S, scale 0.2..1, bicubic) + flip, one view.
 
+How the jitter and the 3-augment ops are computed (one composed colour map
+per image, YIQ hue, per-image blur window) is described in ``photometric.py``.
 Backends (torch, DALI, FFCV) read this object; none hard-codes a number.
 """
 
@@ -78,7 +82,10 @@ class AugSpec:
 
     @property
     def blur_kernel_size(self) -> int:
-        """Odd kernel covering +-3 sigma of the largest blur (13 px for sigma 2)."""
+        """Odd window covering +-3 sigma of the largest blur (13 px for sigma 2): the widest any image gets.
+
+        Each image's own window is 2 * ceil(3 sigma) + 1 (``photometric.blur_window``).
+        """
         import math
 
         return 2 * math.ceil(3.0 * self.blur_sigma[1]) + 1

@@ -1,18 +1,36 @@
 """The plain torch/torchvision backend: runs anywhere, no extra packages.
 
-Per image (in DataLoader workers): decode once (PIL, with JPEG DCT-domain
-downscaling via ``draft`` so large JPEGs are decoded smaller), one shared
-resize, then each view's own geometry (SRC crop + flip, or RandomResizedCrop
-for MAE). The target view's photometric ops run batched (``photometric.py``),
-either in the worker's collate or on the training device.
+A DataLoader whose workers each build whole batches (``__getitems__``):
 
-Every random choice for sample ``i`` in epoch ``e`` comes from a generator
-seeded by ``(seed, e, i)``: augmentations do not depend on the number of
-workers, the batch a sample lands in, or whether the run was resumed.
+* decode once, with the fastest decoder at hand: simplejpeg when installed
+  (the ``jpeg`` extra), else torchvision's ``decode_jpeg``, with Pillow for
+  everything else (PNG, CMYK JPEGs, files the fast decoders refuse). All
+  three are libjpeg-turbo with the same settings and give identical pixels,
+  so the views do not depend on which one ran. There is no DCT-domain
+  downscaling: on ImageNet-sized photos it barely pays, and it would change
+  the pixels with the decoder.
+* LUT: resize the shorter side to S once (skipped when the stored image is
+  already that size, as in storage converted at the training size), with
+  torch's uint8 antialiased bicubic (PIL's filter; 5-6x faster than Pillow's
+  resize here), reflect-pad once, then each view is an S x S window of the
+  padded image, mirrored with probability flip_p, copied straight into the
+  batch. MAE: RandomResizedCrop (torchvision's rule) as one resize of the box.
+* Batches are uint8 NCHW, written directly into shared memory in a worker
+  (no copy on the way to the main process). View 2's photometric ops
+  (``photometric.py``, batched) run in the worker (``photometric_on=loader``)
+  or after the copy to the training device (``device``); normalisation is
+  always in ``batch.finish_batch``.
+
+Randomness: every random number of sample ``i`` in epoch ``e`` is a hash of
+(seed, e, i) and a draw counter (splitmix64, vectorised over the batch), so
+augmentations do not depend on the number of workers, the batch a sample
+lands in, the number of processes, or whether the run was resumed, and no
+generator object is built per sample.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from dataclasses import dataclass
@@ -20,7 +38,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 from lut_fast.errors import UserError
 
@@ -28,55 +46,111 @@ from . import photometric
 from .batch import Batch, RawBatch, finish_batch, resolve_photometric_on
 from .spec import AugSpec
 
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+try:  # optional: the `jpeg` extra (libjpeg-turbo, ~10 % faster than torchvision's decode_jpeg)
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    simplejpeg = None
+
+# ---------------------------------------------------------------- per-sample randomness
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MASK64 = (1 << 64) - 1
+# Draw counters (columns of ``sample_uniforms``) of each recipe.
+LUT_DRAWS = {"top1": 0, "left1": 1, "flip1": 2, "top2": 3, "left2": 4, "flip2": 5}
+LUT_PHOTOMETRIC = slice(6, 6 + photometric.NUM_UNIFORMS)
+LUT_NUM_DRAWS = 6 + photometric.NUM_UNIFORMS
+RRC_ATTEMPTS = 10
+MAE_NUM_DRAWS = 2 * RRC_ATTEMPTS + 3  # (area, log ratio) per attempt, left, top, flip
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, index])
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output function on uint64 arrays (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
-def load_rgb(path: str, min_side: int | None = None) -> Image.Image:
-    """Decode an image as RGB; JPEGs are decoded at the smallest DCT scale that keeps both sides >= ``min_side``."""
-    with Image.open(path) as img:
-        if min_side is not None and img.format == "JPEG":
-            img.draft("RGB", (min_side, min_side))
-        return img.convert("RGB")
+def sample_uniforms(seed: int, epochs, indices, count: int) -> np.ndarray:
+    """(n, count) float64 uniforms in [0, 1): column j of row r is a hash of (seed, epochs[r], indices[r], j).
+
+    A splitmix64 stream per sample, keyed by the hashed triple: statistically
+    independent draws at the cost of a few integer operations, the same in
+    any process, batch or order.
+    """
+    epochs = np.asarray(epochs, dtype=np.uint64).reshape(-1, 1)
+    indices = np.asarray(indices, dtype=np.uint64).reshape(-1, 1)
+    with np.errstate(over="ignore"):
+        key = _mix64(np.array([seed & _MASK64], dtype=np.uint64) + _GOLDEN)
+        key = _mix64(key ^ (epochs * np.uint64(0xD1B54A32D192ED03) + _GOLDEN))
+        key = _mix64(key ^ (indices * np.uint64(0xAEF17502108EF2D9) + _GOLDEN))
+        bits = _mix64(key + (np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN))
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def resize_shorter(img: Image.Image, size: int, interpolation: str) -> Image.Image:
-    w, h = img.size
-    if min(w, h) == size:
-        return img
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return img.resize(new, _RESAMPLE[interpolation])
+def _randint(u: float, n: int) -> int:
+    """Uniform integer in [0, n) from a uniform in [0, 1)."""
+    return min(int(u * n), n - 1)
 
 
-def src_crop(arr: np.ndarray, spec: AugSpec, rng: np.random.Generator) -> np.ndarray:
-    """Simple random crop on an HWC array whose shorter side is already S: pad, crop S x S, flip."""
-    s, pad = spec.img_size, spec.src_padding
-    if pad:
-        arr = np.pad(arr, ((pad, pad), (pad, pad), (0, 0)), mode=spec.src_padding_mode)
-    h, w = arr.shape[:2]
-    top = int(rng.integers(0, h - s + 1))
-    left = int(rng.integers(0, w - s + 1))
-    out = arr[top : top + s, left : left + s]
-    if rng.uniform() < spec.flip_p:
-        out = out[:, ::-1]
-    return out
+# ---------------------------------------------------------------- decode and geometry
 
 
-def rrc_box(width: int, height: int, spec: AugSpec, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """RandomResizedCrop box (left, top, w, h): torchvision's rule with our generator."""
+def _decode_jpeg(data: bytearray) -> torch.Tensor:
+    if simplejpeg is not None:
+        return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a damaged file: let Pillow decide, as for the other decoders
+        return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def load_rgb(path: str) -> torch.Tensor:
+    """Decode an image as uint8 RGB (3, H, W) (channels-last strides from the fast decoders)."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    if data[:2] == b"\xff\xd8":  # JPEG
+        try:
+            return _decode_jpeg(data)
+        except Exception:  # noqa: BLE001 - CMYK, progressive oddities, damage: Pillow below
+            pass
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's truncated-file warnings: the caller counts failures
+        with Image.open(io.BytesIO(data)) as img:
+            return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def _resize(img: torch.Tensor, height: int, width: int, interpolation: str) -> torch.Tensor:
+    """uint8 (3, h, w) -> (1, 3, height, width); bilinear/bicubic antialiased like PIL's filters."""
+    x = img.unsqueeze(0)
+    if interpolation == "nearest":
+        return F.interpolate(x, size=(height, width), mode="nearest-exact")
+    return F.interpolate(x, size=(height, width), mode=interpolation, antialias=True)
+
+
+def resize_shorter(img: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
+    """(3, H, W) -> (1, 3, h, w) with min(h, w) == size; no resize when it already is."""
+    h, w = img.shape[1:]
+    if min(h, w) == size:
+        return img.unsqueeze(0)
+    scale = size / min(h, w)
+    return _resize(img, max(size, round(h * scale)), max(size, round(w * scale)), interpolation)
+
+
+def rrc_box_from_uniforms(width: int, height: int, spec: AugSpec, u) -> tuple[int, int, int, int]:
+    """RandomResizedCrop box (left, top, w, h): torchvision's rule on ``MAE_NUM_DRAWS`` uniforms."""
     area = width * height
-    log_ratio = (math.log(spec.rrc_ratio[0]), math.log(spec.rrc_ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*spec.rrc_scale)
-        ratio = math.exp(rng.uniform(*log_ratio))
+    log_lo, log_hi = math.log(spec.rrc_ratio[0]), math.log(spec.rrc_ratio[1])
+    lo, hi = spec.rrc_scale
+    for attempt in range(RRC_ATTEMPTS):
+        target = area * (lo + (hi - lo) * u[2 * attempt])
+        ratio = math.exp(log_lo + (log_hi - log_lo) * u[2 * attempt + 1])
         w = int(round(math.sqrt(target * ratio)))
         h = int(round(math.sqrt(target / ratio)))
         if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+            return _randint(u[2 * RRC_ATTEMPTS], width - w + 1), _randint(u[2 * RRC_ATTEMPTS + 1], height - h + 1), w, h
     in_ratio = width / height  # fallback: central crop
     if in_ratio < min(spec.rrc_ratio):
         w, h = width, int(round(width / min(spec.rrc_ratio)))
@@ -87,79 +161,134 @@ def rrc_box(width: int, height: int, spec: AugSpec, rng: np.random.Generator) ->
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _chw(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+def rrc_box(width: int, height: int, spec: AugSpec, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """``rrc_box_from_uniforms`` with uniforms from a numpy generator (the bench's reference recipe)."""
+    return rrc_box_from_uniforms(width, height, spec, rng.random(MAE_NUM_DRAWS))
 
 
-def make_views(img: Image.Image, spec: AugSpec, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """uint8 CHW view 1, view 2 (before photometric ops) and view 2's photometric parameters."""
-    s = spec.img_size
-    if spec.recipe == "mae":
-        left, top, w, h = rrc_box(*img.size, spec, rng)
-        out = img.resize((s, s), _RESAMPLE[spec.interpolation], box=(left, top, left + w, top + h))
-        arr = np.asarray(out)
-        if rng.uniform() < spec.flip_p:
-            arr = arr[:, ::-1]
-        return _chw(arr), None, None
-    base = np.asarray(resize_shorter(img, s, spec.interpolation))  # one resize shared by both views
-    v1 = src_crop(base, spec, rng)
-    v2 = src_crop(base, spec, rng)
-    params = photometric.sample_params(spec, 1, torch.Generator().manual_seed(int(rng.integers(2**62))))[0]
-    return _chw(v1), _chw(v2), params
+def _new_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a DataLoader worker, in shared memory from the start.
+
+    A worker's result travels to the main process through shared memory; a
+    tensor allocated elsewhere would be copied there when it is sent
+    (torch's default collate allocates its output the same way).
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    try:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape))
+        return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+    except (AttributeError, RuntimeError, TypeError):  # a torch without the private helper
+        return torch.empty(shape, dtype=torch.uint8).share_memory_()
+
+
+# SRC padding modes (numpy's names, as torchvision's RandomCrop) -> torch's.
+_PAD_MODES = {"reflect": "reflect", "edge": "replicate", "constant": "constant"}
+
+
+def _put(out: torch.Tensor, window: torch.Tensor, flip: bool) -> None:
+    out.copy_(window.flip(-1) if flip else window)
 
 
 class DualViewDataset(torch.utils.data.Dataset):
-    """Indexed by ``(epoch, index)`` so workers need no epoch state; unreadable files are replaced and counted."""
+    """Indexed by ``(epoch, index)``; ``__getitems__`` builds a whole batch (what the DataLoader calls).
 
-    def __init__(self, samples: Sequence[tuple[str, int]], spec: AugSpec, seed: int = 0):
+    Unreadable files are replaced by the next readable one and counted. The
+    sample's randomness stays that of the requested index.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], spec: AugSpec, seed: int = 0,
+                 photometric_in_loader: bool = False):
         self.samples = list(samples)
         self.spec = spec
         self.seed = seed
+        self.photometric_in_loader = photometric_in_loader
+        if spec.recipe == "lut" and spec.img_size <= spec.src_padding:
+            raise UserError(f"image size {spec.img_size} must exceed the SRC padding {spec.src_padding}")
+        if spec.src_padding_mode not in _PAD_MODES:
+            raise UserError(f"aug.src_padding_mode must be one of {', '.join(_PAD_MODES)}, got {spec.src_padding_mode!r}")
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, epoch: int, index: int) -> tuple[Image.Image, int, int]:
+    def load(self, index: int) -> tuple[torch.Tensor, int, int]:
         """Image, label and how many bad files were skipped to find it."""
         bad = 0
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # PIL's truncated-file warnings: counted below instead
-                    min_side = self.spec.img_size if self.spec.recipe == "lut" else None
-                    return load_rgb(path, min_side), label, bad
+                return load_rgb(path), label, bad
             except Exception:  # noqa: BLE001 - any decode failure means "bad file"
                 bad += 1
         raise UserError("no readable image in the dataset")
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, index = key
-        img, label, bad = self.load(epoch, index)
-        v1, v2, params = make_views(img, self.spec, sample_generator(self.seed, epoch, index))
-        return {"view1": v1, "view2": v2, "params": params, "label": label, "bad": bad}
+    def __getitem__(self, key: tuple[int, int]) -> RawBatch:
+        """One sample as a batch of one (the DataLoader uses ``__getitems__``)."""
+        return unpack_batch(self.__getitems__([key]))
+
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> dict:
+        try:
+            return self._build(keys)
+        except UserError as e:  # sent as data: raised in the main process as a one-line error
+            return {"error": str(e)}
+
+    def _build(self, keys: Sequence[tuple[int, int]]) -> dict:
+        spec, s = self.spec, self.spec.img_size
+        n = len(keys)
+        epochs = [k[0] for k in keys]
+        indices = [k[1] for k in keys]
+        lut = spec.recipe == "lut"
+        u = sample_uniforms(self.seed, epochs, indices, LUT_NUM_DRAWS if lut else MAE_NUM_DRAWS)
+        # Both views in one buffer: one shared-memory file per batch to hand over (each costs the main
+        # process a file-descriptor transfer); labels and parameters are small and travel pickled.
+        views = _new_batch((2 if lut else 1, n, 3, s, s))
+        view1, view2 = views[0], (views[1] if lut else None)
+        labels = np.empty(n, dtype=np.int64)
+        bad = 0
+        for i, index in enumerate(indices):
+            img, labels[i], skipped = self.load(index)
+            bad += skipped
+            ui = u[i].tolist()
+            if lut:
+                self._src_views(img, ui, view1[i], view2[i])
+            else:
+                left, top, w, h = rrc_box_from_uniforms(img.shape[2], img.shape[1], spec, ui)
+                crop = _resize(img[:, top : top + h, left : left + w], s, s, spec.interpolation)[0]
+                _put(view1[i], crop, ui[2 * RRC_ATTEMPTS + 2] < spec.flip_p)
+        params = None
+        if lut:
+            params = photometric.params_from_uniforms(spec, u[:, LUT_PHOTOMETRIC])
+            if self.photometric_in_loader:
+                photometric.apply_strong_uint8(view2, params, spec, out=view2)
+                params = None
+        return {"views": views, "params": None if params is None else params.numpy(), "labels": labels, "bad": bad}
+
+    def _src_views(self, img: torch.Tensor, u: list[float], out1: torch.Tensor, out2: torch.Tensor) -> None:
+        """Both SRC views of one image: one resize and one padding shared, two windows."""
+        spec, s, pad = self.spec, self.spec.img_size, self.spec.src_padding
+        base = resize_shorter(img, s, spec.interpolation)
+        if pad:
+            base = F.pad(base, (pad, pad, pad, pad), mode=_PAD_MODES[spec.src_padding_mode])
+        base = base[0]
+        hp, wp = base.shape[1:]
+        d = LUT_DRAWS
+        for out, top, left, flip in ((out1, d["top1"], d["left1"], d["flip1"]), (out2, d["top2"], d["left2"], d["flip2"])):
+            y, x = _randint(u[top], hp - s + 1), _randint(u[left], wp - s + 1)
+            _put(out, base[:, y : y + s, x : x + s], u[flip] < spec.flip_p)
 
 
-@dataclass
-class CollateViews:
-    spec: AugSpec
-    photometric_in_worker: bool
+def unpack_batch(raw: dict) -> RawBatch:
+    """``RawBatch`` from what ``DualViewDataset.__getitems__`` returns."""
+    views = raw["views"]
+    params = raw["params"]
+    return RawBatch(view1=views[0], view2=views[1] if views.shape[0] > 1 else None,
+                    labels=torch.from_numpy(raw["labels"]),
+                    strong_params=None if params is None else torch.from_numpy(params), bad_images=raw["bad"])
 
-    def __call__(self, items: list[dict]) -> dict:
-        out = {
-            "view1": torch.stack([it["view1"] for it in items]),
-            "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
-            "bad": sum(it["bad"] for it in items),
-            "view2": None,
-            "params": None,
-        }
-        if items[0]["view2"] is not None:
-            out["view2"] = torch.stack([it["view2"] for it in items])
-            out["params"] = torch.stack([it["params"] for it in items])
-            if self.photometric_in_worker:
-                out["view2"] = photometric.apply_strong_uint8(out["view2"], out["params"], self.spec)
-                out["params"] = None
-        return out
+
+def _whole_batch(batch: dict) -> dict:
+    """The DataLoader's collate step: ``__getitems__`` already built the batch."""
+    return batch
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -266,14 +395,14 @@ class TorchLoader:
     ):
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
         self.photometric_on = resolve_photometric_on(photometric_on, self.device)
-        self.dataset = DualViewDataset(samples, spec, seed)
+        self.dataset = DualViewDataset(samples, spec, seed, photometric_in_loader=self.photometric_on == "loader")
         self.sampler = EpochSampler(len(samples), batch_size, seed, rank, world_size)
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=num_workers,
-            collate_fn=CollateViews(spec, photometric_in_worker=self.photometric_on == "loader"),
+            collate_fn=_whole_batch,
             pin_memory=self.device.type == "cuda",
             drop_last=True,  # last-batch policy: drop, so every step has the full batch
             persistent_workers=num_workers > 0,
@@ -290,8 +419,9 @@ class TorchLoader:
     def raw_batches(self) -> Iterator[RawBatch]:
         """The CPU side alone: uint8 views (and view 2's parameters when its ops are left to the device)."""
         for raw in self.loader:
-            yield RawBatch(view1=raw["view1"], view2=raw["view2"], labels=raw["labels"],
-                           strong_params=raw["params"], bad_images=raw["bad"])
+            if "error" in raw:  # raised in a worker (e.g. no readable image): one line, from here
+                raise UserError(raw["error"])
+            yield unpack_batch(raw)
 
     def __iter__(self) -> Iterator[Batch]:
         for raw in self.raw_batches():

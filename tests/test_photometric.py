@@ -1,0 +1,160 @@
+"""The target view's photometric ops (photometric.py) on inputs whose answers can be checked by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter, ImageOps
+
+from lut_fast.pipelines import photometric as ph
+from lut_fast.pipelines.spec import STRONG_OPS, AugSpec
+
+SPEC = AugSpec(img_size=32)
+NONE = -1  # STRONG_OP value: none of the three ops
+
+
+def params_for(n, jitter_on=1.0, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0, strong_op=NONE, blur_sigma=1.0):
+    p = torch.zeros(n, ph.NUM_PARAMS)
+    for col, v in ((ph.JITTER_ON, jitter_on), (ph.BRIGHTNESS, brightness), (ph.CONTRAST, contrast),
+                   (ph.SATURATION, saturation), (ph.HUE, hue), (ph.STRONG_OP, strong_op), (ph.BLUR_SIGMA, blur_sigma)):
+        p[:, col] = torch.as_tensor(v, dtype=torch.float32)
+    return p
+
+
+def test_identity_factors_leave_the_image_unchanged():
+    x = torch.rand(3, 3, 16, 16)
+    out = ph.apply_strong(x, params_for(3), SPEC)
+    assert torch.allclose(out, x, atol=1e-6)
+    m, k = ph.jitter_matrix(params_for(1))
+    assert torch.allclose(m[0], torch.eye(3, dtype=torch.float64), atol=1e-12) and k.abs().max() < 1e-12
+
+
+def test_jitter_off_is_exactly_the_input():
+    x = torch.rand(2, 3, 8, 8)
+    out = ph.apply_strong(x, params_for(2, jitter_on=0.0, brightness=1.4, hue=0.1), SPEC)
+    assert torch.equal(out, x)
+
+
+def test_each_factor_on_hand_checked_colours():
+    x = torch.tensor([0.2, 0.4, 0.6]).view(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()
+    y = 0.299 * 0.2 + 0.587 * 0.4 + 0.114 * 0.6  # luma of the colour (also the image's mean luma)
+    bright = ph.apply_strong(x, params_for(1, brightness=1.5), SPEC)
+    assert torch.allclose(bright[0, :, 0, 0], torch.tensor([0.3, 0.6, 0.9]), atol=1e-6)
+    flat = ph.apply_strong(x, params_for(1, contrast=0.0), SPEC)  # contrast 0: the mean luma everywhere
+    assert torch.allclose(flat, torch.full_like(x, y), atol=1e-6)
+    gray = ph.apply_strong(x, params_for(1, saturation=0.0), SPEC)  # saturation 0: the pixel's luma
+    assert torch.allclose(gray, torch.full_like(x, y), atol=1e-6)
+    over = ph.apply_strong(x, params_for(1, brightness=2.0), SPEC)  # clamped once, at the end
+    assert torch.allclose(over[0, :, 0, 0], torch.tensor([0.4, 0.8, 1.0]), atol=1e-6)
+
+
+def test_hue_rotation_keeps_luma_and_grays_and_turns_red_towards_green():
+    x = torch.rand(4, 3, 8, 8) * 0.5 + 0.25
+    turned = ph.adjust_hue(x, torch.full((4,), 0.1), clamp=False)
+    assert torch.allclose(ph.luma(turned), ph.luma(x), atol=1e-5)
+    grays = torch.rand(2, 1, 4, 4).expand(-1, 3, -1, -1)
+    assert torch.allclose(ph.adjust_hue(grays, torch.tensor([0.3, -0.2])), grays, atol=1e-6)
+    full_turn = ph.adjust_hue(x, torch.ones(4), clamp=False)
+    assert torch.allclose(full_turn, x, atol=1e-5)
+    red = torch.tensor([0.8, 0.2, 0.0]).view(1, 3, 1, 1)
+    r, g, b = ph.adjust_hue(red, torch.tensor([1 / 3]))[0, :, 0, 0]  # a third of a turn: green dominates
+    assert g > r and g > b
+
+
+def test_composed_matrix_equals_the_ops_one_by_one_without_clamping():
+    torch.manual_seed(0)
+    x = torch.rand(5, 3, 12, 12)
+    p = params_for(5, brightness=torch.rand(5) * 0.8 + 0.6, contrast=torch.rand(5) * 0.8 + 0.6,
+                   saturation=torch.rand(5) * 0.4 + 0.8, hue=torch.rand(5) * 0.2 - 0.1)
+    m, k = ph.jitter_matrix(p)
+    composed = ph._apply_matrix(x, m) + ph.jitter_offset(k, ph.mean_colour(x)).view(5, 3, 1, 1)
+    ops = [(ph.adjust_brightness, ph.BRIGHTNESS), (ph.adjust_contrast, ph.CONTRAST),
+           (ph.adjust_saturation, ph.SATURATION), (ph.adjust_hue, ph.HUE)]
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]):  # any order: the four maps commute
+        y = x
+        for i in order:
+            op, col = ops[i]
+            y = op(y, p[:, col], clamp=False)
+        assert torch.allclose(composed, y, atol=1e-5), order
+    # ... and apply_strong is that map, clamped once
+    assert torch.allclose(ph.apply_strong(x, p, SPEC), composed.clamp(0, 1), atol=1e-5)
+
+
+def test_grayscale_solarize_and_blur_match_their_definitions():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255
+    gray = ph.apply_strong(x, params_for(1, jitter_on=0.0, strong_op=STRONG_OPS.index("grayscale")), SPEC)[0]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[0], gray[2])
+    ref = np.asarray(img.convert("L"), dtype=np.float64)
+    assert np.abs(gray[0].mul(255).numpy() - ref).max() <= 1.0
+    sol = ph.apply_strong(x, params_for(1, jitter_on=0.0, strong_op=STRONG_OPS.index("solarize")), SPEC)
+    sol = sol[0].permute(1, 2, 0).mul(255).round().byte().numpy()
+    assert np.array_equal(sol, np.asarray(ImageOps.solarize(img, 128)))
+    sigma = 1.5
+    blurred = ph.apply_strong(x, params_for(1, jitter_on=0.0, strong_op=STRONG_OPS.index("blur"), blur_sigma=sigma), SPEC)
+    ref = np.asarray(img.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float64)
+    inner = (slice(6, -6), slice(6, -6))  # PIL and reflect padding differ only at the border
+    assert np.abs(blurred[0].permute(1, 2, 0).mul(255).numpy()[inner] - ref[inner]).mean() < 3.0
+
+
+def test_solarize_threshold_on_the_0_255_scale():
+    values = torch.tensor([0.0, 127.0, 127.4, 127.6, 128.0, 255.0]).view(1, 1, 1, -1).expand(1, 3, 1, -1)
+    out = ph.solarize(values, 128, value_range=255.0)[0, 0, 0]
+    assert out.tolist() == pytest.approx([0.0, 127.0, 127.4, 127.4, 127.0, 0.0])
+    assert torch.allclose(ph.solarize(values / 255, 128), ph.solarize(values, 128, 255.0) / 255)
+
+
+def test_blur_window_per_image_and_constant_images():
+    assert ph.blur_window(torch.tensor([0.1, 0.33, 0.34, 1.5, 2.0])).tolist() == [3, 3, 5, 11, 13]
+    const = torch.full((2, 3, 20, 20), 0.25)
+    assert torch.allclose(ph.gaussian_blur(const, torch.tensor([0.3, 2.0])), const, atol=1e-6)
+    # each image over its own window: the same as blurring it alone with that window
+    x = torch.rand(2, 3, 20, 20)
+    sigma = torch.tensor([0.3, 2.0])
+    both = ph.gaussian_blur(x, sigma)
+    for i, width in enumerate(ph.blur_window(sigma).tolist()):
+        assert torch.allclose(both[i], ph.gaussian_blur(x[i : i + 1], sigma[i : i + 1], width)[0], atol=1e-6)
+
+
+def test_value_range_255_equals_unit_range():
+    x = torch.randint(0, 256, (9, 3, 16, 16)).float()
+    p = ph.sample_params(AugSpec(), 9, torch.Generator().manual_seed(1))
+    unit = ph.apply_strong(x / 255, p, SPEC)
+    scaled = ph.apply_strong(x, p, SPEC, value_range=255.0)
+    assert torch.allclose(unit * 255, scaled, atol=1e-3)
+    as_uint8 = ph.apply_strong_uint8(x.byte(), p, SPEC)
+    assert (as_uint8.float() - scaled).abs().max() <= 0.5 + 1e-3
+
+
+def test_parameter_sampling_rates():
+    p = ph.sample_params(AugSpec(), 6000, torch.Generator().manual_seed(0))
+    assert p[:, ph.JITTER_ON].mean().item() == pytest.approx(0.8, abs=0.02)
+    for i in range(len(STRONG_OPS)):
+        assert (p[:, ph.STRONG_OP] == i).float().mean().item() == pytest.approx(1 / 3, abs=0.02)
+    assert p[:, ph.BRIGHTNESS].min() >= 0.6 and p[:, ph.BRIGHTNESS].max() <= 1.4
+    assert p[:, ph.SATURATION].min() >= 0.8 and p[:, ph.SATURATION].max() <= 1.2
+    assert p[:, ph.HUE].abs().max() <= 0.1 and p[:, ph.HUE].std() > 0.05
+    assert p[:, ph.BLUR_SIGMA].min() >= 0.1 and p[:, ph.BLUR_SIGMA].max() <= 2.0
+    only_blur = ph.sample_params(AugSpec(strong_ops=("blur",)), 50)
+    assert (only_blur[:, ph.STRONG_OP] == STRONG_OPS.index("blur")).all()
+
+
+def test_device_stage_keeps_any_memory_format():
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    p = ph.sample_params(AugSpec(), 4, torch.Generator().manual_seed(3))
+    planar = ph.apply_strong_uint8(x, p, SPEC)
+    nhwc = ph.apply_strong_uint8(x.contiguous(memory_format=torch.channels_last), p, SPEC)
+    assert torch.equal(planar, nhwc)
+
+
+def test_hue_sign_is_a_fraction_of_a_turn():
+    m = ph.hue_matrix(torch.tensor([0.25]))[0]
+    # a quarter turn of the chroma plane: applying it four times is the identity
+    assert torch.allclose(torch.linalg.matrix_power(m, 4), torch.eye(3, dtype=torch.float64), atol=1e-9)
+    assert not torch.allclose(m, torch.eye(3, dtype=torch.float64), atol=0.1)
+    assert math.isclose(float(m.sum(1).mean()), 1.0, abs_tol=1e-9)  # grays stay put: rows sum to 1
