@@ -32,7 +32,7 @@ sysdeps:
 
 # Everything the tests need: test tools, Hugging Face datasets (coexistence test), DALI and FFCV.
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml constraints.txt | sysdeps
-	$(PIP) install -q -c constraints.txt -e '.[test,dali,ffcv]'
+	$(PIP) install -q -c constraints.txt -e '.[test,dali,ffcv,bench]'
 	touch $@
 
 install-test: $(VENV)/.installed-test
