@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-# The paper-scale reference figures (GFLOPs per image, forward + backward) from LUT_SPEC.md.
+# The paper-scale reference figures (GFLOPs per image, forward + backward) (docs/METHOD.md, "12. Compute cost").
 REFERENCE_VIT_B_GFLOPS = {"mae": 58.7, "lut_symmetric": 155.6, "lut_one_way": 93.9}
 
 

@@ -1,4 +1,4 @@
-"""The analytic FLOP counter (lut_fast/flops.py) against LUT_SPEC.md's figures and an independent count.
+"""The analytic FLOP counter (lut_fast/flops.py) against docs/METHOD.md's figures (section 12) and an independent count.
 
 The independent count is torch.utils.flop_counter.FlopCounterMode over a real
 forward + backward (the momentum target forward-only under no_grad, as in the
@@ -48,7 +48,7 @@ def test_vit_b_matches_reference_figures(method, direction, name):
 
 
 def test_compute_ratios_match_spec():
-    """LUT_SPEC.md: about 2.65x MAE (symmetric) and 1.6x MAE (one-way) for ViT-B."""
+    """docs/METHOD.md, section 12: about 2.65x MAE (symmetric) and 1.6x MAE (one-way) for ViT-B."""
     d = ArchDims()
     mae = training_flops(d, "mae").total
     assert training_flops(d, "lut", "symmetric").total / mae == pytest.approx(2.65, abs=0.01)
