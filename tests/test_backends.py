@@ -115,9 +115,10 @@ def _unnormalize(x: torch.Tensor, spec: AugSpec) -> np.ndarray:
     return (x.float() * std + mean).double().numpy()
 
 
-def collect(backend: str, data: Path, recipe: str, channels_last: bool = False) -> Views:
+def collect(backend: str, data: Path, recipe: str, channels_last: bool = False, photometric_on: str = "loader") -> Views:
     spec = AugSpec(recipe=recipe, img_size=S)
-    loader = build_loader(backend, str(data), spec, BATCH, num_workers=2, seed=0, channels_last=channels_last)
+    loader = build_loader(backend, str(data), spec, BATCH, num_workers=2, seed=0, channels_last=channels_last,
+                          photometric_on=photometric_on)
     v1, v2, labels, ok = [], [], [], True
     for epoch in range(EPOCHS):
         loader.set_epoch(epoch)
@@ -135,31 +136,40 @@ def collect(backend: str, data: Path, recipe: str, channels_last: bool = False) 
     return Views(np.concatenate(v1), np.concatenate(v2) if v2 else None, np.concatenate(labels), len(loader), ok)
 
 
-LUT_CASES = {  # name: (backend, data key, channels_last)
-    "torch": ("torch", "folder", False),
-    "dali-folder": ("dali", "folder", True),
-    "dali-shards": ("dali", "shards", False),
-    "ffcv": ("ffcv", "beton", True),
+# "-device" cases: the loader hands over uint8 views and view 2's parameters, and finish_batch applies
+# the photometric ops (here on the CPU: the same code a GPU runs after the copy).
+LUT_CASES = {  # name: (backend, data key, channels_last, photometric_on)
+    "torch": ("torch", "folder", False, "loader"),
+    "dali-folder": ("dali", "folder", True, "loader"),
+    "dali-shards": ("dali", "shards", False, "loader"),
+    "dali-device": ("dali", "shards", True, "device"),
+    "ffcv": ("ffcv", "beton", True, "loader"),
+    "ffcv-device": ("ffcv", "beton", False, "device"),
 }
-MAE_CASES = {"torch": ("torch", "folder"), "dali": ("dali", "shards"), "ffcv": ("ffcv", "beton")}
+MAE_CASES = {  # name: (backend, data key, photometric_on)
+    "torch": ("torch", "folder", "loader"), "dali": ("dali", "shards", "loader"),
+    "dali-device": ("dali", "shards", "device"), "ffcv": ("ffcv", "beton", "loader"),
+}
 _cache: dict[tuple, Views] = {}
 
 
-def _views(probe, backend: str, key: str, recipe: str, channels_last: bool = False) -> Views:
-    k = (backend, key, recipe, channels_last)
+def _views(probe, backend: str, key: str, recipe: str, channels_last: bool = False, photometric_on: str = "loader") -> Views:
+    k = (backend, key, recipe, channels_last, photometric_on)
     if k not in _cache:
-        _cache[k] = collect(backend, probe[key], recipe, channels_last)
+        _cache[k] = collect(backend, probe[key], recipe, channels_last, photometric_on)
     return _cache[k]
 
 
 @pytest.fixture(scope="module", params=list(LUT_CASES))
 def lut(request, probe) -> Views:
-    return _views(probe, *LUT_CASES[request.param][:2], "lut", LUT_CASES[request.param][2])
+    backend, key, channels_last, place = LUT_CASES[request.param]
+    return _views(probe, backend, key, "lut", channels_last, place)
 
 
 @pytest.fixture(scope="module", params=list(MAE_CASES))
 def mae(request, probe) -> Views:
-    return _views(probe, *MAE_CASES[request.param], "mae")
+    backend, key, place = MAE_CASES[request.param]
+    return _views(probe, backend, key, "mae", photometric_on=place)
 
 
 @pytest.fixture(scope="module")
@@ -406,3 +416,26 @@ def test_dali_reflect_pad_matches_numpy():
     pipe = pad(batch_size=1, num_threads=1, device_id=None)
     pipe.build()
     np.testing.assert_array_equal(np.array(pipe.run()[0][0]), np.pad(arr, ((4, 4), (4, 4), (0, 0)), mode="reflect"))
+
+
+@pytest.mark.parametrize("backend,key", [("ffcv", "beton"), ("dali", "shards")])
+def test_device_mode_hands_over_uint8_and_resumable_params(probe, backend, key):
+    """photometric_on=device: raw batches are uint8 NCHW with view 2's parameters, which depend on (seed, epoch,
+    batch index) only: a resumed epoch gets the same parameters for the same batches."""
+    from lut_fast.pipelines import photometric
+
+    loader = build_loader(backend, str(probe[key]), AugSpec(img_size=S), BATCH, num_workers=2, seed=5,
+                          photometric_on="device")
+    loader.set_epoch(1)
+    full = list(loader.raw_batches())
+    for raw in full:
+        assert raw.view1.dtype == raw.view2.dtype == torch.uint8 and raw.view1.shape == (BATCH, 3, S, S)
+        assert raw.strong_params.shape == (BATCH, photometric.NUM_PARAMS)
+    loader.set_epoch(1, start_batch=2)
+    resumed = list(loader.raw_batches())
+    assert len(resumed) == len(full) - 2
+    for a, b in zip(full[2:], resumed):
+        assert torch.equal(a.strong_params, b.strong_params)
+    assert not torch.equal(full[0].strong_params, full[1].strong_params)
+    loader.set_epoch(2)
+    assert not torch.equal(next(iter(loader.raw_batches())).strong_params, full[0].strong_params)
