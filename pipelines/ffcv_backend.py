@@ -43,13 +43,14 @@ from pathlib import Path
 from typing import Iterator
 
 import numba
+import numpy as np
 import torch
 
 from lut_fast.errors import UserError
 
 from . import formats
 from .batch import Batch, RawBatch, finish_batch, resolve_photometric_on
-from .ffcv_ops import RrcFlipDecoder, SrcViewsDecoder, StrongView, TakeView  # first: keeps torch's thread count
+from .ffcv_ops import NormalizeView, RrcFlipDecoder, SrcViewsDecoder, StrongView, TakeView  # first: keeps torch's thread count
 from .spec import AugSpec
 from .strong_params import strong_params_for_batch
 
@@ -113,6 +114,9 @@ class FfcvLoader:
         self.path = resolve_beton(data, split)
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
         self.photometric_on = resolve_photometric_on(photometric_on, self.device)
+        # CPU-only training: the numba kernels write normalised float32 in FFCV's threads (nothing left for
+        # the trainer's process to do); towards a GPU, uint8 (a quarter of the bytes over PCIe).
+        self.float_out = self.device.type == "cpu" and self.photometric_on == "loader"
         self.seed, self.rank = seed, rank
         if order not in ORDERS:
             raise UserError(f"FFCV order must be one of {', '.join(ORDERS)}, got {order!r}")
@@ -144,14 +148,17 @@ class FfcvLoader:
         sp = self.spec
         labels = [IntDecoder(), *self._device_ops()]
         if sp.recipe == "mae":
-            return {"image": [RrcFlipDecoder(sp), *self._device_ops()], "label": labels}
+            tail = [NormalizeView(sp, None, self.channels_last)] if self.float_out else []
+            return {"image": [RrcFlipDecoder(sp), *tail, *self._device_ops()], "label": labels}
         decoder = SrcViewsDecoder(sp, views=2)
         if self.photometric_on == "device":  # both views leave as uint8 crops; view 2's ops run in finish_batch
             return {"image": [decoder, *self._device_ops()], "label": labels}
+        cl, f = self.channels_last, self.float_out
         return {
-            "image": PipelineSpec("image", decoder=decoder, transforms=[TakeView(0), *self._device_ops()]),
+            "image": PipelineSpec("image", decoder=decoder,
+                                  transforms=[NormalizeView(sp, 0, cl) if f else TakeView(0), *self._device_ops()]),
             "label": labels,
-            "image2": PipelineSpec(source=decoder, transforms=[StrongView(sp, 1), *self._device_ops()]),
+            "image2": PipelineSpec(source=decoder, transforms=[StrongView(sp, 1, f, cl), *self._device_ops()]),
         }
 
     def __len__(self) -> int:
@@ -168,27 +175,36 @@ class FfcvLoader:
         Compiler.set_num_threads(self.loader.num_workers)
         it = EpochIterator(self.loader, order[self.start_batch * self.batch_size :])
         names = self.outputs
-        nchw = lambda x: x.permute(0, 3, 1, 2)  # noqa: E731 - NHWC buffer seen as NCHW (channels-last memory)
-        copy = (lambda x: x.clone(memory_format=torch.preserve_format)) if fresh else (lambda x: x)  # noqa: E731
         try:
             for k, out in enumerate(it, start=self.start_batch):
                 out = dict(zip(names, out))
                 images, params = out["image"], None
                 if images.dim() == 5:  # (B, 2, S, S, 3): both views straight from the decoder (device mode)
-                    view1, view2 = copy(nchw(images[:, 0])), copy(nchw(images[:, 1]))
+                    view1, view2 = self._nchw(images[:, 0], fresh), self._nchw(images[:, 1], fresh)
                     params = strong_params_for_batch(self.spec, images.shape[0], self.seed, self.epoch, self.rank, k)
                 else:
-                    view1 = copy(nchw(images))
-                    view2 = copy(nchw(out["image2"])) if "image2" in out else None
+                    view1 = self._nchw(images, fresh)
+                    view2 = self._nchw(out["image2"], fresh) if "image2" in out else None
                 yield RawBatch(view1=view1, view2=view2, labels=out["label"].reshape(-1).clone(), strong_params=params)
         finally:
             it.close()  # stops FFCV's thread when the consumer leaves mid-epoch
 
+    def _nchw(self, x: torch.Tensor, fresh: bool) -> torch.Tensor:
+        """A view as (B, 3, S, S) (NHWC buffers permuted: channels-last memory), copied out of FFCV's buffer if ``fresh``.
+
+        The copy is numpy's, one thread, in this process: torch's would run on every OpenMP thread of
+        the trainer and, on a busy machine, spend ten times the copy's CPU time spinning.
+        """
+        if fresh:
+            x = torch.from_numpy(np.copy(x.numpy(), order="K")) if x.device.type == "cpu" else x.clone()
+        nhwc = x.dtype == torch.uint8 or self.channels_last  # float views are written NCHW unless channels-last
+        return x.permute(0, 3, 1, 2) if nhwc else x
+
     def raw_batches(self) -> Iterator[RawBatch]:
-        """The CPU side alone: uint8 NCHW views (channels-last memory), each a fresh tensor."""
+        """The CPU side alone: uint8 views (float32 when normalised in FFCV's threads), each a fresh tensor."""
         return self._raw(fresh=True)
 
     def __iter__(self) -> Iterator[Batch]:
-        # finish_batch converts uint8 into new float tensors, so FFCV's buffers need no copy here.
-        for raw in self._raw(fresh=False):
+        # finish_batch turns uint8 into new float tensors; views FFCV already normalised are copied out of its buffers.
+        for raw in self._raw(fresh=self.float_out):
             yield finish_batch(raw, self.spec, self.device, self.channels_last)
