@@ -280,6 +280,7 @@ class DaliLoader:
             raise UserError(f"{self.source.path} is an FFCV file: use --backend ffcv, or give DALI the image folder "
                             "or a folder made by `lut-fast convert dali`")
         if self.source.kind == "shards":
+            formats.warn_if_storage_cannot_serve(self.source.path, spec.recipe, spec.img_size, split, rank)
             manifest = read_manifest(self.source.path)
             self.num_samples = manifest["num_samples"]
             self.tars = [str(self.source.path / s["tar"]) for s in manifest["shards"]]

@@ -81,6 +81,7 @@ _keep_torch_threads()
 def resolve_beton(data: str | Path, split: str) -> Path:
     source = formats.detect(data, split)
     if source.kind == "beton":
+        formats.check_beton(source.path)
         return source.path
     if source.kind == "shards":
         raise UserError(f"{source.path} holds DALI shards; FFCV reads .beton files: use --backend dali, "
@@ -112,6 +113,7 @@ class FfcvLoader:
         photometric_on: str = "auto",
     ):
         self.path = resolve_beton(data, split)
+        formats.warn_if_storage_cannot_serve(self.path, spec.recipe, spec.img_size, split, rank)
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
         self.photometric_on = resolve_photometric_on(photometric_on, self.device)
         # CPU-only training: the numba kernels write normalised float32 in FFCV's threads (nothing left for

@@ -20,7 +20,10 @@ standard errors at these sample sizes); per-channel statistics of the
 normalised views within 0.05 (mean, view 1: about 3 gray levels), 0.20
 (mean, view 2: its random jitter makes the run-to-run spread about 0.05)
 and 0.10 (std: OpenCV's area resize in FFCV smooths a little more than
-bicubic); ramp brightness (crop position) within 0.03 of torch.
+bicubic); ramp brightness (crop position) within 0.03 of torch. The same
+tolerances hold for views made from storage pre-resized to the view size
+(``*-stored-at-S``: the resize done by the converter, once) and for views
+whose photometric ops run in ``finish_batch`` (``*-device``).
 Torch and DALI are seeded and deterministic; FFCV's augmentations are not.
 """
 
@@ -92,6 +95,9 @@ def probe(tmp_path_factory) -> dict[str, Path]:
         "folder": root,
         "shards": write_shards(root, root / "shards", workers=2, shard_size=64).output,
         "beton": write_beton(root, root / "probe.beton", workers=2, jpeg_quality=95).output,
+        # Stored with the shorter side at the view size (convert --shorter-side S): the loaders skip the resize.
+        "shards_at_s": write_shards(root, root / "shards_s", workers=2, shard_size=64, shorter_side=S).output,
+        "beton_at_s": write_beton(root, root / "probe_s.beton", workers=2, jpeg_quality=95, shorter_side=S).output,
     }
 
 
@@ -145,6 +151,8 @@ LUT_CASES = {  # name: (backend, data key, channels_last, photometric_on)
     "dali-device": ("dali", "shards", True, "device"),
     "ffcv": ("ffcv", "beton", True, "loader"),
     "ffcv-device": ("ffcv", "beton", False, "device"),
+    "dali-stored-at-S": ("dali", "shards_at_s", False, "loader"),
+    "ffcv-stored-at-S": ("ffcv", "beton_at_s", True, "device"),
 }
 MAE_CASES = {  # name: (backend, data key, photometric_on)
     "torch": ("torch", "folder", "loader"), "dali": ("dali", "shards", "loader"),
@@ -439,3 +447,35 @@ def test_device_mode_hands_over_uint8_and_resumable_params(probe, backend, key):
     assert not torch.equal(full[0].strong_params, full[1].strong_params)
     loader.set_epoch(2)
     assert not torch.equal(next(iter(loader.raw_batches())).strong_params, full[0].strong_params)
+
+
+def test_bad_beton_files_are_one_line_errors(probe, tmp_path):
+    """Empty, truncated and foreign files named .beton: a UserError before FFCV reads them."""
+    good = probe["beton"].read_bytes()
+    cases = {"empty.beton": b"", "truncated.beton": good[: len(good) // 2], "text.beton": b"not a beton\n" * 100,
+             "header-only.beton": good[:40]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match="not a usable FFCV .beton") as e:
+            build_loader("ffcv", str(tmp_path / name), AugSpec(img_size=S), BATCH)
+        assert "\n" not in str(e.value)
+
+
+def test_storage_too_small_for_the_recipe_warns_once(probe, capsys):
+    from lut_fast.pipelines import formats
+
+    for key in ("shards_at_s", "beton_at_s"):
+        meta = formats.stored_metadata(probe[key])
+        assert meta["shorter_side"] == S and meta["num_samples"] == N_FLAT + N_RAMP + 2 * 48
+        assert meta["source"] == str(probe["folder"] / "train") and meta["quality"] == 95
+        backend = "dali" if key.startswith("shards") else "ffcv"
+        build_loader(backend, str(probe[key]), AugSpec(img_size=S), BATCH, num_workers=1)  # LUT at S: fine
+        assert "warning" not in capsys.readouterr().err
+        for _ in range(2):
+            build_loader(backend, str(probe[key]), AugSpec(recipe="mae", img_size=S), BATCH, num_workers=1)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "RandomResizedCrop" in err[0] and f"--shorter-side {2 * S}" in err[0], err
+        build_loader(backend, str(probe[key]), AugSpec(img_size=2 * S), BATCH, num_workers=1)
+        assert "below the image size" in capsys.readouterr().err
+    assert formats.stored_metadata(probe["folder"]) is None
+    assert formats.stored_metadata(probe["beton"])["shorter_side"] is None
