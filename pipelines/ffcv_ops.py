@@ -53,8 +53,27 @@ torch.set_num_threads(_torch_threads)
 
 from .spec import STRONG_OPS, AugSpec  # noqa: E402
 
+def _use_lut_fast_cache_dir() -> None:
+    """Keep numba's on-disk cache under lut-fast's cache folder (``$LUT_FAST_CACHE``, else ~/.cache/lut_fast).
+
+    Without it numba writes beside the installed sources, or, where those are read-only (a system
+    install, a container image), under a per-user folder of its own; one known place is easier to
+    keep between container runs (mount it) and to clear. ``NUMBA_CACHE_DIR`` set by the user wins.
+    """
+    import os
+
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    from lut_fast.datasets.builtin import cache_root
+
+    numba.config.CACHE_DIR = str(cache_root() / "numba")
+
+
+_use_lut_fast_cache_dir()
 # Small kernels called from FFCV's generated code. cache=True keeps their
-# machine code on disk, so a new Loader spends less time compiling.
+# machine code on disk (first use compiles; later processes load it), so a new
+# Loader compiles only FFCV's own generated stage functions, which numba cannot
+# cache (they are closures).
 _jit = numba.njit(cache=True, nogil=True)
 # FFCV's ctypes wrappers, compiled once here rather than once per Loader: a per-Loader copy
 # is garbage collected with its Loader, and numba's finaliser then prints a KeyError.
@@ -388,6 +407,15 @@ def strong_view(src, dst, x, tmp, jitter_p, strengths, ops, threshold, sigma_lo,
 
 
 @_jit
+def strong_view_normalized(src, dst, x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half,
+                           scale, shift):
+    """Target view of uint8 ``src`` into normalised float ``dst`` (see ``normalize_into``)."""
+    _to_float(src, x)
+    strong_ops(x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half)
+    normalize_into(x, dst, scale, shift)
+
+
+@_jit
 def normalize_into(src, dst, scale, shift):
     """dst[y, x, c] = src[y, x, c] * scale[c] + shift[c]: (v - 255 mean) / (255 std) for src on 0..255.
 
@@ -543,18 +571,16 @@ class StrongView(Operation):
                 dst, work, tmp = storage
                 n = images.shape[0]
                 for i in my_range(n):
-                    _to_float(images[i, index], work[i])
-                    strong_ops(work[i], tmp[i], jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, half)
-                    normalize_into(work[i], dst[i], scale, shift)
+                    strong_view_normalized(images[i, index], dst[i], work[i], tmp[i], jitter_p, strengths, ops,
+                                           threshold, sigma_lo, sigma_hi, half, scale, shift)
                 return dst[:n]
         else:
             def strong(images, storage):
                 dst, work, tmp = storage
                 n = images.shape[0]
                 for i in my_range(n):
-                    _to_float(images[i, index], work[i])
-                    strong_ops(work[i], tmp[i], jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, half)
-                    normalize_into(work[i], dst[i].transpose(1, 2, 0), scale, shift)
+                    strong_view_normalized(images[i, index], dst[i].transpose(1, 2, 0), work[i], tmp[i], jitter_p,
+                                           strengths, ops, threshold, sigma_lo, sigma_hi, half, scale, shift)
                 return dst[:n]
 
         strong.is_parallel = True
