@@ -8,6 +8,13 @@ Graph for the LUT recipe (built in ``ffcv_backend.py``)::
                                            jitter (p), 1 of 3 ops
 
 and for the MAE recipe a single ``RrcFlipDecoder`` (RandomResizedCrop + flip).
+For CPU-only training, ``NormalizeView`` and ``StrongView(normalize=True)``
+write normalised float32 straight from the kernels, in FFCV's threads: a
+torch pass in the trainer's process used to be the largest single cost (its
+page faults and OpenMP threads spinning on a busy machine). With
+``photometric_on=device`` the graph ends at the decoder: both uint8 crops go
+to the trainer, view 2's ops run batched on the device. Images stored with
+their shorter side at S already (``convert --shorter-side S``) skip the resize.
 
 Why custom operations: FFCV's own RandomBrightness/Contrast/Saturation
 modify their input in place, so with one decode shared by two views they
