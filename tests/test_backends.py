@@ -381,6 +381,15 @@ def test_missing_backend_says_how_to_install(monkeypatch, backend):
         build_loader(backend, None, AugSpec(img_size=S), BATCH)
 
 
+def _yiq_hue(x: torch.Tensor, turns: float) -> torch.Tensor:
+    """Hue as the torch reference and DALI define it: YIQ's chroma plane rotated by ``turns``, clamped."""
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    c, s = np.cos(2 * np.pi * turns), np.sin(2 * np.pi * turns)
+    rot = torch.tensor([[1.0, 0, 0], [0, c, s], [0, -s, c]], dtype=torch.float64)
+    m = (torch.linalg.inv(yiq) @ rot @ yiq).float()
+    return torch.einsum("ij,bjhw->bihw", m, x).clamp(0, 1)
+
+
 def test_ffcv_kernels_match_the_torch_reference():
     """Each numba op of the FFCV target view against photometric.py (the torch backend's ops)."""
     from lut_fast.pipelines import ffcv_ops as F
@@ -393,7 +402,7 @@ def test_ffcv_kernels_match_the_torch_reference():
         (F._brightness, (1.3,), P.adjust_brightness(ref, f(1.3))),
         (F._contrast, (0.7,), P.adjust_contrast(ref, f(0.7))),
         (F._saturation, (1.2,), P.adjust_saturation(ref, f(1.2))),
-        (F._hue, (0.08,), P.adjust_hue(ref, f(0.08))),
+        (F._hue, (0.08,), _yiq_hue(ref, 0.08)),
         (F._grayscale, (), P.grayscale(ref)),
         (F._solarize, (128.0,), P.solarize(ref, 128)),
         (F._blur, (np.empty_like(img), 1.5, 6), P.gaussian_blur(ref, f(1.5), 13)),
