@@ -1,7 +1,8 @@
 """``lut-fast convert ffcv|dali``: turn an ImageFolder tree into a fast backend's format.
 
 Thin command-line wrappers; the work is in ``ffcv_writer.py`` and
-``dali_writer.py``. Both print a progress bar, list skipped files and end
+``dali_writer.py``. ``--shorter-side S`` stores every image with its shorter
+side at S (the SRC resize done once, offline): what makes LUT's views cheap. Both print a progress bar, list skipped files and end
 with a one-line summary (images, classes, bytes, seconds).
 """
 
@@ -20,6 +21,14 @@ _SRC = typer.Argument(..., help="ImageFolder tree (<class>/<image>) or a split r
 _SPLIT = typer.Option("train", help="Split to convert when SRC_DIR holds train/ and val/.")
 _WORKERS = typer.Option(0, help="Worker processes (0 = all cores).")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output.")
+_SHORTER_SIDE = typer.Option(
+    None, "--shorter-side", metavar="S",
+    help="Shrink each image once, here, so its shorter side is S (bicubic, antialiased; smaller images kept). "
+         "For LUT's views (SRC resizes the shorter side to the image size): with S = the training image size "
+         "training skips the resize, and the views are exact up to JPEG re-encoding. MAE's RandomResizedCrop "
+         "zooms into crops and needs more pixels: keep a larger S (e.g. 2x the image size) or the originals. "
+         "Recorded in the output's metadata; training warns when the stored size cannot serve the recipe.",
+)
 
 
 @convert_app.command("ffcv")
@@ -37,6 +46,7 @@ def convert_ffcv(
     workers: int = _WORKERS,
     chunk_size: int = typer.Option(100, help="Images per work item handed to a writer process."),
     overwrite: bool = _OVERWRITE,
+    shorter_side: Optional[int] = _SHORTER_SIDE,
 ) -> None:
     """Write SRC_DIR's images and labels to an FFCV .beton (train with --backend ffcv --data OUT)."""
     from lut_fast.errors import UserError
@@ -48,7 +58,7 @@ def convert_ffcv(
     report = write_beton(
         src_dir, out, split=split, max_resolution=max_resolution or None, jpeg_quality=jpeg_quality,
         write_mode=write_mode, compress_probability=compress_probability, smart_threshold=smart_threshold,
-        workers=workers, chunk_size=chunk_size, overwrite=overwrite,
+        workers=workers, chunk_size=chunk_size, overwrite=overwrite, shorter_side=shorter_side,
     )
     report.print()
 
@@ -64,12 +74,13 @@ def convert_dali(
     workers: int = _WORKERS,
     seed: int = typer.Option(0, help="Seed of the stored sample order (shuffled, so shards mix classes)."),
     overwrite: bool = _OVERWRITE,
+    shorter_side: Optional[int] = _SHORTER_SIDE,
 ) -> None:
     """Write SRC_DIR as webdataset tar shards with DALI index files (train with --backend dali --data OUT_DIR)."""
     from .dali_writer import write_shards
 
     report = write_shards(
         src_dir, out_dir, split=split, shard_size=shard_size, max_resolution=max_resolution or None,
-        jpeg_quality=jpeg_quality, workers=workers, seed=seed, overwrite=overwrite,
+        jpeg_quality=jpeg_quality, workers=workers, seed=seed, overwrite=overwrite, shorter_side=shorter_side,
     )
     report.print()

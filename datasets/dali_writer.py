@@ -16,8 +16,13 @@ Samples are stored in a seeded random order, because DALI's reader shuffles
 only within a buffer: a class-sorted tar would give class-sorted batches and
 per-rank shards holding a few classes each.
 
-RGB JPEGs are stored byte for byte (no second lossy encode); everything else
-(PNG, CMYK or grayscale JPEG, ...) is converted to RGB and encoded once.
+RGB JPEGs are stored byte for byte (no second lossy encode) unless they are
+resized; everything else (PNG, CMYK or grayscale JPEG, ...) is converted to
+RGB and encoded once. ``shorter_side=S`` (``--shorter-side``) shrinks every
+image larger than that once, here (bicubic, antialiased: the SRC recipe's
+resize), so LUT training at image size S decodes small files and skips the
+resize. The manifest records how the images were stored (``shorter_side``,
+``max_resolution``, ``quality``, ``source``, ``num_samples``).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class _Job:
     label: int
     max_resolution: int | None
     quality: int
+    shorter_side: int | None = None
 
 
 def prepare_sample(job: _Job) -> tuple[bytes | None, str | None]:
@@ -62,10 +68,11 @@ def prepare_sample(job: _Job) -> tuple[bytes | None, str | None]:
         with Image.open(job.path) as img:
             passthrough = img.format == "JPEG" and img.mode == "RGB" and not (
                 job.max_resolution and max(img.size) > job.max_resolution
-            )
+            ) and not (job.shorter_side and min(img.size) > job.shorter_side)
         if passthrough:
             return Path(job.path).read_bytes(), None
-        return sources.encode_jpeg(sources.open_rgb(job.path, job.max_resolution), job.quality), None
+        img = sources.open_rgb(job.path, job.max_resolution, job.shorter_side)
+        return sources.encode_jpeg(img, job.quality), None
     except Exception as e:  # noqa: BLE001 - anything here means the file is unusable
         return None, f"unreadable ({type(e).__name__}: {e})"
 
@@ -127,6 +134,7 @@ def write_shards(
     workers: int = 0,
     seed: int = 0,
     overwrite: bool = False,
+    shorter_side: int | None = None,
 ) -> sources.ConversionReport:
     """Convert one split of an ImageFolder tree to DALI-readable webdataset shards in ``out_dir``."""
     out = Path(out_dir).expanduser().absolute()
@@ -134,14 +142,16 @@ def write_shards(
         raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     if not 1 <= jpeg_quality <= 100:
         raise UserError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
+    sources.check_size_options(shorter_side, max_resolution)
     sources.check_output(out, overwrite)
     listing = sources.list_source(src, split)
     workers = sources.resolve_workers(workers)
     t0 = time.perf_counter()
 
     order = np.random.default_rng(seed).permutation(len(listing.samples))
-    jobs = [_Job(*listing.samples[i], max_resolution, jpeg_quality) for i in order]
+    jobs = [_Job(*listing.samples[i], max_resolution, jpeg_quality, shorter_side) for i in order]
     skipped = list(listing.skipped)
+    sources.make_parent(out)
     tmp = sources.temp_path(out)
     sources.remove_path(tmp)
     tmp.mkdir()
@@ -163,6 +173,7 @@ def write_shards(
             "format": FORMAT_TAG, "version": 1, "split": split, "source": str(listing.index.root),
             "num_samples": written, "classes": listing.classes, "image_ext": IMAGE_EXT, "label_ext": LABEL_EXT,
             "shards": writer.shards, "skipped": len(skipped), "seed": seed,
+            "shorter_side": shorter_side, "max_resolution": max_resolution, "quality": jpeg_quality,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         sources.commit(tmp, out)

@@ -13,8 +13,15 @@ only good ones reach the writer. Should a file fail anyway (changed on disk
 between the passes), the worker stores a placeholder, notes the path, and the
 conversion is discarded with an error rather than kept with a gray image.
 
+``shorter_side=S`` (``--shorter-side``) shrinks every image once, here, so
+its shorter side is S (bicubic, antialiased, the SRC recipe's resize; smaller
+images are kept as they are), before FFCV's ``max_resolution`` cap and JPEG
+encoding: LUT training at image size S then skips the resize entirely.
+
 Labels follow torchvision's ImageFolder; the class list is written beside the
-output as ``<name>.classes.json``.
+output as ``<name>.classes.json``, and how the images were stored (shorter
+side, max resolution, quality, source folder, sample count) as
+``<name>.meta.json`` (read back by ``pipelines.formats.stored_metadata``).
 """
 
 from __future__ import annotations
@@ -37,11 +44,15 @@ def classes_path(beton: Path) -> Path:
     return beton.with_suffix(".classes.json")
 
 
+def metadata_path(beton: Path) -> Path:
+    return beton.with_suffix(".meta.json")
+
+
 class _ImageDataset:
     """What FFCV's writer indexes: ``(RGB uint8 HWC array, label)``; never raises (see module doc)."""
 
-    def __init__(self, samples: list[tuple[str, int]], failures: Path):
-        self.samples, self.failures = samples, failures
+    def __init__(self, samples: list[tuple[str, int]], failures: Path, shorter_side: int | None = None):
+        self.samples, self.failures, self.shorter_side = samples, failures, shorter_side
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -49,7 +60,7 @@ class _ImageDataset:
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[i]
         try:
-            return np.asarray(sources.open_rgb(path), dtype=np.uint8), label
+            return np.asarray(sources.open_rgb(path, shorter_side=self.shorter_side), dtype=np.uint8), label
         except Exception as e:  # noqa: BLE001
             with open(self.failures, "a") as f:  # O_APPEND: one short line per write is atomic
                 f.write(f"{path}\t{type(e).__name__}: {e}\n")
@@ -98,6 +109,7 @@ def write_beton(
     workers: int = 0,
     chunk_size: int = 100,
     overwrite: bool = False,
+    shorter_side: int | None = None,
 ) -> sources.ConversionReport:
     """Convert one split of an ImageFolder tree to an FFCV ``.beton`` file at ``out``."""
     from lut_fast.pipelines import require_backend
@@ -110,8 +122,7 @@ def write_beton(
         raise UserError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
     if not 0.0 <= compress_probability <= 1.0:
         raise UserError(f"--compress-probability must be in [0, 1], got {compress_probability}")
-    if max_resolution is not None and max_resolution < 1:
-        raise UserError(f"--max-resolution must be positive, got {max_resolution}")
+    sources.check_size_options(shorter_side, max_resolution)
     if max_resolution is not None and max_resolution > 65535:
         raise UserError("--max-resolution above 65535 is not storable in FFCV's image field")
     sources.check_output(out, overwrite)
@@ -138,8 +149,9 @@ def write_beton(
     if not good:
         raise UserError(f"no readable images in {listing.index.root}")
     if max_resolution is None:
-        _check_sizes_fit(good)
+        _check_sizes_fit(good, shorter_side)
 
+    sources.make_parent(out)
     tmp = sources.temp_path(out)
     failures = tmp.with_name(tmp.name + ".failures")
     sources.remove_path(tmp)
@@ -154,13 +166,19 @@ def write_beton(
         }
         writer = DatasetWriter(str(tmp), fields, num_workers=workers)
         with _rich_progress():
-            writer.from_indexed_dataset(_ImageDataset(good, failures), chunksize=chunk_size)
+            writer.from_indexed_dataset(_ImageDataset(good, failures, shorter_side), chunksize=chunk_size)
         if failures.exists():
             lines = failures.read_text().splitlines()
             raise UserError(f"{len(lines)} file(s) became unreadable during writing (first: {lines[0]}); "
                             "the output was discarded: run the conversion again")
         classes_path(out).write_text(json.dumps(listing.index.class_to_idx, indent=1) + "\n")
+        metadata = {
+            "format": "ffcv", "version": 1, "shorter_side": shorter_side, "max_resolution": max_resolution,
+            "quality": jpeg_quality, "write_mode": write_mode, "source": str(listing.index.root), "split": split,
+            "num_samples": len(good), "classes": len(listing.classes), "skipped": len(skipped),
+        }
         sources.commit(tmp, out)
+        sources.write_json_atomic(metadata_path(out), metadata)
     finally:
         sources.remove_path(tmp)
         sources.remove_path(failures)
@@ -168,11 +186,14 @@ def write_beton(
                                     time.perf_counter() - t0, sorted(skipped))
 
 
-def _check_sizes_fit(samples: list[tuple[str, int]]) -> None:
+def _check_sizes_fit(samples: list[tuple[str, int]], shorter_side: int | None) -> None:
     """FFCV stores width and height as uint16: say so before the writer fails obscurely."""
     from PIL import Image
 
     for path, _ in samples:
         with Image.open(path) as img:
-            if max(img.size) > 65535:
+            size = img.size
+            if shorter_side and min(size) > shorter_side:
+                size = sources.shorter_side_size(*size, shorter_side)
+            if max(size) > 65535:
                 raise UserError(f"{path} is {img.size[0]}x{img.size[1]}: pass --max-resolution (FFCV stores sizes as uint16)")

@@ -66,8 +66,23 @@ def list_source(src: str | os.PathLike, split: str = "train") -> SourceList:
     return SourceList(index=index, skipped=sorted(skipped))
 
 
-def open_rgb(path: str, max_resolution: int | None = None) -> Image.Image:
-    """Decode fully as RGB (CMYK, L, P, RGBA, I;16 ... converted); optionally cap the longer side."""
+def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side at ``size``, the longer rounded (half up) and never below it.
+
+    The rule every backend's SRC resize uses, so images stored this way need no resize at training time.
+    """
+    if width <= height:
+        return size, max(size, int(height * size / width + 0.5))
+    return max(size, int(width * size / height + 0.5)), size
+
+
+def open_rgb(path: str, max_resolution: int | None = None, shorter_side: int | None = None) -> Image.Image:
+    """Decode fully as RGB (CMYK, L, P, RGBA, I;16 ... converted).
+
+    ``shorter_side``: shrink (never enlarge) so the shorter side is that many pixels, bicubic with
+    antialiasing (PIL's filter widens with the scale), as the SRC recipe's resize does. Then
+    ``max_resolution`` caps the longer side.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
@@ -76,6 +91,8 @@ def open_rgb(path: str, max_resolution: int | None = None) -> Image.Image:
                 img = img.convert("RGB")
             else:
                 img = img.copy()
+    if shorter_side and min(img.size) > shorter_side:
+        img = img.resize(shorter_side_size(img.width, img.height, shorter_side), Image.BICUBIC)
     if max_resolution and max(img.size) > max_resolution:
         scale = max_resolution / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
@@ -139,8 +156,38 @@ def check_output(out: Path, overwrite: bool) -> None:
     """Refuse to touch an existing output unless asked, before any work is done."""
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists: pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise UserError(f"output folder {out.parent} does not exist")
+    for parent in out.parents:  # the nearest existing ancestor must be a folder (missing ones are created later)
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write {out}: {parent} is a file, not a folder")
+            break
+
+
+def make_parent(out: Path) -> None:
+    """Create the output's missing parent folders (``convert dali photos out/new/train`` works like mkdir -p)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {out.parent}: {e.strerror or e}") from None
+
+
+def check_size_options(shorter_side: int | None, max_resolution: int | None) -> None:
+    if shorter_side is not None and shorter_side < 1:
+        raise UserError(f"--shorter-side must be positive, got {shorter_side}")
+    if max_resolution is not None and max_resolution < 1:
+        raise UserError(f"--max-resolution must be positive, got {max_resolution}")
+    if shorter_side and max_resolution and max_resolution < shorter_side:
+        raise UserError(f"--max-resolution {max_resolution} is below --shorter-side {shorter_side}: "
+                        "every image would end up with its shorter side below the training size")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``path`` whole or not at all (temporary file beside it, then rename)."""
+    import json
+
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def temp_path(out: Path) -> Path:

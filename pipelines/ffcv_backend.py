@@ -1,11 +1,20 @@
 """The FFCV backend: a ``.beton`` file -> ``Batch``, the views built by numba operations.
 
 LUT: one JPEG decode and one shorter-side resize per image, shared by both
-views (``ffcv_ops.SrcViewsDecoder``); view 1 is a zero-copy view of the
-decoder's output, view 2 runs ``StrongView`` into its own buffer. MAE:
-``RrcFlipDecoder`` (torchvision's RandomResizedCrop box rule, ``spec.rrc_*``,
-and the flip). The pipelines emit uint8 NHWC; ``normalize_uint8`` converts on the
-trainer's device, so a GPU receives a quarter of the bytes.
+views (``ffcv_ops.SrcViewsDecoder``). Where view 2's photometric ops run
+(``photometric_on``):
+
+* ``loader`` (the CPU default): view 1 is a zero-copy view of the decoder's
+  output, view 2 runs ``StrongView`` (numba, FFCV's threads) into its own buffer;
+* ``device`` (the CUDA default): the decoder's two uint8 crops are handed
+  over as they are, with view 2's parameters drawn per batch in this process
+  (``strong_params.py``); ``finish_batch`` applies the ops batched on the
+  device, where they cost microseconds instead of CPU milliseconds.
+
+MAE: ``RrcFlipDecoder`` (torchvision's RandomResizedCrop box rule,
+``spec.rrc_*``, and the flip). ``raw_batches()`` yields the uint8 views
+(``RawBatch``); iterating yields ``finish_batch`` of each, which copies
+uint8 to the device (a quarter of float32's bytes) and normalises there.
 
 Options (``build_loader(..., order=, os_cache=, batches_ahead=)``):
 ``order`` random (default), quasi_random (reads page by page: for data
@@ -18,7 +27,8 @@ Contract details: last-batch policy DROP (``drop_last=True``); with
 (a DistributedSampler per epoch); ``set_epoch(e, start_batch)`` selects
 FFCV's epoch ``e`` order and starts at ``start_batch`` without decoding the
 skipped batches. FFCV reuses its batch buffers, so everything handed out is
-a fresh tensor (normalisation allocates the views; labels are cloned).
+a fresh tensor (``raw_batches`` copies the views; when iterating,
+``finish_batch``'s conversion to float allocates them; labels are cloned).
 
 Threads: FFCV's ``num_workers`` are numba threads (at most the core count).
 FFCV also sets torch's process-wide thread count on every epoch, which
@@ -33,14 +43,16 @@ from pathlib import Path
 from typing import Iterator
 
 import numba
+import numpy as np
 import torch
 
 from lut_fast.errors import UserError
 
 from . import formats
-from .batch import Batch, resolve_photometric_on, normalize_uint8
-from .ffcv_ops import RrcFlipDecoder, SrcViewsDecoder, StrongView, TakeView  # first: keeps torch's thread count
+from .batch import Batch, RawBatch, finish_batch, resolve_photometric_on
+from .ffcv_ops import NormalizeView, RrcFlipDecoder, SrcViewsDecoder, StrongView, TakeView  # first: keeps torch's thread count
 from .spec import AugSpec
+from .strong_params import strong_params_for_batch
 
 from ffcv.fields.basics import IntDecoder  # noqa: E402, I001
 from ffcv.loader import Loader, OrderOption  # noqa: E402
@@ -69,6 +81,7 @@ _keep_torch_threads()
 def resolve_beton(data: str | Path, split: str) -> Path:
     source = formats.detect(data, split)
     if source.kind == "beton":
+        formats.check_beton(source.path)
         return source.path
     if source.kind == "shards":
         raise UserError(f"{source.path} holds DALI shards; FFCV reads .beton files: use --backend dali, "
@@ -100,10 +113,13 @@ class FfcvLoader:
         photometric_on: str = "auto",
     ):
         self.path = resolve_beton(data, split)
+        formats.warn_if_storage_cannot_serve(self.path, spec.recipe, spec.img_size, split, rank)
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
         self.photometric_on = resolve_photometric_on(photometric_on, self.device)
-        if photometric_on == "device":
-            raise UserError("the FFCV backend applies view 2's photometric ops in its pipeline: use photometric_on=loader")
+        # CPU-only training: the numba kernels write normalised float32 in FFCV's threads (nothing left for
+        # the trainer's process to do); towards a GPU, uint8 (a quarter of the bytes over PCIe).
+        self.float_out = self.device.type == "cpu" and self.photometric_on == "loader"
+        self.seed, self.rank = seed, rank
         if order not in ORDERS:
             raise UserError(f"FFCV order must be one of {', '.join(ORDERS)}, got {order!r}")
         distributed = world_size > 1
@@ -134,12 +150,17 @@ class FfcvLoader:
         sp = self.spec
         labels = [IntDecoder(), *self._device_ops()]
         if sp.recipe == "mae":
-            return {"image": [RrcFlipDecoder(sp), *self._device_ops()], "label": labels}
+            tail = [NormalizeView(sp, None, self.channels_last)] if self.float_out else []
+            return {"image": [RrcFlipDecoder(sp), *tail, *self._device_ops()], "label": labels}
         decoder = SrcViewsDecoder(sp, views=2)
+        if self.photometric_on == "device":  # both views leave as uint8 crops; view 2's ops run in finish_batch
+            return {"image": [decoder, *self._device_ops()], "label": labels}
+        cl, f = self.channels_last, self.float_out
         return {
-            "image": PipelineSpec("image", decoder=decoder, transforms=[TakeView(0), *self._device_ops()]),
+            "image": PipelineSpec("image", decoder=decoder,
+                                  transforms=[NormalizeView(sp, 0, cl) if f else TakeView(0), *self._device_ops()]),
             "label": labels,
-            "image2": PipelineSpec(source=decoder, transforms=[StrongView(sp, 1), *self._device_ops()]),
+            "image2": PipelineSpec(source=decoder, transforms=[StrongView(sp, 1, f, cl), *self._device_ops()]),
         }
 
     def __len__(self) -> int:
@@ -148,11 +169,8 @@ class FfcvLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
-    def _view(self, x: torch.Tensor) -> torch.Tensor:
-        out = normalize_uint8(x.permute(0, 3, 1, 2), self.spec, self.device, self.channels_last)
-        return out if self.channels_last else out.contiguous()
-
-    def __iter__(self) -> Iterator[Batch]:
+    def _raw(self, fresh: bool) -> Iterator[RawBatch]:
+        """The epoch's raw batches; ``fresh`` copies out of FFCV's buffers, which it reuses a few batches later."""
         # Loader.__iter__ without its side effects: the epoch is ours, and skipped batches are never decoded.
         self.loader.next_epoch = self.epoch
         order = self.loader.next_traversal_order()[: len(self) * self.batch_size]
@@ -160,12 +178,35 @@ class FfcvLoader:
         it = EpochIterator(self.loader, order[self.start_batch * self.batch_size :])
         names = self.outputs
         try:
-            for out in it:
+            for k, out in enumerate(it, start=self.start_batch):
                 out = dict(zip(names, out))
-                yield Batch(
-                    view1=self._view(out["image"]),
-                    view2=self._view(out["image2"]) if "image2" in out else None,
-                    labels=out["label"].reshape(-1).clone().to(self.device, non_blocking=True),
-                )
+                images, params = out["image"], None
+                if images.dim() == 5:  # (B, 2, S, S, 3): both views straight from the decoder (device mode)
+                    view1, view2 = self._nchw(images[:, 0], fresh), self._nchw(images[:, 1], fresh)
+                    params = strong_params_for_batch(self.spec, images.shape[0], self.seed, self.epoch, self.rank, k)
+                else:
+                    view1 = self._nchw(images, fresh)
+                    view2 = self._nchw(out["image2"], fresh) if "image2" in out else None
+                yield RawBatch(view1=view1, view2=view2, labels=out["label"].reshape(-1).clone(), strong_params=params)
         finally:
             it.close()  # stops FFCV's thread when the consumer leaves mid-epoch
+
+    def _nchw(self, x: torch.Tensor, fresh: bool) -> torch.Tensor:
+        """A view as (B, 3, S, S) (NHWC buffers permuted: channels-last memory), copied out of FFCV's buffer if ``fresh``.
+
+        The copy is numpy's, one thread, in this process: torch's would run on every OpenMP thread of
+        the trainer and, on a busy machine, spend ten times the copy's CPU time spinning.
+        """
+        if fresh:
+            x = torch.from_numpy(np.copy(x.numpy(), order="K")) if x.device.type == "cpu" else x.clone()
+        nhwc = x.dtype == torch.uint8 or self.channels_last  # float views are written NCHW unless channels-last
+        return x.permute(0, 3, 1, 2) if nhwc else x
+
+    def raw_batches(self) -> Iterator[RawBatch]:
+        """The CPU side alone: uint8 views (float32 when normalised in FFCV's threads), each a fresh tensor."""
+        return self._raw(fresh=True)
+
+    def __iter__(self) -> Iterator[Batch]:
+        # finish_batch turns uint8 into new float tensors; views FFCV already normalised are copied out of its buffers.
+        for raw in self._raw(fresh=self.float_out):
+            yield finish_batch(raw, self.spec, self.device, self.channels_last)

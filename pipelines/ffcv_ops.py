@@ -8,6 +8,13 @@ Graph for the LUT recipe (built in ``ffcv_backend.py``)::
                                            jitter (p), 1 of 3 ops
 
 and for the MAE recipe a single ``RrcFlipDecoder`` (RandomResizedCrop + flip).
+For CPU-only training, ``NormalizeView`` and ``StrongView(normalize=True)``
+write normalised float32 straight from the kernels, in FFCV's threads: a
+torch pass in the trainer's process used to be the largest single cost (its
+page faults and OpenMP threads spinning on a busy machine). With
+``photometric_on=device`` the graph ends at the decoder: both uint8 crops go
+to the trainer, view 2's ops run batched on the device. Images stored with
+their shorter side at S already (``convert --shorter-side S``) skip the resize.
 
 Why custom operations: FFCV's own RandomBrightness/Contrast/Saturation
 modify their input in place, so with one decode shared by two views they
@@ -18,7 +25,7 @@ declared itself (``AllocationQuery``); ``TakeView`` writes nothing at all
 
 Semantics follow ``photometric.py`` (the torch reference): torchvision's
 ColorJitter with the four ops in a random order and clamping after each,
-HSV hue, ITU-R 601 luma, solarize at ``threshold`` on 0..255, a separable
+hue as a rotation of YIQ's chroma plane (linear, as DALI's ``fn.hsv``), ITU-R 601 luma, solarize at ``threshold`` on 0..255, a separable
 Gaussian of ``spec.blur_kernel_size`` taps with reflect padding. Pixels are
 floats on the 0..255 scale inside the kernels.
 
@@ -53,8 +60,27 @@ torch.set_num_threads(_torch_threads)
 
 from .spec import STRONG_OPS, AugSpec  # noqa: E402
 
+def _use_lut_fast_cache_dir() -> None:
+    """Keep numba's on-disk cache under lut-fast's cache folder (``$LUT_FAST_CACHE``, else ~/.cache/lut_fast).
+
+    Without it numba writes beside the installed sources, or, where those are read-only (a system
+    install, a container image), under a per-user folder of its own; one known place is easier to
+    keep between container runs (mount it) and to clear. ``NUMBA_CACHE_DIR`` set by the user wins.
+    """
+    import os
+
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    from lut_fast.datasets.builtin import cache_root
+
+    numba.config.CACHE_DIR = str(cache_root() / "numba")
+
+
+_use_lut_fast_cache_dir()
 # Small kernels called from FFCV's generated code. cache=True keeps their
-# machine code on disk, so a new Loader spends less time compiling.
+# machine code on disk (first use compiles; later processes load it), so a new
+# Loader compiles only FFCV's own generated stage functions, which numba cannot
+# cache (they are closures).
 _jit = numba.njit(cache=True, nogil=True)
 # FFCV's ctypes wrappers, compiled once here rather than once per Loader: a per-Loader copy
 # is garbage collected with its Loader, and numba's finaliser then prints a KeyError.
@@ -238,46 +264,29 @@ def _saturation(x, f):
                 x[y, i, c] = _clip(f * x[y, i, c] + (1.0 - f) * g)
 
 
+# NTSC YIQ: Y is ITU-R 601 luma; hue turns the (I, Q) chroma plane about the gray axis.
+_RGB_TO_YIQ = np.array(((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)))
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+@_jit
+def hue_matrix(shift):
+    """3x3 RGB -> RGB map rotating YIQ's chroma plane by ``shift`` turns (positive: red towards green)."""
+    c, s = math.cos(2.0 * math.pi * shift), math.sin(2.0 * math.pi * shift)
+    rot = np.array(((1.0, 0.0, 0.0), (0.0, c, s), (0.0, -s, c)))
+    return _YIQ_TO_RGB @ (rot @ _RGB_TO_YIQ)
+
+
 @_jit
 def _hue(x, shift):
-    """torchvision's adjust_hue: RGB -> HSV, rotate h by ``shift`` turns, back to RGB."""
+    """Hue shift as a linear map about the gray axis (luma kept), as the torch reference and DALI's fn.hsv
+    do: a 3x3 multiply per pixel instead of an HSV round trip."""
+    m = hue_matrix(shift).astype(np.float32)
     for y in range(x.shape[0]):
         for i in range(x.shape[1]):
-            r, g, b = x[y, i, 0] / 255.0, x[y, i, 1] / 255.0, x[y, i, 2] / 255.0
-            maxc, minc = max(r, g, b), min(r, g, b)
-            chroma = maxc - minc
-            if chroma == 0.0:
-                continue  # gray: hue rotation is the identity
-            s = chroma / maxc
-            rc, gc, bc = (maxc - r) / chroma, (maxc - g) / chroma, (maxc - b) / chroma
-            if maxc == r:
-                h = bc - gc
-            elif maxc == g:
-                h = 2.0 + rc - bc
-            else:
-                h = 4.0 + gc - rc
-            h = (h / 6.0 + shift) % 1.0
-            h6 = h * 6.0
-            k = int(np.floor(h6))
-            frac = h6 - k
-            k = k % 6
-            v = maxc
-            p = min(max(v * (1.0 - s), 0.0), 1.0)
-            q = min(max(v * (1.0 - s * frac), 0.0), 1.0)
-            t = min(max(v * (1.0 - s * (1.0 - frac)), 0.0), 1.0)
-            if k == 0:
-                r, g, b = v, t, p
-            elif k == 1:
-                r, g, b = q, v, p
-            elif k == 2:
-                r, g, b = p, v, t
-            elif k == 3:
-                r, g, b = p, q, v
-            elif k == 4:
-                r, g, b = t, p, v
-            else:
-                r, g, b = v, p, q
-            x[y, i, 0], x[y, i, 1], x[y, i, 2] = r * 255.0, g * 255.0, b * 255.0
+            r, g, b = x[y, i, 0], x[y, i, 1], x[y, i, 2]
+            for c in range(3):
+                x[y, i, c] = _clip(m[c, 0] * r + m[c, 1] * g + m[c, 2] * b)
 
 
 @_jit
@@ -336,18 +345,14 @@ def _blur(x, tmp, sigma, half):
 
 
 @_jit
-def strong_view(src, dst, x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half):
-    """Target view: ColorJitter with probability jitter_p (random op order), then one of ``ops``.
+def strong_ops(x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half):
+    """Target view's ops in place on float ``x`` (h, w, 3) on 0..255; ``tmp`` is scratch of its shape.
 
-    ``strengths`` = (brightness, contrast, saturation, hue) as in torchvision;
-    ``ops`` holds STRONG_OPS indices; ``x``/``tmp`` are contiguous float scratch of src's shape.
-    The blur uses 2*ceil(3 sigma)+1 taps (at most spec.blur_kernel_size): the weights
-    beyond 3 sigma are 0.3 % of the mass, and small sigmas cost a third as much.
+    ColorJitter with probability jitter_p (random op order), then one of ``ops`` (STRONG_OPS indices);
+    ``strengths`` = (brightness, contrast, saturation, hue) as in torchvision. The blur uses
+    2*ceil(3 sigma)+1 taps (at most spec.blur_kernel_size): the weights beyond 3 sigma are 0.3 % of
+    the mass, and small sigmas cost a third as much.
     """
-    for y in range(src.shape[0]):
-        for i in range(src.shape[1]):
-            for c in range(3):
-                x[y, i, c] = src[y, i, c]
     if np.random.random() < jitter_p:
         factors = np.empty(4)
         for j in range(3):
@@ -370,10 +375,55 @@ def strong_view(src, dst, x, tmp, jitter_p, strengths, ops, threshold, sigma_lo,
     else:
         sigma = np.random.uniform(sigma_lo, sigma_hi)
         _blur(x, tmp, sigma, min(max_half, int(np.ceil(3.0 * sigma)), (min(x.shape[0], x.shape[1]) - 1) // 2))
+
+
+@_jit
+def _to_float(src, x):
+    for y in range(src.shape[0]):
+        for i in range(src.shape[1]):
+            for c in range(3):
+                x[y, i, c] = src[y, i, c]
+
+
+@_jit
+def strong_view(src, dst, x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half):
+    """Target view of uint8 ``src`` into uint8 ``dst`` (``x``/``tmp``: float scratch of src's shape)."""
+    _to_float(src, x)
+    strong_ops(x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half)
     for y in range(src.shape[0]):
         for i in range(src.shape[1]):
             for c in range(3):
                 dst[y, i, c] = np.uint8(min(max(np.floor(x[y, i, c] + 0.5), 0.0), 255.0))
+
+
+@_jit
+def strong_view_normalized(src, dst, x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half,
+                           scale, shift):
+    """Target view of uint8 ``src`` into normalised float ``dst`` (see ``normalize_into``)."""
+    _to_float(src, x)
+    strong_ops(x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half)
+    normalize_into(x, dst, scale, shift)
+
+
+@_jit
+def normalize_into(src, dst, scale, shift):
+    """dst[y, x, c] = src[y, x, c] * scale[c] + shift[c]: (v - 255 mean) / (255 std) for src on 0..255.
+
+    ``dst`` may be a transposed view of a (3, h, w) buffer, so one kernel writes either memory layout.
+    """
+    s0, s1, s2, b0, b1, b2 = scale[0], scale[1], scale[2], shift[0], shift[1], shift[2]
+    for y in range(src.shape[0]):
+        for i in range(src.shape[1]):
+            dst[y, i, 0] = src[y, i, 0] * s0 + b0
+            dst[y, i, 1] = src[y, i, 1] * s1 + b1
+            dst[y, i, 2] = src[y, i, 2] * s2 + b2
+
+
+def normalization(spec: AugSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per channel for pixels on 0..255 (the same map as ``batch.finish_batch``)."""
+    scale = np.array([1.0 / (255.0 * sd) for sd in spec.std], np.float32)
+    shift = np.array([-m / sd for m, sd in zip(spec.mean, spec.std)], np.float32)
+    return scale, shift
 
 
 # ---------------------------------------------------------------- FFCV operations
@@ -429,11 +479,14 @@ class SrcViewsDecoder(SimpleRGBImageDecoder):
                     hd, wd = h, w
                     img = data.reshape(h, w, 3)
                 nh, nw = shorter_side_size(h, w, s)
-                base = resized[i][: nh * nw * 3].reshape(nh, nw, 3)
-                if min(hd, wd) < s:
-                    resize_bicubic_up(img, base, scratch[i])
+                if hd == nh and wd == nw:  # stored at the training size (convert --shorter-side S): no resize
+                    base = img
                 else:
-                    resize_c(img, 0, hd, 0, wd, base)
+                    base = resized[i][: nh * nw * 3].reshape(nh, nw, 3)
+                    if min(hd, wd) < s:
+                        resize_bicubic_up(img, base, scratch[i])
+                    else:
+                        resize_c(img, 0, hd, 0, wd, base)
                 for v in range(views):
                     src_crop(base, dst[i, v], pad, flip_p)
             return dst[: len(batch_indices)]
@@ -461,18 +514,28 @@ class TakeView(Operation):
         return take
 
 
-class StrongView(Operation):
-    """The target view's photometric ops on view ``index``, into this operation's own buffer."""
+def _float_shape(shape: tuple, channels_last: bool) -> tuple:
+    """Per-sample float output: (S, S, 3) for channels-last memory, else (3, S, S) (contiguous NCHW)."""
+    return tuple(shape) if channels_last else (shape[2], shape[0], shape[1])
 
-    def __init__(self, spec: AugSpec, index: int):
+
+class StrongView(Operation):
+    """The target view's photometric ops on view ``index``, into this operation's own buffer.
+
+    ``normalize``: write normalised float32 (layout per ``channels_last``) instead of uint8, so the
+    CPU-only configuration needs no pass over the batch in the trainer's process.
+    """
+
+    def __init__(self, spec: AugSpec, index: int, normalize: bool = False, channels_last: bool = True):
         super().__init__()
-        self.spec, self.index = spec, index
+        self.spec, self.index, self.normalize, self.channels_last = spec, index, normalize, channels_last
 
     def declare_state_and_memory(self, previous_state):
         shape = previous_state.shape[1:]
+        out_shape, out_dtype = (_float_shape(shape, self.channels_last), _F4) if self.normalize else (shape, _U8)
         return (
-            replace(previous_state, jit_mode=True, shape=shape, dtype=_U8),
-            (AllocationQuery(shape, _U8), AllocationQuery(shape, _F4), AllocationQuery(shape, _F4)),
+            replace(previous_state, jit_mode=True, shape=out_shape, dtype=out_dtype),
+            (AllocationQuery(out_shape, out_dtype), AllocationQuery(shape, _F4), AllocationQuery(shape, _F4)),
         )
 
     def generate_code(self):
@@ -483,17 +546,83 @@ class StrongView(Operation):
         ops = np.array([STRONG_OPS.index(op) for op in sp.strong_ops], np.int64)
         jitter_p, threshold = float(sp.jitter_p), float(sp.solarize_threshold)
         sigma_lo, sigma_hi, half = float(sp.blur_sigma[0]), float(sp.blur_sigma[1]), sp.blur_kernel_size // 2
+        scale, shift = normalization(sp)
 
-        def strong(images, storage):
-            dst, work, tmp = storage
-            n = images.shape[0]
-            for i in my_range(n):
-                strong_view(images[i, index], dst[i], work[i], tmp[i], jitter_p, strengths, ops, threshold,
-                            sigma_lo, sigma_hi, half)
-            return dst[:n]
+        if not self.normalize:
+            def strong(images, storage):
+                dst, work, tmp = storage
+                n = images.shape[0]
+                for i in my_range(n):
+                    strong_view(images[i, index], dst[i], work[i], tmp[i], jitter_p, strengths, ops, threshold,
+                                sigma_lo, sigma_hi, half)
+                return dst[:n]
+        elif self.channels_last:
+            def strong(images, storage):
+                dst, work, tmp = storage
+                n = images.shape[0]
+                for i in my_range(n):
+                    strong_view_normalized(images[i, index], dst[i], work[i], tmp[i], jitter_p, strengths, ops,
+                                           threshold, sigma_lo, sigma_hi, half, scale, shift)
+                return dst[:n]
+        else:
+            def strong(images, storage):
+                dst, work, tmp = storage
+                n = images.shape[0]
+                for i in my_range(n):
+                    strong_view_normalized(images[i, index], dst[i].transpose(1, 2, 0), work[i], tmp[i], jitter_p,
+                                           strengths, ops, threshold, sigma_lo, sigma_hi, half, scale, shift)
+                return dst[:n]
 
         strong.is_parallel = True
         return strong
+
+
+class NormalizeView(Operation):
+    """uint8 (B, [views,] S, S, 3) -> normalised float32 (B, 3, S, S), or (B, S, S, 3) when ``channels_last``.
+
+    ``index`` picks one view of a multi-view batch (None: the input has no view axis). Runs in
+    FFCV's threads, in parallel, so the CPU-only configuration's normalisation costs no pass in the
+    trainer's process (where it used to be the largest single cost: page faults and OpenMP spinning).
+    """
+
+    def __init__(self, spec: AugSpec, index: int | None, channels_last: bool):
+        super().__init__()
+        self.spec, self.index, self.channels_last = spec, index, channels_last
+
+    def declare_state_and_memory(self, previous_state):
+        shape = previous_state.shape[1:] if self.index is not None else previous_state.shape
+        out = _float_shape(shape, self.channels_last)
+        return replace(previous_state, jit_mode=True, shape=out, dtype=_F4), AllocationQuery(out, _F4)
+
+    def generate_code(self):
+        my_range = Compiler.get_iterator()
+        scale, shift = normalization(self.spec)
+        index = self.index
+
+        # One closure per case: numba types every branch, and the input's rank differs between them.
+        if index is None and self.channels_last:
+            def norm(images, dst):
+                for i in my_range(images.shape[0]):
+                    normalize_into(images[i], dst[i], scale, shift)
+                return dst[: images.shape[0]]
+        elif index is None:
+            def norm(images, dst):
+                for i in my_range(images.shape[0]):
+                    normalize_into(images[i], dst[i].transpose(1, 2, 0), scale, shift)
+                return dst[: images.shape[0]]
+        elif self.channels_last:
+            def norm(images, dst):
+                for i in my_range(images.shape[0]):
+                    normalize_into(images[i, index], dst[i], scale, shift)
+                return dst[: images.shape[0]]
+        else:
+            def norm(images, dst):
+                for i in my_range(images.shape[0]):
+                    normalize_into(images[i, index], dst[i].transpose(1, 2, 0), scale, shift)
+                return dst[: images.shape[0]]
+
+        norm.is_parallel = True
+        return norm
 
 
 class RrcFlipDecoder(SimpleRGBImageDecoder):

@@ -20,7 +20,10 @@ standard errors at these sample sizes); per-channel statistics of the
 normalised views within 0.05 (mean, view 1: about 3 gray levels), 0.20
 (mean, view 2: its random jitter makes the run-to-run spread about 0.05)
 and 0.10 (std: OpenCV's area resize in FFCV smooths a little more than
-bicubic); ramp brightness (crop position) within 0.03 of torch.
+bicubic); ramp brightness (crop position) within 0.03 of torch. The same
+tolerances hold for views made from storage pre-resized to the view size
+(``*-stored-at-S``: the resize done by the converter, once) and for views
+whose photometric ops run in ``finish_batch`` (``*-device``).
 Torch and DALI are seeded and deterministic; FFCV's augmentations are not.
 """
 
@@ -92,6 +95,9 @@ def probe(tmp_path_factory) -> dict[str, Path]:
         "folder": root,
         "shards": write_shards(root, root / "shards", workers=2, shard_size=64).output,
         "beton": write_beton(root, root / "probe.beton", workers=2, jpeg_quality=95).output,
+        # Stored with the shorter side at the view size (convert --shorter-side S): the loaders skip the resize.
+        "shards_at_s": write_shards(root, root / "shards_s", workers=2, shard_size=64, shorter_side=S).output,
+        "beton_at_s": write_beton(root, root / "probe_s.beton", workers=2, jpeg_quality=95, shorter_side=S).output,
     }
 
 
@@ -115,9 +121,10 @@ def _unnormalize(x: torch.Tensor, spec: AugSpec) -> np.ndarray:
     return (x.float() * std + mean).double().numpy()
 
 
-def collect(backend: str, data: Path, recipe: str, channels_last: bool = False) -> Views:
+def collect(backend: str, data: Path, recipe: str, channels_last: bool = False, photometric_on: str = "loader") -> Views:
     spec = AugSpec(recipe=recipe, img_size=S)
-    loader = build_loader(backend, str(data), spec, BATCH, num_workers=2, seed=0, channels_last=channels_last)
+    loader = build_loader(backend, str(data), spec, BATCH, num_workers=2, seed=0, channels_last=channels_last,
+                          photometric_on=photometric_on)
     v1, v2, labels, ok = [], [], [], True
     for epoch in range(EPOCHS):
         loader.set_epoch(epoch)
@@ -135,31 +142,42 @@ def collect(backend: str, data: Path, recipe: str, channels_last: bool = False) 
     return Views(np.concatenate(v1), np.concatenate(v2) if v2 else None, np.concatenate(labels), len(loader), ok)
 
 
-LUT_CASES = {  # name: (backend, data key, channels_last)
-    "torch": ("torch", "folder", False),
-    "dali-folder": ("dali", "folder", True),
-    "dali-shards": ("dali", "shards", False),
-    "ffcv": ("ffcv", "beton", True),
+# "-device" cases: the loader hands over uint8 views and view 2's parameters, and finish_batch applies
+# the photometric ops (here on the CPU: the same code a GPU runs after the copy).
+LUT_CASES = {  # name: (backend, data key, channels_last, photometric_on)
+    "torch": ("torch", "folder", False, "loader"),
+    "dali-folder": ("dali", "folder", True, "loader"),
+    "dali-shards": ("dali", "shards", False, "loader"),
+    "dali-device": ("dali", "shards", True, "device"),
+    "ffcv": ("ffcv", "beton", True, "loader"),
+    "ffcv-device": ("ffcv", "beton", False, "device"),
+    "dali-stored-at-S": ("dali", "shards_at_s", False, "loader"),
+    "ffcv-stored-at-S": ("ffcv", "beton_at_s", True, "device"),
 }
-MAE_CASES = {"torch": ("torch", "folder"), "dali": ("dali", "shards"), "ffcv": ("ffcv", "beton")}
+MAE_CASES = {  # name: (backend, data key, photometric_on)
+    "torch": ("torch", "folder", "loader"), "dali": ("dali", "shards", "loader"),
+    "dali-device": ("dali", "shards", "device"), "ffcv": ("ffcv", "beton", "loader"),
+}
 _cache: dict[tuple, Views] = {}
 
 
-def _views(probe, backend: str, key: str, recipe: str, channels_last: bool = False) -> Views:
-    k = (backend, key, recipe, channels_last)
+def _views(probe, backend: str, key: str, recipe: str, channels_last: bool = False, photometric_on: str = "loader") -> Views:
+    k = (backend, key, recipe, channels_last, photometric_on)
     if k not in _cache:
-        _cache[k] = collect(backend, probe[key], recipe, channels_last)
+        _cache[k] = collect(backend, probe[key], recipe, channels_last, photometric_on)
     return _cache[k]
 
 
 @pytest.fixture(scope="module", params=list(LUT_CASES))
 def lut(request, probe) -> Views:
-    return _views(probe, *LUT_CASES[request.param][:2], "lut", LUT_CASES[request.param][2])
+    backend, key, channels_last, place = LUT_CASES[request.param]
+    return _views(probe, backend, key, "lut", channels_last, place)
 
 
 @pytest.fixture(scope="module", params=list(MAE_CASES))
 def mae(request, probe) -> Views:
-    return _views(probe, *MAE_CASES[request.param], "mae")
+    backend, key, place = MAE_CASES[request.param]
+    return _views(probe, backend, key, "mae", photometric_on=place)
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +381,15 @@ def test_missing_backend_says_how_to_install(monkeypatch, backend):
         build_loader(backend, None, AugSpec(img_size=S), BATCH)
 
 
+def _yiq_hue(x: torch.Tensor, turns: float) -> torch.Tensor:
+    """Hue as the torch reference and DALI define it: YIQ's chroma plane rotated by ``turns``, clamped."""
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    c, s = np.cos(2 * np.pi * turns), np.sin(2 * np.pi * turns)
+    rot = torch.tensor([[1.0, 0, 0], [0, c, s], [0, -s, c]], dtype=torch.float64)
+    m = (torch.linalg.inv(yiq) @ rot @ yiq).float()
+    return torch.einsum("ij,bjhw->bihw", m, x).clamp(0, 1)
+
+
 def test_ffcv_kernels_match_the_torch_reference():
     """Each numba op of the FFCV target view against photometric.py (the torch backend's ops)."""
     from lut_fast.pipelines import ffcv_ops as F
@@ -375,7 +402,7 @@ def test_ffcv_kernels_match_the_torch_reference():
         (F._brightness, (1.3,), P.adjust_brightness(ref, f(1.3))),
         (F._contrast, (0.7,), P.adjust_contrast(ref, f(0.7))),
         (F._saturation, (1.2,), P.adjust_saturation(ref, f(1.2))),
-        (F._hue, (0.08,), P.adjust_hue(ref, f(0.08))),
+        (F._hue, (0.08,), _yiq_hue(ref, 0.08)),
         (F._grayscale, (), P.grayscale(ref)),
         (F._solarize, (128.0,), P.solarize(ref, 128)),
         (F._blur, (np.empty_like(img), 1.5, 6), P.gaussian_blur(ref, f(1.5), 13)),
@@ -406,3 +433,58 @@ def test_dali_reflect_pad_matches_numpy():
     pipe = pad(batch_size=1, num_threads=1, device_id=None)
     pipe.build()
     np.testing.assert_array_equal(np.array(pipe.run()[0][0]), np.pad(arr, ((4, 4), (4, 4), (0, 0)), mode="reflect"))
+
+
+@pytest.mark.parametrize("backend,key", [("ffcv", "beton"), ("dali", "shards")])
+def test_device_mode_hands_over_uint8_and_resumable_params(probe, backend, key):
+    """photometric_on=device: raw batches are uint8 NCHW with view 2's parameters, which depend on (seed, epoch,
+    batch index) only: a resumed epoch gets the same parameters for the same batches."""
+    from lut_fast.pipelines import photometric
+
+    loader = build_loader(backend, str(probe[key]), AugSpec(img_size=S), BATCH, num_workers=2, seed=5,
+                          photometric_on="device")
+    loader.set_epoch(1)
+    full = list(loader.raw_batches())
+    for raw in full:
+        assert raw.view1.dtype == raw.view2.dtype == torch.uint8 and raw.view1.shape == (BATCH, 3, S, S)
+        assert raw.strong_params.shape == (BATCH, photometric.NUM_PARAMS)
+    loader.set_epoch(1, start_batch=2)
+    resumed = list(loader.raw_batches())
+    assert len(resumed) == len(full) - 2
+    for a, b in zip(full[2:], resumed):
+        assert torch.equal(a.strong_params, b.strong_params)
+    assert not torch.equal(full[0].strong_params, full[1].strong_params)
+    loader.set_epoch(2)
+    assert not torch.equal(next(iter(loader.raw_batches())).strong_params, full[0].strong_params)
+
+
+def test_bad_beton_files_are_one_line_errors(probe, tmp_path):
+    """Empty, truncated and foreign files named .beton: a UserError before FFCV reads them."""
+    good = probe["beton"].read_bytes()
+    cases = {"empty.beton": b"", "truncated.beton": good[: len(good) // 2], "text.beton": b"not a beton\n" * 100,
+             "header-only.beton": good[:40]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match="not a usable FFCV .beton") as e:
+            build_loader("ffcv", str(tmp_path / name), AugSpec(img_size=S), BATCH)
+        assert "\n" not in str(e.value)
+
+
+def test_storage_too_small_for_the_recipe_warns_once(probe, capsys):
+    from lut_fast.pipelines import formats
+
+    for key in ("shards_at_s", "beton_at_s"):
+        meta = formats.stored_metadata(probe[key])
+        assert meta["shorter_side"] == S and meta["num_samples"] == N_FLAT + N_RAMP + 2 * 48
+        assert meta["source"] == str(probe["folder"] / "train") and meta["quality"] == 95
+        backend = "dali" if key.startswith("shards") else "ffcv"
+        build_loader(backend, str(probe[key]), AugSpec(img_size=S), BATCH, num_workers=1)  # LUT at S: fine
+        assert "warning" not in capsys.readouterr().err
+        for _ in range(2):
+            build_loader(backend, str(probe[key]), AugSpec(recipe="mae", img_size=S), BATCH, num_workers=1)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "RandomResizedCrop" in err[0] and f"--shorter-side {2 * S}" in err[0], err
+        build_loader(backend, str(probe[key]), AugSpec(img_size=2 * S), BATCH, num_workers=1)
+        assert "below the image size" in capsys.readouterr().err
+    assert formats.stored_metadata(probe["folder"]) is None
+    assert formats.stored_metadata(probe["beton"])["shorter_side"] is None

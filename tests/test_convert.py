@@ -223,3 +223,59 @@ def test_train_on_converted_output(backend, shards, beton, tmp_path):
     cfg = tiny_config(tmp_path / "run", "data.num_workers=2", data__backend=backend, data__path=str(data), max_steps=3)
     result = train(cfg)
     assert result.steps == 3 and np.isfinite(result.final_metrics["loss"])
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_shorter_side_storage_and_its_metadata(source, tmp_path, backend):
+    """--shorter-side S: every image larger than S is stored with its shorter side at S (the SRC rule);
+    the choice is recorded, and read back by stored_metadata. The output's parent folders are created."""
+    from lut_fast.pipelines.formats import stored_metadata
+
+    side = 40  # the built-in images are 96-144 px
+    if backend == "dali":
+        out = tmp_path / "new" / "dali" / "train"  # parents do not exist yet
+        report = dali_writer.write_shards(source, out, workers=2, shorter_side=side, jpeg_quality=90)
+        sizes = []
+        for tar_path in sorted(out.glob("*.tar")):
+            with tarfile.open(tar_path) as tar:
+                for m in tar.getmembers():
+                    if m.name.endswith(".jpg"):
+                        with Image.open(tar.extractfile(m)) as img:
+                            sizes.append(img.size)
+    else:
+        from ffcv.reader import Reader
+
+        out = tmp_path / "new" / "ffcv" / "train.beton"
+        report = ffcv_writer.write_beton(source, out, workers=2, shorter_side=side, jpeg_quality=90)
+        meta = Reader(str(out)).metadata["f0"]
+        sizes = list(zip(meta["width"].tolist(), meta["height"].tolist()))
+        assert not list(out.parent.glob(".*"))  # the sidecar was written atomically: no temporary left
+    check_report(report, source)
+    originals = [Image.open(p).size for p, _ in sources.list_source(source).samples if not p.endswith(("truncated.jpg", "not_an_image.jpg"))]
+    assert sorted(sizes) == sorted(sources.shorter_side_size(*wh, side) if min(wh) > side else wh for wh in originals)
+    meta = stored_metadata(out)
+    assert meta["format"] == backend and meta["shorter_side"] == side and meta["quality"] == 90
+    assert meta["num_samples"] == report.images and meta["source"] == str(source / "train")
+    assert "max_resolution" in meta
+
+
+def test_size_options_are_checked(source, tmp_path):
+    with pytest.raises(UserError, match="--shorter-side must be positive"):
+        dali_writer.write_shards(source, tmp_path / "a", shorter_side=0)
+    with pytest.raises(UserError, match="below --shorter-side"):
+        ffcv_writer.write_beton(source, tmp_path / "a.beton", shorter_side=256, max_resolution=128)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        dali_writer.write_shards(source, tmp_path / "file" / "out")
+
+
+def test_convert_cli_creates_parent_folders(source, tmp_path):
+    """`lut-fast convert dali photos out/x/train` works when out/x does not exist yet."""
+    from typer.testing import CliRunner
+
+    from lut_fast.datasets.convert import convert_app
+
+    out = tmp_path / "out" / "x" / "train"
+    result = CliRunner().invoke(convert_app, ["dali", str(source), str(out), "--workers", "1", "--shorter-side", "64"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["shorter_side"] == 64
