@@ -43,7 +43,7 @@ from lut_fast.errors import UserError
 from lut_fast.pipelines import build_loader
 from lut_fast.pipelines.spec import AugSpec
 
-# numba's finaliser in FFCV raises a harmless KeyError under pytest (BACKENDS_NOTES.md).
+# numba's finaliser in FFCV raises a harmless KeyError under pytest (docs/BACKENDS.md, FFCV "Known quirks").
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 S, BATCH, EPOCHS = 32, 16, 4
