@@ -73,7 +73,7 @@ def train(
         "run.compile": compile, "run.precision": precision, "run.device": device, "run.seed": seed,
         "run.max_hours": max_hours,
     }
-    cfg = load_config(config, flags, set_)
+    cfg = load_config(config, flags, set_, cpu_recipe=True)
     run_training(cfg, resume=resume)
 
 
@@ -110,13 +110,17 @@ def data_preview(
 @export_app.command("timm")
 def export_timm(
     ckpt: Path = typer.Argument(..., help="A lut-fast checkpoint (.pt)."),
-    out: Path = typer.Argument(..., help="Output .pth: a state dict for timm.create_model('vit_<size>_patch16_224', num_classes=0)."),
+    out: Path = typer.Argument(..., help="Output .pth: a state dict; the command prints the timm.create_model(...) call that loads it."),
     use_ema: bool = typer.Option(False, "--use-ema", help="Export the momentum (target) encoder instead of the online one."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
-    """Export the encoder so that timm loads it with strict=True."""
-    from lut_fast.checkpoint import export_timm_encoder
+    """Export the encoder so that timm loads it with strict=True, and print the line that builds the model."""
+    from lut_fast.checkpoint import export_timm_state, timm_create_model_call
 
-    export_timm_encoder(ckpt, out, use_ema=use_ema)
+    path, arch = export_timm_state(ckpt, out, use_ema=use_ema, overwrite=overwrite)
+    typer.echo(f"wrote {path}; load it with:")
+    typer.echo(f"  model = {timm_create_model_call(arch)}")
+    typer.echo(f'  model.load_state_dict(torch.load("{path}", map_location="cpu"), strict=True)')
 
 
 # Sub-command groups that live beside the code they drive (their modules import only typer at the top).
