@@ -8,6 +8,7 @@ checkpoint untouched. ``last.pt`` is a symbolic link swapped the same way
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -121,14 +122,20 @@ def resume_checkpoint(ckpt_dir: Path) -> tuple[dict | None, list[str]]:
         try:
             ckpt = load_training_checkpoint(p)
         except UserError as e:
-            unreadable.append((p, str(e)))
+            reason = str(e)
+            for prefix in (f"cannot read checkpoint {p}: ", f"{p} is "):
+                reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+            unreadable.append((p, reason.split(";")[0]))
             continue
         warnings = []
-        newer = [q for q, _ in unreadable if q != last and q in steps and _step_of(q) > ckpt["step"]]
+        damaged = {q.resolve() if q.is_symlink() else q for q, _ in unreadable}
+        newer = [q for q in steps if q in damaged or q.resolve() in damaged]
+        newer = [q for q in newer if _step_of(q) > ckpt["step"]]
         for q in newer:
-            q.rename(q.with_name(q.name + ".unreadable"))
+            with contextlib.suppress(FileNotFoundError):  # another rank of the job moved it first
+                q.rename(q.with_name(q.name + ".unreadable"))
         if unreadable:
-            names = ", ".join(q.name for q, _ in unreadable)
+            names = ", ".join(_describe(q) for q, _ in unreadable)
             warnings.append(f"skipped unreadable checkpoint(s) {names}; resuming from {p.name} (step {ckpt['step']})"
                             + (f"; kept as {', '.join(q.name + '.unreadable' for q in newer)}" if newer else ""))
         return ckpt, warnings
@@ -136,7 +143,7 @@ def resume_checkpoint(ckpt_dir: Path) -> tuple[dict | None, list[str]]:
         first_reason = unreadable[0][1]
         raise UserError(
             f"cannot resume: none of the {len(unreadable)} checkpoint file(s) in {ckpt_dir} can be read "
-            f"({', '.join(q.name for q, _ in unreadable)}; first: {first_reason}); nothing was changed. "
+            f"({', '.join(_describe(q) for q, _ in unreadable)}: {first_reason}); nothing was changed. "
             f"To start afresh, move {ckpt_dir} away or choose another --out"
         )
     return None, []
@@ -145,6 +152,10 @@ def resume_checkpoint(ckpt_dir: Path) -> tuple[dict | None, list[str]]:
 def latest_checkpoint(ckpt_dir: Path) -> dict | None:
     """The newest readable checkpoint (see ``resume_checkpoint``), or None when there is none."""
     return resume_checkpoint(ckpt_dir)[0]
+
+
+def _describe(path: Path) -> str:
+    return f"{path.name} -> {os.readlink(path)}" if path.is_symlink() else path.name
 
 
 def _step_of(path: Path) -> int:
