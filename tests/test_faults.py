@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -437,3 +438,46 @@ def test_out_inside_a_read_only_folder_is_one_line_before_any_work(tmp_path, mon
         assert str(locked / "run") in str(err.value)
     finally:
         locked.chmod(0o755)
+
+
+# ---------------------------------------------------------------- torchrun's agent killed
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (an orphan's zombie, waiting for a reaper, counts as ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+def test_workers_checkpoint_and_stop_when_the_torchrun_agent_is_killed(tmp_path):
+    out = tmp_path / "ddp"
+    total = 400
+    args = ["--batch-size", "4", "--max-steps", str(total), "--set", "run.ckpt_every=1000", "--set", "data.num_workers=1",
+            "--out", str(out), *TINY]
+    log = (tmp_path / "torchrun.log").open("w")
+    proc = subprocess.Popen(torchrun(2, *args), env=ENV, stdout=log, stderr=log)
+    try:
+        wait_for(lambda: len(steps_logged(out)) >= 3 and len(children_by_rank(proc.pid)) == 2, proc)
+        workers = children_by_rank(proc.pid)
+        proc.kill()  # SIGKILL to the agent: it cannot pass anything on to its workers
+        proc.wait(timeout=30)
+        end = time.monotonic() + 90
+        while any(alive(pid) for pid in workers.values()) and time.monotonic() < end:
+            time.sleep(0.2)
+        still = [pid for pid in workers.values() if alive(pid)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in locals().get("workers", {}).values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # only if the test failed: never leave orphans behind
+    text = (tmp_path / "torchrun.log").read_text()
+    assert not still, f"workers {still} kept training as orphans\n{text[-3000:]}"
+    assert "the launcher" in text and "is gone" in text, text[-3000:]
+    ckpt = load_file(out / "checkpoints" / "last.pt")
+    assert 3 <= ckpt["step"] < total
+    assert steps_logged(out) == list(range(1, ckpt["step"] + 1))
