@@ -304,7 +304,7 @@ def apply_cpu_recipe(tree: dict, explicit: set[str]) -> str:
         tree["optim"]["warmup_epochs"] = tree["optim"]["epochs"] / 10  # the recipe's share
     m = tree["model"]
     return (
-        f"no GPU and no model chosen: the small CPU recipe of `make demo` ({m['name']}, {m['depth']} blocks, "
+        f"a CPU run and no model chosen: the small CPU recipe of `make demo` ({m['name']}, {m['depth']} blocks, "
         f"{m['img_size']}px/p{m['patch_size']}); for the ImageNet recipe choose the model, e.g. --model vit_base"
     )
 

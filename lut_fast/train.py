@@ -492,7 +492,7 @@ def _print_header(cfg, sched: Schedule, device, amp_dtype, dist_info: DistInfo, 
     what = f"{cfg.method.upper()} {cfg.model.name} {cfg.model.img_size}px/p{cfg.model.patch_size}"
     c.print(f"[bold]{what}[/] on {device} ({prec}), {dist_info.world_size} process(es), backend {cfg.data.backend}")
     if getattr(cfg, "recipe_note", ""):
-        c.print(f"[yellow]{cfg.recipe_note}[/]", highlight=False)
+        c.print(f"[yellow]{cfg.recipe_note}[/]", highlight=False, soft_wrap=True)
     c.print(
         f"effective batch {sched.eff_batch} -> lr {sched.peak_lr:.3g} ({cfg.optim.lr_scaling} rule), "
         f"{sched.total_steps} steps ({sched.steps_per_epoch}/epoch), warm-up {sched.warmup_steps}"
