@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ def _point_last(ckpt_dir: Path, target: Path) -> None:
             tmp.unlink()
         os.symlink(target.name, tmp)
     except OSError:  # no symlinks here: copy (still atomic through the rename)
-        atomic_write(last, lambda f: f.write(target.read_bytes()), binary=True)
+        with target.open("rb") as src:  # streamed: a checkpoint can be gigabytes
+            atomic_write(last, lambda f: shutil.copyfileobj(src, f, 16 << 20), binary=True)
         return
     os.replace(tmp, last)
 
@@ -200,6 +202,8 @@ def export_timm_state(
     an existing file without ``overwrite``; refuses a checkpoint without ViT
     encoder weights rather than writing a file timm cannot load.
     """
+    if not Path(ckpt_path).exists():
+        raise UserError(f"checkpoint not found: {ckpt_path}")
     out_path = Path(out)
     if out_path.is_dir():
         raise UserError(f"{out_path} is a folder: give the output file's name (e.g. {out_path / 'encoder.pth'})")

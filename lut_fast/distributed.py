@@ -73,6 +73,11 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
+def launched_by_torchrun() -> bool:
+    """Whether torchrun's agent started this process (it sets TORCHELASTIC_RUN_ID, also for one process)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def stop_when_parent_dies(request_stop: Callable[[], None], poll_s: float = 1.0) -> None:
     """Call ``request_stop`` once this process's parent (torchrun's agent) is gone.
 

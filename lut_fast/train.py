@@ -42,7 +42,8 @@ from lut_fast.checkpoint import remove_stale_temp_files, resume_checkpoint, save
 from lut_fast.config import TrainConfig, from_dict, to_dict, to_yaml
 from lut_fast.distributed import (
     DistInfo, all_reduce_max, all_reduce_mean, all_same, barrier, broadcast_from_main, cleanup,
-    convert_sync_batchnorm, init_distributed, replicas_in_sync, restart_count, stop_when_parent_dies,
+    convert_sync_batchnorm, init_distributed, launched_by_torchrun, replicas_in_sync, restart_count,
+    stop_when_parent_dies,
 )
 from lut_fast.ema import TargetNetwork, momentum_at
 from lut_fast.errors import UserError
@@ -247,13 +248,6 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
     elif occupied:
         raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
 
-    if main:
-        make_dir(out_dir, "output folder")
-        make_dir(ckpt_dir, "checkpoint folder")
-        for line in resume_warnings + [f"removed {len(stale)} temporary file(s) left by an interrupted checkpoint write "
-                                       f"in {ckpt_dir}" for stale in [remove_stale_temp_files(ckpt_dir)] if stale]:
-            print(f"lut-fast: warning: {line}", file=sys.stderr)
-
     seed_everything(cfg.run.seed)
     loader = build_loader(
         cfg.data.backend, cfg.data.path, cfg.aug, cfg.optim.batch_size, device=device,
@@ -262,6 +256,12 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
         photometric_on=cfg.data.photometric_on, **cfg.data.backend_options(),
     )
     sched = make_schedule(cfg, len(loader), dist_info.world_size)
+    if main:  # before the model is built: a folder that cannot be written fails in seconds, not at the first checkpoint
+        make_dir(out_dir, "output folder")
+        make_dir(ckpt_dir, "checkpoint folder")
+        for line in resume_warnings + [f"removed {len(stale)} temporary file(s) left by an interrupted checkpoint write "
+                                       f"in {ckpt_dir}" for stale in [remove_stale_temp_files(ckpt_dir)] if stale]:
+            print(f"lut-fast: warning: {line}", file=sys.stderr)
 
     model = build_model(cfg).to(device)
     if dist_info.enabled and isinstance(model, LUT):
@@ -342,7 +342,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
 
     progress = _Progress(enabled=main and cfg.run.progress, total=sched.total_steps, start=start_step)
     with StopSignal() as stop, progress:
-        if dist_info.enabled:  # torchrun's agent killed (SIGKILL): checkpoint and stop instead of training on as orphans
+        if launched_by_torchrun():  # its agent SIGKILLed: checkpoint and stop instead of training on as orphans
             stop_when_parent_dies(lambda: setattr(stop, "requested", True))
         micro = 0
         while step < sched.total_steps:
