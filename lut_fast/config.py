@@ -279,12 +279,16 @@ CPU_RECIPE: dict[str, Any] = {
 _CPU_RECIPE_YIELDS_TO = {"optim.lr": ("optim.blr",), "optim.warmup_epochs": ("optim.epochs",)}
 
 
-def apply_cpu_recipe(tree: dict, explicit: set[str]) -> str:
+CPU_RECIPE_SOURCE = "CPU recipe (a CPU run, no model chosen)"
+
+
+def apply_cpu_recipe(tree: dict, explicit: set[str], sources: dict[str, str] | None = None) -> str:
     """Switch a config tree to ``CPU_RECIPE`` when the run will be on a CPU and no model setting was chosen.
 
     ``explicit``: the dotted keys the user set (YAML, flags, ``--set``); those
-    are never changed. Returns the line the header prints ("" when nothing
-    changed).
+    are never changed. ``sources`` (key -> where its value came from), when
+    given, records ``CPU_RECIPE_SOURCE`` for each value changed. Returns the
+    line the header prints ("" when nothing changed).
     """
     if any(k.startswith("model.") or k == "aug.img_size" for k in explicit):
         return ""
@@ -300,8 +304,12 @@ def apply_cpu_recipe(tree: dict, explicit: set[str]) -> str:
         if key in explicit or any(k in explicit for k in _CPU_RECIPE_YIELDS_TO.get(key, ())):
             continue
         _set_path(tree, key, value)
+        if sources is not None:
+            sources[key] = CPU_RECIPE_SOURCE
     if "optim.epochs" in explicit and "optim.warmup_epochs" not in explicit:
         tree["optim"]["warmup_epochs"] = tree["optim"]["epochs"] / 10  # the recipe's share
+        if sources is not None:
+            sources["optim.warmup_epochs"] = CPU_RECIPE_SOURCE
     m = tree["model"]
     return (
         f"a CPU run and no model chosen: the small CPU recipe of `make demo` ({m['name']}, {m['depth']} blocks, "
