@@ -56,6 +56,8 @@ def make_dir(path: str | os.PathLike, what: str = "folder") -> Path:
     except FileExistsError as e:  # a parent is a file
         raise UserError(f"cannot create the {what} {path}: {e.filename or 'a parent'} is a file, not a folder") from None
     except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise UserError(os_error_message(e, path / ".write-test")) from None
         raise UserError(os_error_message(e, path, action=f"write into the {what}")) from None
     return path
 
