@@ -27,7 +27,7 @@ from PIL import Image
 
 from lut_fast.errors import UserError
 
-from .imagefolder import IMG_EXTENSIONS, ImageFolderIndex, scan_image_folder
+from .imagefolder import ImageFolderIndex, scan_image_folder
 
 # Decoding at 1/8 scale (JPEG DCT scaling) still parses every entropy-coded
 # block, so truncated or corrupt files fail, at a fraction of a full decode.
@@ -58,11 +58,7 @@ def list_source(src: str | os.PathLike, split: str = "train") -> SourceList:
     """
     index = scan_image_folder(src, split)
     skipped = [(p, "empty file (0 bytes)") for p in index.skipped_empty]
-    for cls in index.classes:
-        for dirpath, _, files in os.walk(index.root / cls, followlinks=True):
-            for name in files:
-                if not name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
-                    skipped.append((os.path.join(dirpath, name), "not an image file (extension)"))
+    skipped += [(p, "not an image file (extension)") for p in index.skipped_other]
     return SourceList(index=index, skipped=sorted(skipped))
 
 

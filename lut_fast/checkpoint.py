@@ -8,6 +8,7 @@ checkpoint untouched. ``last.pt`` is a symbolic link swapped the same way
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -17,11 +18,17 @@ from typing import Any
 import torch
 
 from lut_fast.errors import UserError
-from lut_fast.fileio import atomic_write
+from lut_fast import fileio
+from lut_fast.fileio import atomic_write, temp_name_pattern
 
 FORMAT = "lut-fast/1"
 ENCODER_PREFIX = "encoder."  # the only prefix stripped when exporting to timm
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
+
+
+_CKPT_TEMP = temp_name_pattern(r"step_\d+\.pt|last\.pt")  # atomic_write's temporary checkpoint files
+_LAST_TEMP = re.compile(r"^\.last\.\d+\.tmp$")  # _point_last's temporary link
+_TRAINING_KEYS = ("step", "model", "optimizer", "config")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -36,13 +43,26 @@ def _point_last(ckpt_dir: Path, target: Path) -> None:
             tmp.unlink()
         os.symlink(target.name, tmp)
     except OSError:  # no symlinks here: copy (still atomic through the rename)
-        shutil.copyfile(target, tmp)
+        with target.open("rb") as src:  # streamed: a checkpoint can be gigabytes
+            atomic_write(last, lambda f: shutil.copyfileobj(src, f, 16 << 20), binary=True)
+        return
     os.replace(tmp, last)
 
 
 def step_checkpoints(ckpt_dir: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step_*.pt") if (m := _STEP_FILE.search(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def remove_stale_temp_files(ckpt_dir: Path) -> list[Path]:
+    """Delete temporary checkpoint files that a killed run left behind (each as large as a checkpoint).
+
+    Only names this module creates are touched (``.step_<N>.pt.<random>.tmp``,
+    ``.last.pt.<random>.tmp``, ``.last.<pid>.tmp``); called before a run writes
+    its first checkpoint, when no other process writes into the folder.
+    """
+    removed = fileio.remove_stale_temp_files(ckpt_dir, _CKPT_TEMP)
+    return sorted(removed + fileio.remove_stale_temp_files(ckpt_dir, _LAST_TEMP))
 
 
 def save_checkpoint(state: dict, ckpt_dir: Path, step: int, keep: int = 2) -> Path:
@@ -69,22 +89,80 @@ def load_file(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.exists():
         raise UserError(f"checkpoint not found: {p}")
+    if p.is_dir():
+        raise UserError(f"{p} is a folder, not a checkpoint file")
     try:
         return _torch_load(p)
     except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing condition
-        raise UserError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict:
+    """A lut-fast training checkpoint (model, optimizer, step, config ...), or a ``UserError`` saying what it is not."""
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or any(k not in ckpt for k in _TRAINING_KEYS):
+        what = "a timm / state-dict file" if isinstance(ckpt, dict) and "format" not in ckpt else "not in lut-fast's format"
+        raise UserError(f"{path} is not a lut-fast training checkpoint ({what}); training can only resume from "
+                        "files that `lut-fast train` wrote")
+    return ckpt
+
+
+def resume_checkpoint(ckpt_dir: Path) -> tuple[dict | None, list[str]]:
+    """The newest readable checkpoint in ``ckpt_dir`` (``last.pt``, else the newest step file) and warnings.
+
+    None when the folder holds no checkpoint at all (a fresh start). When
+    checkpoint files exist but none can be read, a ``UserError`` names them:
+    starting over would overwrite them. Unreadable step files newer than the
+    one resumed from are renamed ``<name>.unreadable`` (kept, never
+    overwritten by the resumed run's later checkpoints).
+    """
+    steps = list(reversed(step_checkpoints(ckpt_dir)))
+    last = ckpt_dir / "last.pt"
+    candidates = ([last] if last.exists() or last.is_symlink() else []) + [p for p in steps if p.resolve() != last.resolve()]
+    unreadable: list[tuple[Path, str]] = []
+    for p in candidates:
+        try:
+            ckpt = load_training_checkpoint(p)
+        except UserError as e:
+            reason = str(e)
+            for prefix in (f"cannot read checkpoint {p}: ", f"{p} is "):
+                reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+            unreadable.append((p, reason.split(";")[0]))
+            continue
+        warnings = []
+        damaged = {q.resolve() if q.is_symlink() else q for q, _ in unreadable}
+        newer = [q for q in steps if q in damaged or q.resolve() in damaged]
+        newer = [q for q in newer if _step_of(q) > ckpt["step"]]
+        for q in newer:
+            with contextlib.suppress(FileNotFoundError):  # another rank of the job moved it first
+                q.rename(q.with_name(q.name + ".unreadable"))
+        if unreadable:
+            names = ", ".join(_describe(q) for q, _ in unreadable)
+            warnings.append(f"skipped unreadable checkpoint(s) {names}; resuming from {p.name} (step {ckpt['step']})"
+                            + (f"; kept as {', '.join(q.name + '.unreadable' for q in newer)}" if newer else ""))
+        return ckpt, warnings
+    if unreadable:
+        first_reason = unreadable[0][1]
+        raise UserError(
+            f"cannot resume: none of the {len(unreadable)} checkpoint file(s) in {ckpt_dir} can be read "
+            f"({', '.join(_describe(q) for q, _ in unreadable)}: {first_reason}); nothing was changed. "
+            f"To start afresh, move {ckpt_dir} away or choose another --out"
+        )
+    return None, []
 
 
 def latest_checkpoint(ckpt_dir: Path) -> dict | None:
-    """The newest readable checkpoint: ``last.pt``, else the newest step file that loads."""
-    candidates = [ckpt_dir / "last.pt"] + list(reversed(step_checkpoints(ckpt_dir)))
-    for p in candidates:
-        if p.exists():
-            try:
-                return _torch_load(p)
-            except Exception:  # noqa: BLE001 - fall back to an older complete file
-                continue
-    return None
+    """The newest readable checkpoint (see ``resume_checkpoint``), or None when there is none."""
+    return resume_checkpoint(ckpt_dir)[0]
+
+
+def _describe(path: Path) -> str:
+    return f"{path.name} -> {os.readlink(path)}" if path.is_symlink() else path.name
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_FILE.search(path.name)
+    return int(m.group(1)) if m else -1
 
 
 def encoder_state(ckpt: dict, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -108,11 +186,60 @@ def encoder_state(ckpt: dict, use_ema: bool = False) -> dict[str, torch.Tensor]:
     return {k: v for k, v in src.items() if not k.startswith(skip)}
 
 
-def export_timm_encoder(ckpt_path: str | os.PathLike, out: str | os.PathLike, use_ema: bool = False) -> Path:
-    state = encoder_state(load_file(ckpt_path), use_ema=use_ema)
+def export_timm_encoder(
+    ckpt_path: str | os.PathLike, out: str | os.PathLike, use_ema: bool = False, overwrite: bool = False,
+) -> Path:
+    """Write the encoder as a timm state dict (see ``export_timm_state``); returns the file."""
+    return export_timm_state(ckpt_path, out, use_ema=use_ema, overwrite=overwrite)[0]
+
+
+def export_timm_state(
+    ckpt_path: str | os.PathLike, out: str | os.PathLike, use_ema: bool = False, overwrite: bool = False,
+) -> tuple[Path, dict]:
+    """Write the encoder as a timm state dict; returns the file and its architecture (``infer_encoder_arch``).
+
+    Refuses (before reading anything large) an output that is a folder, or
+    an existing file without ``overwrite``; refuses a checkpoint without ViT
+    encoder weights rather than writing a file timm cannot load.
+    """
+    if not Path(ckpt_path).exists():
+        raise UserError(f"checkpoint not found: {ckpt_path}")
     out_path = Path(out)
+    if out_path.is_dir():
+        raise UserError(f"{out_path} is a folder: give the output file's name (e.g. {out_path / 'encoder.pth'})")
+    if out_path.exists() and not overwrite:
+        raise UserError(f"{out_path} already exists: pass --overwrite to replace it")
+    ckpt = load_file(ckpt_path)
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{ckpt_path} does not hold a state dict or a checkpoint")
+    state = encoder_state(ckpt, use_ema=use_ema)
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{ckpt_path} holds no ViT encoder weights (nothing to export)")
+    try:
+        arch = infer_encoder_arch(state, ckpt.get("config") if "format" in ckpt else None)
+    except UserError as e:
+        raise UserError(f"{ckpt_path}: cannot export: {e}") from None
     atomic_torch_save(state, out_path)
-    return out_path
+    return out_path, arch
+
+
+_TIMM_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
+               1024: "vit_large_patch16_224"}
+
+
+def timm_create_model_call(arch: dict) -> str:
+    """The ``timm.create_model(...)`` line that builds the network an exported file loads into (strict=True).
+
+    The named model supplies nothing the arguments do not override, so the
+    line holds for any depth, width, image and patch size. ``global_pool="avg",
+    fc_norm=False``: the mean of the patch tokens after the final norm, the
+    representation LUT trains (and the key names of the file).
+    """
+    name = _TIMM_NAMES.get(arch["embed_dim"], "vit_base_patch16_224")
+    args = [f'"{name}"', "pretrained=False", "num_classes=0", f"img_size={arch['img_size']}",
+            f"patch_size={arch['patch_size']}", f"embed_dim={arch['embed_dim']}", f"depth={arch['depth']}",
+            f"num_heads={arch['num_heads']}", f"mlp_ratio={arch['mlp_ratio']:g}", 'global_pool="avg"', "fc_norm=False"]
+    return f"timm.create_model({', '.join(args)})"
 
 
 # ---------------------------------------------------------------- encoders for evaluation and analysis

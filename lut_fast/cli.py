@@ -76,7 +76,7 @@ def train(
     }
     # Flags whose name is not "--" + the key's last part (for "where each value came from").
     flag_names = {"model.name": "--model", "data.path": "--data", "optim.accum_steps": "--accum", "run.out_dir": "--out"}
-    cfg = load_config(config, flags, set_, flag_names)
+    cfg = load_config(config, flags, set_, flag_names, cpu_recipe=True)
     if print_config:
         import os
 
@@ -120,13 +120,17 @@ def data_preview(
 @export_app.command("timm")
 def export_timm(
     ckpt: Path = typer.Argument(..., help="A lut-fast checkpoint (.pt)."),
-    out: Path = typer.Argument(..., help="Output .pth: a state dict for timm.create_model('vit_<size>_patch16_224', num_classes=0)."),
+    out: Path = typer.Argument(..., help="Output .pth: a state dict; the command prints the timm.create_model(...) call that loads it."),
     use_ema: bool = typer.Option(False, "--use-ema", help="Export the momentum (target) encoder instead of the online one."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
-    """Export the encoder so that timm loads it with strict=True."""
-    from lut_fast.checkpoint import export_timm_encoder
+    """Export the encoder so that timm loads it with strict=True, and print the line that builds the model."""
+    from lut_fast.checkpoint import export_timm_state, timm_create_model_call
 
-    export_timm_encoder(ckpt, out, use_ema=use_ema)
+    path, arch = export_timm_state(ckpt, out, use_ema=use_ema, overwrite=overwrite)
+    typer.echo(f"wrote {path}; load it with:")
+    typer.echo(f"  model = {timm_create_model_call(arch)}")
+    typer.echo(f'  model.load_state_dict(torch.load("{path}", map_location="cpu"), strict=True)')
 
 
 # Sub-command groups that live beside the code they drive (their modules import only typer at the top).

@@ -24,13 +24,18 @@ from typing import Any, Optional
 import yaml
 
 from lut_fast.errors import UserError
-from lut_fast.pipelines.spec import AugSpec
+from lut_fast.pipelines.batch import PHOTOMETRIC_PLACES
+from lut_fast.pipelines.spec import STRONG_OPS, AugSpec
 
 METHODS = ("lut", "mae")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 DIRECTIONS = ("symmetric", "one_way")
 LR_RULES = ("sqrt", "linear")
+BACKENDS = ("torch", "dali", "ffcv")
+FFCV_ORDERS = ("random", "quasi_random", "sequential")
+PADDING_MODES = ("reflect", "constant", "edge", "symmetric")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
 @dataclass
@@ -181,12 +186,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where} must be a list, got {value!r}")
+        if args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise UserError(f"{where} must have {len(args)} values, got {len(value)}: {list(value)!r}")
         inner = args[0] if args else Any
         return tuple(_coerce(v, inner, where) for v in value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a mapping, got {value!r}")
         return from_dict(tp, value, where)
+    if isinstance(value, bool) and tp in (int, float):
+        raise UserError(f"{where} must be of type {tp.__name__}, got {value!r}")
+    if isinstance(value, (list, dict)) and tp in (int, float, str, bool):
+        raise UserError(f"{where} must be of type {tp.__name__}, got {value!r}")
     try:
         if tp is bool:
             if isinstance(value, str):
@@ -236,12 +247,15 @@ def load_config(
     flags: dict[str, Any] | None = None,
     sets: list[str] | None = None,
     flag_names: dict[str, str] | None = None,
+    cpu_recipe: bool = False,
 ) -> TrainConfig:
     """Defaults <- YAML <- flags (None = not given) <- ``key=value`` strings <- the method's defaults
     for what none of these set; validated. ``cfg.sources`` says where each value came from.
 
     ``flag_names`` maps a config key to the flag that sets it, for the provenance (default:
     ``--`` + the key's last part, e.g. ``optim.batch_size`` -> ``--batch-size``).
+    ``cpu_recipe``: on a CPU-only run where no model setting was chosen, start
+    from the small CPU recipe instead of the ImageNet one (``apply_cpu_recipe``).
     """
     tree = to_dict(TrainConfig())
     sources: dict[str, str] = {}
@@ -268,11 +282,64 @@ def load_config(
         value = yaml.safe_load(raw)
         _set_path(tree, key.strip(), value)
         _replace_marks(sources, key.strip(), value, SOURCE_SET)
+    explicit = {k for k, src in sources.items() if is_user_source(src)}
+    note = apply_cpu_recipe(tree, explicit, sources) if cpu_recipe else ""
     apply_method_defaults(tree, sources)
     cfg = from_dict(TrainConfig, tree)
     cfg.sources = sources
     validate(cfg)
+    cfg.recipe_note = note  # not a field (not saved): the header says why the recipe differs from the defaults
     return cfg
+
+
+# The small recipe `make demo` runs (configs/demo.yaml, checked by a test): a few minutes on 2 CPU cores,
+# where the ImageNet recipe (224 px, 8-block decoder) would run at about one image per second.
+CPU_RECIPE: dict[str, Any] = {
+    "model.name": "vit_tiny", "model.img_size": 64, "model.patch_size": 8, "model.depth": 4,
+    "model.decoder_embed_dim": 128, "model.decoder_depth": 2, "model.decoder_num_heads": 4,
+    "model.head_hidden_dim": 512, "lut.lam": 1.0, "optim.batch_size": 64, "optim.lr": 1.0e-3,
+    "optim.epochs": 20, "optim.warmup_epochs": 2, "run.log_every": 5, "run.ckpt_every": 50,
+}
+# A recipe value is not used when the user chose one of these instead (an explicit blr means "scale the lr").
+_CPU_RECIPE_YIELDS_TO = {"optim.lr": ("optim.blr",), "optim.warmup_epochs": ("optim.epochs",)}
+
+
+CPU_RECIPE_SOURCE = "CPU recipe (a CPU run, no model chosen)"
+
+
+def apply_cpu_recipe(tree: dict, explicit: set[str], sources: dict[str, str] | None = None) -> str:
+    """Switch a config tree to ``CPU_RECIPE`` when the run will be on a CPU and no model setting was chosen.
+
+    ``explicit``: the dotted keys the user set (YAML, flags, ``--set``); those
+    are never changed. ``sources`` (key -> where its value came from), when
+    given, records ``CPU_RECIPE_SOURCE`` for each value changed. Returns the
+    line the header prints ("" when nothing changed).
+    """
+    if any(k.startswith("model.") or k == "aug.img_size" for k in explicit):
+        return ""
+    device = tree["run"]["device"]
+    if device == "cuda":
+        return ""
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return ""
+    for key, value in CPU_RECIPE.items():
+        if key in explicit or any(k in explicit for k in _CPU_RECIPE_YIELDS_TO.get(key, ())):
+            continue
+        _set_path(tree, key, value)
+        if sources is not None:
+            sources[key] = CPU_RECIPE_SOURCE
+    if "optim.epochs" in explicit and "optim.warmup_epochs" not in explicit:
+        tree["optim"]["warmup_epochs"] = tree["optim"]["epochs"] / 10  # the recipe's share
+        if sources is not None:
+            sources["optim.warmup_epochs"] = CPU_RECIPE_SOURCE
+    m = tree["model"]
+    return (
+        f"a CPU run and no model chosen: the small CPU recipe of `make demo` ({m['name']}, {m['depth']} blocks, "
+        f"{m['img_size']}px/p{m['patch_size']}); for the ImageNet recipe choose the model, e.g. --model vit_base"
+    )
 
 
 def _merge(base: dict, new: dict, where: str, sources: dict[str, str], label: str, prefix: str = "") -> None:
@@ -480,45 +547,133 @@ def format_resolved(cfg: TrainConfig, world_size: int = 1) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UserError(msg)
+
+
+def _number(where: str, value: Any, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """``value`` is a finite number in the range (NaN and inf fail every range); None only if ``optional``."""
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        def fmt(x: float) -> str:
+            return str(x) if isinstance(x, int) else f"{x:g}"
+
+        if low is not None and high is not None:
+            rng = f"in {'(' if low_open else '['}{fmt(low)}, {fmt(high)}{')' if high_open else ']'}"
+        elif low is not None:
+            rng = f"{'>' if low_open else '>='} {fmt(low)}"
+        else:
+            rng = f"{'<' if high_open else '<='} {fmt(high)}"
+        raise UserError(f"{where} must be a finite number {rng}, got {value!r}")
+
+
+def _choice(where: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, f"unknown {where} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def validate_aug(a: AugSpec, where: str = "aug") -> None:
+    """Every augmentation field's length and range (AugSpec calls this on creation, so backends get it too)."""
+    _choice(f"{where}.recipe", a.recipe, ("lut", "mae"))
+    _number(f"{where}.img_size (image size)", a.img_size, 0, low_open=True)
+    _number(f"{where}.src_padding", a.src_padding, 0)
+    _check(a.src_padding < a.img_size, f"{where}.src_padding {a.src_padding} must be smaller than the image size {a.img_size}")
+    _choice(f"{where}.src_padding_mode", a.src_padding_mode, PADDING_MODES)
+    _choice(f"{where}.interpolation", a.interpolation, INTERPOLATIONS)
+    for name in ("flip_p", "jitter_p"):
+        _number(f"{where}.{name}", getattr(a, name), 0, 1)
+    for name in ("brightness", "contrast", "saturation"):
+        _number(f"{where}.{name}", getattr(a, name), 0)
+    _number(f"{where}.hue", a.hue, 0, 0.5)
+    unknown = set(a.strong_ops) - set(STRONG_OPS)
+    _check(not unknown and bool(a.strong_ops), f"{where}.strong_ops must be a non-empty subset of {STRONG_OPS}, got {a.strong_ops}")
+    _number(f"{where}.solarize_threshold", a.solarize_threshold, 0, 256)
+    for name, low, high in (("blur_sigma", 0, None), ("rrc_scale", 0, 1), ("rrc_ratio", 0, None)):
+        pair = getattr(a, name)
+        _check(len(pair) == 2, f"{where}.{name} must have 2 values (low, high), got {list(pair)!r}")
+        for v in pair:
+            _number(f"{where}.{name} values", v, low, high, low_open=True)
+        _check(pair[0] <= pair[1], f"{where}.{name} must be (low, high) with low <= high, got {list(pair)!r}")
+    for name in ("mean", "std"):
+        values = getattr(a, name)
+        _check(len(values) == 3, f"{where}.{name} must have 3 values (R, G, B), got {list(values)!r}")
+        for v in values:
+            _number(f"{where}.{name} values", v, 0 if name == "std" else None, low_open=True)
+
+
 def validate(cfg: TrainConfig) -> None:
+    """Every field's type (checked by ``from_dict``), length and range, before anything runs: one line per mistake."""
     from lut_fast.models.vit import PRESETS
 
-    m, o = cfg.model, cfg.optim
-
-    def check(ok: bool, msg: str) -> None:
-        if not ok:
-            raise UserError(msg)
-
-    check(cfg.method in METHODS, f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    m, o, d, r, lut = cfg.model, cfg.optim, cfg.data, cfg.run, cfg.lut
+    _choice("method", cfg.method, METHODS)
+    _choice("model", m.name, tuple(PRESETS))
+    check = _check
     check(
         cfg.method != "lut" or cfg.aug.two_views,
         f"aug.recipe={cfg.aug.recipe} makes one view, LUT needs two: leave aug.recipe to follow the method",
     )
-    check(m.name in PRESETS, f"unknown model {m.name!r}; choose one of {', '.join(PRESETS)}")
     check(m.img_size > 0 and m.patch_size > 0, "image size and patch size must be positive")
     check(m.img_size % m.patch_size == 0, f"image size {m.img_size} is not divisible by patch size {m.patch_size}")
-    check(0.0 < m.mask_ratio < 1.0, f"mask ratio must be in (0, 1), got {m.mask_ratio}")
+    for name in ("depth", "embed_dim", "num_heads"):
+        _number(f"model.{name}", getattr(m, name), 1, optional=True)
+    for name in ("decoder_embed_dim", "decoder_num_heads", "head_hidden_dim"):
+        _number(f"model.{name}", getattr(m, name), 1)
+    _number("model.decoder_depth", m.decoder_depth, 0)
+    check(isinstance(m.mask_ratio, float) and 0.0 < m.mask_ratio < 1.0, f"mask ratio must be in (0, 1), got {m.mask_ratio}")
     num_patches = (m.img_size // m.patch_size) ** 2
     keep = int(num_patches * (1 - m.mask_ratio))
     check(keep >= 1, f"mask ratio {m.mask_ratio} leaves no visible patch out of {num_patches}")
     if cfg.method == "lut":
         check(2 * keep <= num_patches, f"LUT needs two disjoint visible sets: mask ratio {m.mask_ratio} must be >= 0.5")
-    check(o.batch_size > 0, f"batch size must be positive, got {o.batch_size}")
-    check(o.accum_steps >= 1, f"accumulation steps must be >= 1, got {o.accum_steps}")
-    check(o.epochs > 0, f"epochs must be positive, got {o.epochs}")
-    check(o.max_steps is None or o.max_steps > 0, f"max steps must be positive, got {o.max_steps}")
-    check(0 <= o.warmup_epochs <= o.epochs, "warmup epochs must be between 0 and epochs")
-    check(o.lr_scaling in LR_RULES, f"unknown lr scaling {o.lr_scaling!r}; choose sqrt or linear")
-    check(cfg.lut.direction in DIRECTIONS, f"unknown LUT direction {cfg.lut.direction!r}; choose symmetric or one_way")
-    check(cfg.run.precision in PRECISIONS, f"unknown precision {cfg.run.precision!r}; choose {', '.join(PRECISIONS)}")
-    check(cfg.run.device in DEVICES, f"unknown device {cfg.run.device!r}; choose {', '.join(DEVICES)}")
-    check(cfg.data.backend in ("torch", "dali", "ffcv"), f"unknown backend {cfg.data.backend!r}; choose torch, dali or ffcv")
-    check(cfg.data.num_workers >= 0, "num_workers must be >= 0")
-    check(cfg.run.log_every >= 1 and cfg.run.ckpt_every >= 1, "log_every and ckpt_every must be >= 1")
     embed = m.embed_dim or PRESETS[m.name]["embed_dim"]
     heads = m.num_heads or PRESETS[m.name]["num_heads"]
     check(embed % heads == 0, f"embed dim {embed} is not divisible by {heads} heads")
     check(m.decoder_embed_dim % m.decoder_num_heads == 0, "decoder embed dim must be divisible by decoder heads")
+
+    _number("lut.lam", lut.lam, 0, optional=True)
+    _choice("LUT direction", lut.direction, DIRECTIONS)
+    _number("lut.ema_momentum", lut.ema_momentum, 0, 1)
+    _number("lut.ema_momentum_end", lut.ema_momentum_end, 0, 1)
+
+    check(o.batch_size > 0, f"batch size must be positive, got {o.batch_size}")
+    check(o.accum_steps >= 1, f"accumulation steps must be >= 1, got {o.accum_steps}")
+    _number("optim.blr (base learning rate)", o.blr, 0, low_open=True)
+    _number("optim.lr (learning rate)", o.lr, 0, low_open=True, optional=True)
+    _choice("lr scaling", o.lr_scaling, LR_RULES)
+    _number("optim.weight_decay", o.weight_decay, 0)
+    check(len(o.betas) == 2, f"optim.betas must have 2 values, got {list(o.betas)!r}")
+    for b in o.betas:
+        _number("optim.betas values", b, 0, 1, high_open=True)
+    check(math.isfinite(o.epochs) and o.epochs > 0, f"epochs must be positive, got {o.epochs}")
+    _number("optim.warmup_epochs", o.warmup_epochs, 0)
+    check(0 <= o.warmup_epochs <= o.epochs, "warmup epochs must be between 0 and epochs")
+    check(o.max_steps is None or o.max_steps > 0, f"max steps must be positive, got {o.max_steps}")
+    _number("optim.min_lr", o.min_lr, 0)
+    _number("optim.clip_grad", o.clip_grad, 0, low_open=True, optional=True)
+
+    _choice("backend", d.backend, BACKENDS)
+    check(d.num_workers >= 0, "num_workers must be >= 0")
+    _choice("data.photometric_on", d.photometric_on, PHOTOMETRIC_PLACES + ("worker",))  # worker: old name of loader
+    _number("data.max_bad_images", d.max_bad_images, 0)
+    _choice("data.ffcv_order", d.ffcv_order, FFCV_ORDERS)
+    _number("data.dali_shuffle_buffer", d.dali_shuffle_buffer, 1)
+
+    _choice("precision", r.precision, PRECISIONS)
+    _choice("device", r.device, DEVICES)
+    check(r.log_every >= 1 and r.ckpt_every >= 1, "log_every and ckpt_every must be >= 1")
+    _number("run.keep_checkpoints (0 = keep all)", r.keep_checkpoints, 0)
+    _number("run.seed", r.seed, 0, 2**32 - 1)
+    _number("run.max_hours", r.max_hours, 0, low_open=True, optional=True)
+    check(r.out_dir is None or str(r.out_dir).strip() != "", "run.out_dir may not be empty")
+    validate_aug(cfg.aug)
 
 
 # ---------------------------------------------------------------- documentation

@@ -19,10 +19,15 @@ a single-process model.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -66,6 +71,55 @@ def init_distributed(device_type: str) -> DistInfo:
             store=store, rank=info.rank, world_size=world, timeout=timeout,
         )
     return info
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun's agent started this process (it sets TORCHELASTIC_RUN_ID, also for one process)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def stop_when_parent_dies(request_stop: Callable[[], None], poll_s: float = 1.0) -> None:
+    """Call ``request_stop`` once this process's parent (torchrun's agent) is gone.
+
+    A SIGKILLed agent cannot stop its workers, which would otherwise train
+    on as orphans. Two detectors: on Linux the kernel's parent-death signal
+    (``prctl(PR_SET_PDEATHSIG)``, SIGUSR2 here, whose handler checks that the
+    parent really changed: the signal also fires when the thread that forked
+    us ends), and everywhere a daemon thread that polls ``os.getppid()``.
+    The train loop then stops at the next step like on SIGTERM, with a
+    checkpoint (the ranks agree on the step through an all-reduce).
+    """
+    parent = os.getppid()
+    done = threading.Event()
+
+    def parent_gone() -> bool:
+        return os.getppid() != parent
+
+    def fire() -> None:
+        if not done.is_set():
+            done.set()
+            print(f"lut-fast: rank {os.environ.get('RANK', '0')}: the launcher (pid {parent}) is gone: "
+                  "checkpointing and stopping", file=sys.stderr)
+            request_stop()
+
+    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            pr_set_pdeathsig = 1
+            signal.signal(signal.SIGUSR2, lambda signum, frame: fire() if parent_gone() else None)
+            libc.prctl(pr_set_pdeathsig, int(signal.SIGUSR2), 0, 0, 0)
+        except (OSError, AttributeError, ValueError):
+            pass  # no prctl here: the watchdog below still notices
+    if parent_gone():  # died before the signal was armed
+        fire()
+        return
+
+    def watch() -> None:
+        while not done.wait(poll_s):
+            if parent_gone():
+                fire()
+
+    threading.Thread(target=watch, name="lut-fast-parent-watch", daemon=True).start()
 
 
 def restart_count() -> int:

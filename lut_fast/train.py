@@ -38,14 +38,16 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lut_fast.checkpoint import latest_checkpoint, save_checkpoint
+from lut_fast.checkpoint import remove_stale_temp_files, resume_checkpoint, save_checkpoint
 from lut_fast.config import TrainConfig, from_dict, lr_description, source_lines, to_dict, to_yaml
 from lut_fast.distributed import (
     DistInfo, all_reduce_max, all_reduce_mean, all_same, barrier, broadcast_from_main, cleanup,
-    convert_sync_batchnorm, init_distributed, replicas_in_sync, restart_count,
+    convert_sync_batchnorm, init_distributed, launched_by_torchrun, replicas_in_sync, restart_count,
+    stop_when_parent_dies,
 )
 from lut_fast.ema import TargetNetwork, momentum_at
 from lut_fast.errors import UserError
+from lut_fast.fileio import append_line, make_dir, read_jsonl, write_text_atomic
 from lut_fast.masking import make_noise
 from lut_fast.models import LUT, build_model
 from lut_fast.optim import build_optimizer, lr_at, scaled_lr
@@ -122,21 +124,23 @@ class TrainResult:
 
 
 class MetricsLog:
-    """JSON lines, one per logged step; on resume, lines past the checkpoint are dropped."""
+    """JSON lines, one per logged step; on resume, lines past the checkpoint (and torn lines) are dropped."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int) -> int:
+        """Keep the lines up to ``step``; returns how many unreadable (torn) lines were dropped."""
         if not (self.enabled and self.path.exists()):
-            return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+            return 0
+        records, torn = read_jsonl(self.path)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        write_text_atomic("".join(json.dumps(r) + "\n" for r in kept), self.path)
+        return len(torn)
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))
 
 
 def _rng_state() -> dict:
@@ -217,7 +221,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
 
     if not resume and restart_count() > 0:
         resume = True  # torchrun --max-restarts restarted the group after a failure: continue the run
-    checkpoint = latest_checkpoint(ckpt_dir) if resume else None
+    checkpoint, resume_warnings = resume_checkpoint(ckpt_dir) if resume else (None, [])
     # Every rank reads the checkpoint itself; all must see the same one, and all must stop together
     # (one rank raising alone would leave the others waiting in a collective).
     found_step = checkpoint["step"] if checkpoint is not None else -1
@@ -252,6 +256,12 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
         photometric_on=cfg.data.photometric_on, **cfg.data.backend_options(),
     )
     sched = make_schedule(cfg, len(loader), dist_info.world_size)
+    if main:  # before the model is built: a folder that cannot be written fails in seconds, not at the first checkpoint
+        make_dir(out_dir, "output folder")
+        make_dir(ckpt_dir, "checkpoint folder")
+        for line in resume_warnings + [f"removed {len(stale)} temporary file(s) left by an interrupted checkpoint write "
+                                       f"in {ckpt_dir}" for stale in [remove_stale_temp_files(ckpt_dir)] if stale]:
+            print(f"lut-fast: warning: {line}", file=sys.stderr)
 
     model = build_model(cfg).to(device)
     if dist_info.enabled and isinstance(model, LUT):
@@ -272,9 +282,10 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=main)
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        metrics.truncate_after(start_step)
+        write_text_atomic(to_yaml(cfg), out_dir / "config.yaml")
+        if torn := metrics.truncate_after(start_step):
+            print(f"lut-fast: warning: dropped {torn} unreadable line(s) of {metrics.path} (cut off by a crash or a full disk)",
+                  file=sys.stderr)
         _print_header(cfg, sched, device, amp_dtype, dist_info, start_step)
 
     student = model
@@ -331,6 +342,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
 
     progress = _Progress(enabled=main and cfg.run.progress, total=sched.total_steps, start=start_step)
     with StopSignal() as stop, progress:
+        if launched_by_torchrun():  # its agent SIGKILLed: checkpoint and stop instead of training on as orphans
+            stop_when_parent_dies(lambda: setattr(stop, "requested", True))
         micro = 0
         while step < sched.total_steps:
             loader.set_epoch(epoch, start_batch)
@@ -376,7 +389,13 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
                 if cfg.optim.clip_grad:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                scaler.step(optimizer)
+                try:
+                    scaler.step(optimizer)
+                except RuntimeError as e:  # an lr beyond float32's range: the update itself is inf
+                    if "without overflow" not in str(e):
+                        raise
+                    raise UserError(f"the update became inf at step {step + 1} (lr {lr:.3g}): stopping; "
+                                    f"the last good checkpoint is kept in {ckpt_dir}") from None
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 m = momentum_at(step, sched.total_steps, cfg.lut.ema_momentum, cfg.lut.ema_momentum_end)
@@ -472,6 +491,8 @@ def _print_header(cfg, sched: Schedule, device, amp_dtype, dist_info: DistInfo, 
     prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16+loss scaling"}[amp_dtype]
     what = f"{cfg.method.upper()} {cfg.model.name} {cfg.model.img_size}px/p{cfg.model.patch_size}"
     c.print(f"[bold]{what}[/] on {device} ({prec}), {dist_info.world_size} process(es), backend {cfg.data.backend}")
+    if getattr(cfg, "recipe_note", ""):
+        c.print(f"[yellow]{cfg.recipe_note}[/]", highlight=False, soft_wrap=True)
     c.print(
         f"effective batch {sched.eff_batch} -> {lr_description(cfg, sched.eff_batch, sched.peak_lr)}, "
         f"{sched.total_steps} steps ({sched.steps_per_epoch}/epoch), warm-up {sched.warmup_steps}"

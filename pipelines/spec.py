@@ -58,23 +58,14 @@ class AugSpec:
     std: tuple[float, float, float] = IMAGENET_STD  # normalisation (ImageNet)
 
     def __post_init__(self) -> None:
-        from lut_fast.errors import UserError
-
-        if self.recipe not in ("lut", "mae"):
-            raise UserError(f"aug.recipe must be 'lut' or 'mae', got {self.recipe!r}")
-        if self.img_size <= 0:
-            raise UserError(f"image size must be positive, got {self.img_size}")
-        unknown = set(self.strong_ops) - set(STRONG_OPS)
-        if unknown or not self.strong_ops:
-            raise UserError(f"aug.strong_ops must be a non-empty subset of {STRONG_OPS}, got {self.strong_ops}")
-        for name in ("flip_p", "jitter_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserError(f"aug.{name} must be in [0, 1], got {getattr(self, name)}")
         # YAML gives lists; keep tuples so the spec stays hashable and frozen.
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, list):
                 object.__setattr__(self, f.name, tuple(v))
+        from lut_fast.config import validate_aug  # every config check lives in one place
+
+        validate_aug(self)
 
     @property
     def two_views(self) -> bool:

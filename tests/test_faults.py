@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -236,3 +237,247 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(UserError, match="2 process"):
         train(tiny_config(out, max_steps=4), resume=True)
+
+
+# ---------------------------------------------------------------- nothing lost: damaged checkpoints, kills mid-write
+
+CLI = str(BIN / "lut-fast")
+
+
+def cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("lut-fast: error:")]
+    assert len(lines) == 1, proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every entry of ``folder`` (links as their target name), to show that nothing changed."""
+    return {p.name: (os.readlink(p).encode() if p.is_symlink() else p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_resume_refuses_when_every_checkpoint_is_unreadable_and_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(out, "run.ckpt_every=1", max_steps=2))
+    ckpts = out / "checkpoints"
+    for p in ckpts.glob("step_*.pt"):
+        p.write_bytes(os.urandom(5000))  # garbage, as from a failing disk
+    before = folder_bytes(ckpts)
+    proc = cli("train", "--out", str(out), "--resume", "--max-steps", "4", "--batch-size", "8", *TINY,
+               "--set", "data.num_workers=0")
+    line = assert_one_line_error(proc, "cannot resume", "step_00000001.pt", "step_00000002.pt", "move", "another --out")
+    assert "last.pt" in line
+    assert folder_bytes(ckpts) == before  # not one byte replaced
+    assert steps_logged(out) == [1, 2]
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint_and_keeps_its_bytes(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(out, "run.ckpt_every=2", max_steps=4))
+    newest = out / "checkpoints" / "step_00000004.pt"
+    garbage = os.urandom(3000)
+    newest.write_bytes(garbage)
+    result = train(tiny_config(out, "run.ckpt_every=2", max_steps=4), resume=True)
+    err = capsys.readouterr().err
+    assert "skipped unreadable checkpoint(s)" in err and "resuming from step_00000002.pt" in err
+    assert result.steps == 4 and load_file(out / "checkpoints" / "last.pt")["step"] == 4
+    assert (out / "checkpoints" / "step_00000004.pt.unreadable").read_bytes() == garbage
+    assert steps_logged(out) == [1, 2, 3, 4]
+
+
+def test_resume_from_a_file_that_is_not_a_lut_fast_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save({"pos_embed": torch.zeros(1, 17, 192)}, out / "checkpoints" / "last.pt")  # a timm state dict
+    before = folder_bytes(out / "checkpoints")
+    proc = cli("train", "--out", str(out), "--resume", "--max-steps", "2", "--batch-size", "8", *TINY,
+               "--set", "data.num_workers=0")
+    assert_one_line_error(proc, "not a lut-fast training checkpoint", "last.pt")
+    assert folder_bytes(out / "checkpoints") == before
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_no_temp_file_after_resume(tmp_path):
+    """SIGKILL while a checkpoint is written (with a loader worker process): resume removes the temp file."""
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    args = ["train", "--out", str(out), "--resume", "--batch-size", "8", "--max-steps", "30", *TINY,
+            "--set", "run.ckpt_every=1", "--set", "data.num_workers=1"]
+    proc = subprocess.Popen([CLI, *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    caught = False
+    try:
+        end = time.monotonic() + 90
+        while time.monotonic() < end and proc.poll() is None:
+            if ckpts.is_dir() and any(n.endswith(".tmp") and n.startswith(".step_") for n in os.listdir(ckpts)):
+                os.kill(proc.pid, signal.SIGKILL)  # inside the write: the temporary file exists right now
+                caught = True
+                break
+        if not caught:
+            wait_for(lambda: len(steps_logged(out)) >= 2, proc)
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    ours = sorted(n for n in os.listdir(ckpts) if n.endswith(".tmp"))
+    if not ours:  # the kill landed between writes this time: leave what a kill inside one leaves
+        (ckpts / ".step_00000099.pt.k3x_9zqa.tmp").write_bytes(b"\0" * 4096)
+        ours = [".step_00000099.pt.k3x_9zqa.tmp"]
+    (ckpts / "notes.tmp").write_text("the user's own file")  # not ours: kept
+    done = cli(*args, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"removed {len(ours)} temporary file(s)" in done.stderr
+    left = sorted(n for n in os.listdir(ckpts) if n.endswith(".tmp"))
+    assert left == ["notes.tmp"], left
+    assert load_file(ckpts / "last.pt")["step"] == 30
+    assert steps_logged(out) == list(range(1, 31))
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_reported_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def crash(step, record):
+        if step == 3:
+            raise RuntimeError("disk full, then killed")
+
+    cfg = tiny_config(out, "run.ckpt_every=2", max_steps=5)
+    with pytest.raises(RuntimeError):
+        train(cfg, on_step=crash)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"loss": 0.51, "st')  # the half line a full disk leaves
+    capsys.readouterr()
+    result = train(cfg, resume=True)
+    assert result.steps == 5
+    assert "dropped 1 unreadable line(s)" in capsys.readouterr().err
+    assert steps_logged(out) == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- a full disk, read-only folders
+
+
+def fail_writes_like_a_full_disk(monkeypatch, after_bytes: int = 100) -> None:
+    """From now on, every write through lut_fast.fileio stores a few bytes and then fails with ENOSPC."""
+    import errno
+
+    from lut_fast import fileio
+
+    def full(f, data):
+        f.write(data[: min(after_bytes, len(data))])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio, "_raw_write", full)
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+
+    def disk_fills(step, record):
+        if step == 2:  # before the step-2 checkpoint is written
+            fail_writes_like_a_full_disk(monkeypatch)
+
+    with pytest.raises(UserError, match=f"no space left on {ckpts}") as err:
+        train(tiny_config(out, "run.ckpt_every=1", max_steps=4), on_step=disk_fills)
+    assert "\n" not in str(err.value)
+    monkeypatch.undo()
+    assert sorted(os.listdir(ckpts)) == ["last.pt", "step_00000001.pt"]  # no partial file, no temp file
+    assert load_file(ckpts / "last.pt")["step"] == 1
+
+
+def test_a_full_disk_while_writing_metrics_leaves_whole_lines(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def disk_fills(step, record):
+        if step == 1:
+            fail_writes_like_a_full_disk(monkeypatch, after_bytes=7)
+
+    with pytest.raises(UserError, match=f"no space left on {out}"):
+        train(tiny_config(out, "run.ckpt_every=100", max_steps=4), on_step=disk_fills)
+    monkeypatch.undo()
+    text = (out / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and [json.loads(ln)["step"] for ln in text.splitlines()] == [1]
+
+
+def test_a_full_disk_while_exporting_leaves_no_file(tmp_path, monkeypatch):
+    from lut_fast.checkpoint import export_timm_state
+
+    out = tmp_path / "run"
+    train(tiny_config(out, max_steps=1))
+    fail_writes_like_a_full_disk(monkeypatch)
+    with pytest.raises(UserError, match=f"no space left on {tmp_path}"):
+        export_timm_state(out / "checkpoints" / "last.pt", tmp_path / "enc.pth")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".enc.pth") or p == "enc.pth"]
+
+
+def test_out_inside_a_read_only_folder_is_one_line_before_any_work(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):
+        # root ignores permission bits: make the folder refuse new entries the way the kernel would for a user
+        import errno
+
+        real_mkdir = os.mkdir
+
+        def mkdir(path, *a, **k):
+            if Path(path).parent == locked:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_mkdir(path, *a, **k)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    try:
+        with pytest.raises(UserError, match="permission denied or read-only") as err:
+            train(tiny_config(locked / "run", max_steps=1))
+        assert str(locked / "run") in str(err.value)
+    finally:
+        locked.chmod(0o755)
+
+
+# ---------------------------------------------------------------- torchrun's agent killed
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (an orphan's zombie, waiting for a reaper, counts as ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+def test_workers_checkpoint_and_stop_when_the_torchrun_agent_is_killed(tmp_path):
+    out = tmp_path / "ddp"
+    total = 400
+    args = ["--batch-size", "4", "--max-steps", str(total), "--set", "run.ckpt_every=1000", "--set", "data.num_workers=1",
+            "--out", str(out), *TINY]
+    log = (tmp_path / "torchrun.log").open("w")
+    proc = subprocess.Popen(torchrun(2, *args), env=ENV, stdout=log, stderr=log)
+    try:
+        wait_for(lambda: len(steps_logged(out)) >= 3 and len(children_by_rank(proc.pid)) == 2, proc)
+        workers = children_by_rank(proc.pid)
+        proc.kill()  # SIGKILL to the agent: it cannot pass anything on to its workers
+        proc.wait(timeout=30)
+        end = time.monotonic() + 90
+        while any(alive(pid) for pid in workers.values()) and time.monotonic() < end:
+            time.sleep(0.2)
+        still = [pid for pid in workers.values() if alive(pid)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in locals().get("workers", {}).values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # only if the test failed: never leave orphans behind
+    text = (tmp_path / "torchrun.log").read_text()
+    assert not still, f"workers {still} kept training as orphans\n{text[-3000:]}"
+    assert "the launcher" in text and "is gone" in text, text[-3000:]
+    ckpt = load_file(out / "checkpoints" / "last.pt")
+    assert 3 <= ckpt["step"] < total
+    assert steps_logged(out) == list(range(1, ckpt["step"] + 1))
