@@ -33,7 +33,7 @@ class DataSource:
 def detect(data: str | Path, split: str = "train") -> DataSource:
     path = Path(data).expanduser()
     if not path.exists():
-        raise UserError(f"data not found: {path}")
+        raise UserError(f"data folder (or converted file) not found: {path}")
     if path.is_file():
         if path.suffix == ".beton":
             return DataSource("beton", path)

@@ -80,7 +80,7 @@ def test_impossible_configs_are_rejected_clearly(tmp_path, args, message):
 
 
 def test_missing_and_empty_data_folders(tmp_path):
-    assert_clean_error(run_cli("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), "data folder not found")
+    assert_clean_error(run_cli("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), "data folder", "not found")
     (tmp_path / "empty").mkdir()
     assert_clean_error(run_cli("train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")), "no class folders")
     (tmp_path / "noimg" / "cat").mkdir(parents=True)
