@@ -210,6 +210,16 @@ def open_wandb(out_dir: Path, project: str, config: dict, resuming: bool):
     return run
 
 
+def check_extras(cfg) -> None:
+    """Fail before any work when a sink asked for explicitly cannot be imported."""
+    import importlib.util
+
+    if cfg.run.wandb and importlib.util.find_spec("wandb") is None:
+        raise missing_extra("wandb", "wandb", "--wandb")
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise missing_extra("tensorboard", "tensorboard", "run.tensorboard=true")
+
+
 class MetricSinks:
     """Where each metric record goes besides metrics.jsonl: TensorBoard and W&B (main process only)."""
 
