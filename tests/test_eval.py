@@ -232,7 +232,7 @@ def test_cli_knn_on_an_exported_encoder_and_errors(pretrained, tmp_path):
 # ---------------------------------------------------------------- eval records and the report
 
 
-def test_eval_and_analyze_records_hold_the_protocol_and_report_reads_them(pretrained, tmp_path):
+def test_eval_and_analyze_records_hold_the_protocol_and_report_reads_them(tmp_path):
     import hashlib
 
     from typer.testing import CliRunner
@@ -241,7 +241,10 @@ def test_eval_and_analyze_records_hold_the_protocol_and_report_reads_them(pretra
     from lut_fast.evaluation.cli import eval_app
     from lut_fast.report import collect_rows, to_markdown
 
-    run = pretrained.parent.parent
+    from helpers import tiny_config
+
+    run = tmp_path / "run"
+    pretrained = train(tiny_config(run, "run.log_every=1", max_steps=2)).last_checkpoint
     runner = CliRunner()
     res = runner.invoke(eval_app, ["knn", str(pretrained), "--workers", "0", "--device", "cpu", "--k", "7", "--no-cache"])
     assert res.exit_code == 0, res.output
@@ -249,7 +252,7 @@ def test_eval_and_analyze_records_hold_the_protocol_and_report_reads_them(pretra
     proto = knn["protocol"]
     ckpt = proto["checkpoints"][0]
     assert ckpt["sha256"] == hashlib.sha256(pretrained.read_bytes()).hexdigest()
-    assert ckpt["step"] == 100 and ckpt["method"] == "lut" and ckpt["path"] == str(pretrained.absolute())
+    assert ckpt["step"] == 2 and ckpt["method"] == "lut" and ckpt["path"] == str(pretrained.absolute())
     listing = sorted(p.relative_to(builtin_path()).as_posix() for p in builtin_path().rglob("*") if p.is_file())
     assert proto["data"]["files"] == len(listing) == 640
     assert proto["data"]["listing_sha256"] == hashlib.sha256("".join(x + "\n" for x in listing).encode()).hexdigest()
@@ -269,7 +272,7 @@ def test_eval_and_analyze_records_hold_the_protocol_and_report_reads_them(pretra
     md = to_markdown(rows)
     header, rule, line = md.splitlines()
     assert header.startswith("| run | method | steps | final loss | k-NN top-1 | AAD L1 | AAD L2 |")
-    assert f"| {knn['top1']:.2f}% |" in line and "| lut | 100 |" in line
+    assert f"| {knn['top1']:.2f}% |" in line and line.startswith("| run (lut) | lut | 2 |")
     r = run_cli("report", str(run), str(aad_out / "attention_distance.json"))
     assert r.returncode == 0 and "AAD L2" in r.stdout and f"{knn['top1']:.2f}%" in r.stdout
     r = run_cli("report", str(tmp_path))
