@@ -210,9 +210,12 @@ def open_wandb(out_dir: Path, project: str, config: dict, resuming: bool):
     return run
 
 
-def check_extras(cfg) -> None:
-    """Fail before any work when a sink asked for explicitly cannot be imported."""
+def check_settings(cfg) -> None:
+    """Fail before any work, on every rank alike: a sink asked for but not installed, k-NN data without val/."""
     import importlib.util
+
+    if cfg.run.knn_every:
+        knn_data_root(cfg.run.knn_data, cfg.data.path)
 
     if cfg.run.wandb and importlib.util.find_spec("wandb") is None:
         raise missing_extra("wandb", "wandb", "--wandb")

@@ -48,7 +48,7 @@ from lut_fast.ema import TargetNetwork, momentum_at
 from lut_fast.errors import UserError
 from lut_fast.masking import make_noise
 from lut_fast.models import LUT, build_model
-from lut_fast.monitor import KnnMonitor, MetricSinks, check_extras, knn_due
+from lut_fast.monitor import KnnMonitor, MetricSinks, check_settings, knn_due
 from lut_fast.optim import build_optimizer, lr_at, scaled_lr
 from lut_fast.pipelines import build_loader
 
@@ -212,7 +212,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, dict],
 
 def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: DistInfo, on_step) -> TrainResult:
     main = dist_info.is_main
-    check_extras(cfg)  # --wandb / run.tensorboard=true without the package: one line before any work
+    check_settings(cfg)  # monitor.py: a missing extra, k-NN data without val/: one line, on every rank
     out_dir = cfg.out_dir
     ckpt_dir = out_dir / "checkpoints"
     amp_dtype = resolve_precision(cfg.run.precision, device)
