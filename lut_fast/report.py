@@ -66,21 +66,19 @@ class Table:
         return self.rows[key]
 
     def row_for_checkpoint(self, ckpt: str, fallback_label: str) -> Row:
-        from lut_fast.plot import run_label
-
         run = run_of_checkpoint(ckpt)
         if run is not None:
-            return self.row(str(run.resolve()), run_label(run))
+            return self.row(str(run.resolve()), run.resolve().name)
         return self.row(os.path.abspath(ckpt), fallback_label)
 
     def add_run(self, run: Path) -> None:
-        from lut_fast.plot import read_metrics, run_label, run_method
+        from lut_fast.plot import read_metrics, run_method
 
         has_metrics = (run / "metrics.jsonl").is_file()
         found = [name for name, rel in EVAL_FILES.items() if (run / rel).is_file()]
         if not has_metrics and not found:
             raise UserError(f"{run} has neither metrics.jsonl nor eval results: pass a run folder or a result JSON")
-        row = self.row(str(run.resolve()), run_label(run))
+        row = self.row(str(run.resolve()), run.resolve().name)
         row.values["method"] = run_method(run)
         if has_metrics:
             records = read_metrics(run)
@@ -169,7 +167,10 @@ def print_table(rows: list[Row]) -> None:
     header, body = _cells(rows)
     table = RichTable(title="lut-fast report (AAD: mean attention distance per layer, fraction of the image side)")
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
     for cells in body:
         table.add_row(*[escape(c) for c in cells])
-    Console().print(table)
+    # Piped or in a narrow terminal, rich would squeeze the columns into 80 characters: never cut a number.
+    width = sum(max(len(h), *(len(r[i]) for r in body)) + 3 for i, h in enumerate(header)) + 1
+    console = Console()
+    Console(width=max(console.width, width)).print(table)

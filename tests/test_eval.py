@@ -272,7 +272,7 @@ def test_eval_and_analyze_records_hold_the_protocol_and_report_reads_them(tmp_pa
     md = to_markdown(rows)
     header, rule, line = md.splitlines()
     assert header.startswith("| run | method | steps | final loss | k-NN top-1 | AAD L1 | AAD L2 |")
-    assert f"| {knn['top1']:.2f}% |" in line and line.startswith("| run (lut) | lut | 2 |")
+    assert f"| {knn['top1']:.2f}% |" in line and line.startswith("| run | lut | 2 |")
     r = run_cli("report", str(run), str(aad_out / "attention_distance.json"))
     assert r.returncode == 0 and "AAD L2" in r.stdout and f"{knn['top1']:.2f}%" in r.stdout
     r = run_cli("report", str(tmp_path))
