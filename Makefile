@@ -17,9 +17,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 
-# Core install: torch/torchvision pinned by constraints.txt (taken from local disk where available).
+# Core install: torch/torchvision pinned by constraints.txt (taken from local disk where available),
+# with the tensorboard extra so that the demo leaves event files to open with `tensorboard --logdir`.
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) install -q -c constraints.txt -e .
+	$(PIP) install -q -c constraints.txt -e '.[tensorboard]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -41,7 +42,8 @@ demo: install
 	rm -rf $(DEMO_OUT)
 	$(BIN)/lut-fast train configs/demo.yaml --out $(DEMO_OUT)
 	@echo
-	@echo "Results in $(DEMO_OUT)/: config.yaml, metrics.jsonl, checkpoints/last.pt"
+	@echo "Results in $(DEMO_OUT)/: config.yaml, metrics.jsonl (online k-NN included), curves.png, tensorboard/, checkpoints/last.pt"
+	@echo "Watch it: $(BIN)/tensorboard --logdir $(DEMO_OUT)/tensorboard   (or: $(BIN)/lut-fast plot $(DEMO_OUT))"
 	@echo "Next: $(BIN)/lut-fast eval knn $(DEMO_OUT)/checkpoints/last.pt   (k-NN accuracy on the built-in val split)"
 
 test: install-test

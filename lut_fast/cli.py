@@ -60,6 +60,7 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda " + _default("run.device")),
     seed: Optional[int] = typer.Option(None, help="Random seed " + _default("run.seed")),
     max_hours: Optional[float] = typer.Option(None, help="Wall-clock budget in hours; ends cleanly with a checkpoint (default: none)"),
+    wandb: Optional[bool] = typer.Option(None, "--wandb", help="Also log to Weights & Biases (pip install 'lut-fast[wandb]'; WANDB_MODE=offline works without network)."),
     set_: list[str] = typer.Option([], "--set", help="Any config field, repeatable: --set optim.blr=1e-4 --set model.depth=4 (see README: configuration)"),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config (each value with where it came from) and exit without training."),
 ) -> None:
@@ -72,7 +73,7 @@ def train(
         "data.path": data, "data.backend": backend, "optim.batch_size": batch_size, "optim.accum_steps": accum,
         "optim.epochs": epochs, "optim.max_steps": max_steps, "run.out_dir": str(out) if out else None,
         "run.compile": compile, "run.precision": precision, "run.device": device, "run.seed": seed,
-        "run.max_hours": max_hours,
+        "run.max_hours": max_hours, "run.wandb": wandb,
     }
     # Flags whose name is not "--" + the key's last part (for "where each value came from").
     flag_names = {"model.name": "--model", "data.path": "--data", "optim.accum_steps": "--accum", "run.out_dir": "--out"}
@@ -131,6 +132,35 @@ def export_timm(
     typer.echo(f"wrote {path}; load it with:")
     typer.echo(f"  model = {timm_create_model_call(arch)}")
     typer.echo(f'  model.load_state_dict(torch.load("{path}", map_location="cpu"), strict=True)')
+
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run folders (each with metrics.jsonl); several share one figure."),
+    out: Optional[Path] = typer.Option(None, help="Output PNG  (default: RUN/curves.png for one run, curves.png here for several)"),
+    labels: Optional[str] = typer.Option(None, help="Comma-separated names for the runs  (default: folder (method))"),
+) -> None:
+    """Training curves as a PNG: loss terms, lr/momentum, throughput, online k-NN over steps."""
+    from lut_fast.plot import plot_runs
+
+    target = out or (runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
+    names = [x.strip() for x in labels.split(",")] if labels else None
+    typer.echo(f"wrote {plot_runs(runs, target, names)}")
+
+
+@app.command()
+def report(
+    items: list[Path] = typer.Argument(..., help="Run folders (metrics.jsonl, eval/*/...json) and/or result JSON files of eval / analyze."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table instead of the terminal table."),
+) -> None:
+    """One table across runs: steps, final loss, online k-NN, k-NN / linear / fine-tune top-1, attention distance per layer."""
+    from lut_fast.report import collect_rows, print_table, to_markdown
+
+    rows = collect_rows(items)
+    if markdown:
+        typer.echo(to_markdown(rows))
+    else:
+        print_table(rows)
 
 
 # Sub-command groups that live beside the code they drive (their modules import only typer at the top).

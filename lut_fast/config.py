@@ -116,6 +116,14 @@ class RunConfig:
     keep_checkpoints: int = 2  # step files kept (last.pt points at the newest)
     max_hours: Optional[float] = None  # wall-clock budget; ends with a checkpoint
     progress: bool = True  # rich progress bar on the main process
+    knn_every: int = 0  # optimizer steps between online k-NN checks of the encoder (and one at the end); 0 = off
+    knn_data: Optional[str] = None  # split root (train/ and val/) for those checks; None = data.path if it has val/, else the built-in data
+    knn_bank: int = 2000  # at most this many train images in the k-NN feature bank (a seeded sample; 0 = all)
+    knn_val: int = 1000  # at most this many val images scored per check (0 = all)
+    tensorboard: Optional[bool] = None  # event files in OUT/tensorboard: None = if the tensorboard package is installed, true = required, false = off
+    wandb: bool = False  # also log to Weights & Biases (extra: lut-fast[wandb]; WANDB_MODE=offline needs no network)
+    wandb_project: str = "lut-fast"  # W&B project name
+    curves: bool = True  # write OUT/curves.png (lut-fast plot) when training ends
 
 
 @dataclass
@@ -633,6 +641,8 @@ def validate(cfg: TrainConfig) -> None:
     check(keep >= 1, f"mask ratio {m.mask_ratio} leaves no visible patch out of {num_patches}")
     if cfg.method == "lut":
         check(2 * keep <= num_patches, f"LUT needs two disjoint visible sets: mask ratio {m.mask_ratio} must be >= 0.5")
+    for name in ("knn_every", "knn_bank", "knn_val"):
+        _number(f"run.{name}", getattr(cfg.run, name), 0)
     embed = m.embed_dim or PRESETS[m.name]["embed_dim"]
     heads = m.num_heads or PRESETS[m.name]["num_heads"]
     check(embed % heads == 0, f"embed dim {embed} is not divisible by {heads} heads")

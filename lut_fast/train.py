@@ -50,6 +50,7 @@ from lut_fast.errors import UserError
 from lut_fast.fileio import append_line, make_dir, read_jsonl, write_text_atomic
 from lut_fast.masking import make_noise
 from lut_fast.models import LUT, build_model
+from lut_fast.monitor import KnnMonitor, MetricSinks, check_settings, knn_due
 from lut_fast.optim import build_optimizer, lr_at, scaled_lr
 from lut_fast.pipelines import build_loader
 
@@ -215,6 +216,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, dict],
 
 def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: DistInfo, on_step) -> TrainResult:
     main = dist_info.is_main
+    check_settings(cfg)  # monitor.py: a missing extra, k-NN data without val/: one line, on every rank
     out_dir = cfg.out_dir
     ckpt_dir = out_dir / "checkpoints"
     amp_dtype = resolve_precision(cfg.run.precision, device)
@@ -287,6 +289,9 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
             print(f"lut-fast: warning: dropped {torn} unreadable line(s) of {metrics.path} (cut off by a crash or a full disk)",
                   file=sys.stderr)
         _print_header(cfg, sched, device, amp_dtype, dist_info, start_step)
+    # Watching the run (monitor.py): the k-NN check runs on rank 0 only, the others wait for it.
+    knn_monitor = KnnMonitor.from_config(cfg, device) if main else None
+    sinks = MetricSinks.from_config(cfg, out_dir, start_step, enabled=main)
 
     student = model
     if dist_info.enabled:
@@ -341,7 +346,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
     num_patches = model.encoder.num_patches
 
     progress = _Progress(enabled=main and cfg.run.progress, total=sched.total_steps, start=start_step)
-    with StopSignal() as stop, progress:
+    with StopSignal() as stop, progress, sinks:
         if launched_by_torchrun():  # its agent SIGKILLed: checkpoint and stop instead of training on as orphans
             stop_when_parent_dies(lambda: setattr(stop, "requested", True))
         micro = 0
@@ -402,6 +407,12 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
                 if target is not None:
                     target.update(model, m)
                 step += 1
+                knn: dict = {}
+                if knn_due(cfg.run.knn_every, step, sched.total_steps):
+                    if knn_monitor is not None:
+                        knn = knn_monitor.evaluate(model.encoder)
+                        window["t"] += knn["knn_seconds"]  # the check is not training throughput
+                    barrier()
 
                 log_now = step % cfg.run.log_every == 0 or step == sched.total_steps
                 ckpt_now = step % cfg.run.ckpt_every == 0 or step == sched.total_steps
@@ -423,9 +434,16 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
                         time=round(time.perf_counter() - t0, 3),
                     )
                     window.update(t=time.perf_counter(), images=0, data_wait=0.0)
+                    record.update(knn)
                     metrics.write(record)
+                    sinks.log(record)
                     progress.update(step, record)
                     last_record = record
+                elif knn:
+                    knn_record = {"step": step, "epoch": round(consumed / bpe, 4), **knn}
+                    metrics.write(knn_record)
+                    sinks.log(knn_record)
+                    progress.update(step, knn_record)
                 if on_step is not None:
                     on_step(step, last_record)
                 if ckpt_now:
@@ -443,6 +461,10 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
                 break
             epoch, start_batch = epoch + 1, 0
 
+    if main and cfg.run.curves:
+        from lut_fast.plot import write_training_curves
+
+        write_training_curves(out_dir)
     if main:
         _print_footer(out_dir, last_ckpt, step, last_record, bad_images, stopped)
     return TrainResult(out_dir, last_ckpt, step, last_record, stopped)
@@ -457,6 +479,7 @@ class _Progress:
     def __init__(self, enabled: bool, total: int, start: int):
         self.enabled, self.total, self.start = enabled, total, start
         self._bar = None
+        self._info, self._knn = "", None
 
     def __enter__(self):
         if self.enabled:
@@ -473,11 +496,14 @@ class _Progress:
     def update(self, step: int, record: dict) -> None:
         if self._bar is None:
             return
-        info = f"loss {record['loss']:.4f}"
-        if "bc_loss" in record:
-            info += f" (mae {record['mae_loss']:.4f}, bc {record['bc_loss']:.4f})"
-        info += f"  {record['images_per_sec']:.0f} img/s"
-        self._bar.update(self._task, completed=step, info=info)
+        self._knn = record.get("knn_top1", self._knn)
+        if "loss" in record:  # (a record of the k-NN monitor alone has no loss)
+            info = f"loss {record['loss']:.4f}"
+            if "bc_loss" in record:
+                info += f" (mae {record['mae_loss']:.4f}, bc {record['bc_loss']:.4f})"
+            self._info = info + f"  {record['images_per_sec']:.0f} img/s"
+        knn = f"  k-NN {self._knn:.1f}%" if self._knn is not None else ""
+        self._bar.update(self._task, completed=step, info=self._info + knn)
 
     def __exit__(self, *exc):
         if self._bar is not None:
@@ -516,6 +542,7 @@ def _print_footer(out_dir: Path, ckpt: Optional[Path], step: int, record: dict, 
     if bad:
         c.print(f"[yellow]{bad} unreadable image(s) were skipped[/]")
     if record:
-        c.print(f"final loss {record['loss']:.4f} at step {step}")
+        knn = f", online k-NN top-1 {record['knn_top1']:.2f}%" if "knn_top1" in record else ""
+        c.print(f"final loss {record['loss']:.4f} at step {step}{knn}")
     c.print(f"results in [bold]{out_dir}[/]: config.yaml, metrics.jsonl, checkpoints/{ckpt.name if ckpt else ''}")
     sys.stderr.flush()

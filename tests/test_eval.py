@@ -227,3 +227,53 @@ def test_cli_knn_on_an_exported_encoder_and_errors(pretrained, tmp_path):
         assert res.exit_code == 0 and default in res.output
     r = run_cli("eval", "linear", str(tmp_path / "missing.pt"))
     assert r.returncode == 2 and r.stderr.strip() == f"lut-fast: error: checkpoint not found: {tmp_path / 'missing.pt'}"
+
+
+# ---------------------------------------------------------------- eval records and the report
+
+
+def test_eval_and_analyze_records_hold_the_protocol_and_report_reads_them(tmp_path):
+    import hashlib
+
+    from typer.testing import CliRunner
+
+    from lut_fast.analysis.cli import analyze_app
+    from lut_fast.evaluation.cli import eval_app
+    from lut_fast.report import collect_rows, to_markdown
+
+    from helpers import tiny_config
+
+    run = tmp_path / "run"
+    pretrained = train(tiny_config(run, "run.log_every=1", max_steps=2)).last_checkpoint
+    runner = CliRunner()
+    res = runner.invoke(eval_app, ["knn", str(pretrained), "--workers", "0", "--device", "cpu", "--k", "7", "--no-cache"])
+    assert res.exit_code == 0, res.output
+    knn = json.loads((run / "eval" / "knn" / "knn.json").read_text())
+    proto = knn["protocol"]
+    ckpt = proto["checkpoints"][0]
+    assert ckpt["sha256"] == hashlib.sha256(pretrained.read_bytes()).hexdigest()
+    assert ckpt["step"] == 2 and ckpt["method"] == "lut" and ckpt["path"] == str(pretrained.absolute())
+    listing = sorted(p.relative_to(builtin_path()).as_posix() for p in builtin_path().rglob("*") if p.is_file())
+    assert proto["data"]["files"] == len(listing) == 640
+    assert proto["data"]["listing_sha256"] == hashlib.sha256("".join(x + "\n" for x in listing).encode()).hexdigest()
+    assert proto["settings"]["k"] == 7 and proto["settings"]["temperature"] == 0.07 and proto["command"] == "eval knn"
+    assert proto["software"]["lut_fast"] and proto["software"]["torch"] == torch.__version__
+    assert proto["created_utc"].endswith("+00:00")
+
+    aad_out = tmp_path / "analysis"
+    res = runner.invoke(analyze_app, ["attention-distance", str(pretrained), "--max-images", "16", "--workers", "0",
+                                      "--device", "cpu", "--out", str(aad_out)])
+    assert res.exit_code == 0, res.output
+    aad = json.loads((aad_out / "attention_distance.json").read_text())
+    assert aad["protocol"]["checkpoints"][0]["sha256"] == ckpt["sha256"] and aad["protocol"]["settings"]["max_images"] == 16
+
+    rows = collect_rows([run, aad_out / "attention_distance.json"])
+    assert len(rows) == 1  # the analysis result joins its run's row through the checkpoint path
+    md = to_markdown(rows)
+    header, rule, line = md.splitlines()
+    assert header.startswith("| run | method | steps | final loss | k-NN top-1 | AAD L1 | AAD L2 |")
+    assert f"| {knn['top1']:.2f}% |" in line and line.startswith("| run | lut | 2 |")
+    r = run_cli("report", str(run), str(aad_out / "attention_distance.json"))
+    assert r.returncode == 0 and "AAD L2" in r.stdout and f"{knn['top1']:.2f}%" in r.stdout
+    r = run_cli("report", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "neither metrics.jsonl nor eval results" in r.stderr

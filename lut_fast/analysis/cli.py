@@ -1,4 +1,7 @@
-"""``lut-fast analyze``: attention distance, feature spectrum, attention maps (PNG + JSON into --out)."""
+"""``lut-fast analyze``: attention distance, feature spectrum, attention maps (PNG + JSON into --out).
+
+Each JSON also holds the run's full protocol (checkpoint sha256, settings, data fingerprint: ``records.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Optional
 import typer
 
 from lut_fast.errors import UserError
+from lut_fast.records import record_cli_result
 
 analyze_app = typer.Typer(
     help="Analyse encoders: average attention distance, feature spectrum, attention maps.", no_args_is_help=True,
@@ -26,6 +30,7 @@ def _say(text: str) -> None:
 
 @analyze_app.command("attention-distance")
 def attention_distance(
+    ctx: typer.Context,
     ckpts: list[Path] = typer.Argument(..., help=CKPTS_HELP),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     out: Path = typer.Option(Path("runs/analysis"), help="Output folder (attention_distance.json / .png)."),
@@ -53,6 +58,7 @@ def attention_distance(
         ckpts, data, out, split, max_images, labels, use_ema, num_heads, batch_size, workers,
         renormalize=renormalize, last_layers=last, seed=seed, device=device,
     )
+    record_cli_result(ctx, out / "attention_distance.json", "analyze attention-distance", ckpts, data)
     from rich.markup import escape
 
     table = Table(title=escape(f"Average attention distance ({r['images']} {split} images; fraction of the image side, mean [min-max] over heads)"))
@@ -76,6 +82,7 @@ def attention_distance(
 
 @analyze_app.command("spectrum")
 def spectrum(
+    ctx: typer.Context,
     ckpts: list[Path] = typer.Argument(..., help="One checkpoint, or two to compare (the log-gap is CKPT2 minus CKPT)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     out: Path = typer.Option(Path("runs/analysis"), help="Output folder (spectrum.json / .png)."),
@@ -96,6 +103,7 @@ def spectrum(
     if pool not in ("mean", "cls"):
         raise UserError(f"--pool must be mean or cls, got {pool!r}")
     r = run_spectrum(ckpts, data, out, split, max_images, pool, labels, use_ema, num_heads, batch_size, workers, seed=seed, device=device)
+    record_cli_result(ctx, out / "spectrum.json", "analyze spectrum", ckpts, data)
     import math
 
     for c in r["checkpoints"]:
@@ -109,6 +117,7 @@ def spectrum(
 
 @analyze_app.command("attention-maps")
 def attention_maps(
+    ctx: typer.Context,
     ckpts: list[Path] = typer.Argument(..., help=CKPTS_HELP + " Several: one row each."),
     image: Path = typer.Option(..., help="An image file (resized and center-cropped to the model's input)."),
     query: Optional[str] = typer.Option(None, help="Query patch X,Y: column,row (0-based) on the first checkpoint's patch grid  (default: the centre patch)"),
@@ -123,4 +132,5 @@ def attention_maps(
     from lut_fast.analysis.attention_maps import run_attention_maps
 
     r = run_attention_maps(ckpts, image, query, out, layer, labels, use_ema, num_heads, device)
+    record_cli_result(ctx, r["json"], "analyze attention-maps", ckpts, image)
     _say(f"-> {r['png']}, {r['json']}")

@@ -3,7 +3,8 @@
 Every command accepts lut-fast checkpoints (online encoder, or the momentum
 one with ``--use-ema`` where it applies), ``lut-fast export timm`` files and
 official-MAE-style checkpoints (``{"model": {...}}``, encoder keys only).
-Results are JSON files written atomically into ``--out``.
+Results are JSON files written atomically into ``--out``, each with its
+full protocol (checkpoint sha256, settings, data fingerprint: ``records.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional
 import typer
 
 from lut_fast.errors import UserError
+from lut_fast.records import record_cli_result
 
 eval_app = typer.Typer(
     help="Evaluate a pre-trained encoder: k-NN, linear probe, fine-tuning.", no_args_is_help=True, add_completion=False,
@@ -45,6 +47,7 @@ def _say(text: str) -> None:
 
 @eval_app.command("knn")
 def knn(
+    ctx: typer.Context,
     ckpt: Path = typer.Argument(..., help=CKPT_HELP),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     out: Optional[Path] = typer.Option(None, help="Results folder  (default: <run>/eval/knn)"),
@@ -70,12 +73,14 @@ def knn(
         ckpt, data, out, k, temperature, _choice(pool, ("mean", "cls"), "--pool"), use_ema, random_init, num_heads,
         batch_size, workers, crop_pct, val_fraction, seed, device, cache,
     )
+    record_cli_result(ctx, out / "knn.json", "eval knn", [ckpt], data)
     top5 = f", top-5 {r['top5']:.2f}%" if "top5" in r else ""
     _say(f"k-NN (k={k}, T={temperature}, {pool}): top-1 [bold]{r['top1']:.2f}%[/]{top5}  ->  {out / 'knn.json'}")
 
 
 @eval_app.command("linear")
 def linear(
+    ctx: typer.Context,
     ckpt: Path = typer.Argument(..., help=CKPT_HELP),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     out: Optional[Path] = typer.Option(None, help="Results folder  (default: <run>/eval/linear)"),
@@ -106,12 +111,14 @@ def linear(
         warmup_epochs, _choice(pool, ("mean", "cls"), "--pool"), use_ema, random_init, num_heads, feature_batch_size,
         workers, crop_pct, val_fraction, seed, device, cache,
     )
+    record_cli_result(ctx, out / "linear.json", "eval linear", [ckpt], data)
     top5 = f", top-5 {r['top5']:.2f}%" if "top5" in r else ""
     _say(f"linear probe ({epochs} epochs, {pool}): top-1 [bold]{r['top1']:.2f}%[/]{top5} (best {r['best_top1']:.2f}%)  ->  {out / 'linear.json'}")
 
 
 @eval_app.command("finetune")
 def finetune(
+    ctx: typer.Context,
     ckpt: Path = typer.Argument(..., help=CKPT_HELP),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     out: Optional[Path] = typer.Option(None, help="Results and model folder  (default: <run>/eval/finetune)"),
@@ -156,5 +163,6 @@ def finetune(
         reprob, clip_grad, _choice(pool, ("mean", "cls"), "--pool"), use_ema, num_heads, workers, eval_every,
         val_fraction=val_fraction, seed=seed, device=device,
     )
+    record_cli_result(ctx, out / "finetune.json", "eval finetune", [ckpt], data, train_data=train_data)
     top5 = f", top-5 {r['top5']:.2f}%" if "top5" in r else ""
     _say(f"fine-tuned {r['steps']} steps: top-1 [bold]{r['top1']:.2f}%[/]{top5}  ->  {out / 'finetune.json'}, {out / 'finetuned.pt'}")
