@@ -137,7 +137,7 @@ def test_knn_monitor_needs_labelled_splits(tmp_path):
     cfg = tiny_config(tmp_path / "run", "run.knn_every=2", data__path=str(tmp_path / "flat"))
     with pytest.raises(UserError, match="set run.knn_data to a split root"):
         KnnMonitor.from_config(cfg, torch.device("cpu"))
-    with pytest.raises(UserError, match="must be >= 0"):
+    with pytest.raises(UserError, match="run.knn_every must be a finite number >= 0"):
         tiny_config(tmp_path / "run", "run.knn_every=-1")
 
 
