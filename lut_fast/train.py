@@ -267,7 +267,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
 
     model = build_model(cfg).to(device)
     if dist_info.enabled and isinstance(model, LUT):
-        model = convert_sync_batchnorm(model, device.type)  # BatchNorm over the global batch (LUT_SPEC.md)
+        model = convert_sync_batchnorm(model, device.type)  # BatchNorm over the global batch (docs/METHOD.md, "7. BatchNorm in the heads")
     target = TargetNetwork(model).to(device) if isinstance(model, LUT) and model.lam > 0 else None
     optimizer = build_optimizer(model, sched.peak_lr, cfg.optim.weight_decay, cfg.optim.betas, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
