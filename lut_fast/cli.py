@@ -21,7 +21,7 @@ app = typer.Typer(
     name="lut-fast",
     help="High-throughput LUT / MAE pre-training of Vision Transformers.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Built-in dataset and data previews.", no_args_is_help=True)
@@ -52,9 +52,15 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Per-device batch size " + _default("optim.batch_size")),
     accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps " + _default("optim.accum_steps")),
     epochs: Optional[float] = typer.Option(None, help="Epochs " + _default("optim.epochs")),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (the schedule is compressed to fit)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (the schedule is compressed to fit). "
+                                            "On --resume, a new length re-plans the lr and momentum cosines to end there (warm-up kept)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: runs/<method>_<model>)"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.pt if it exists."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.pt if it exists. May change: data, run "
+                                "settings (not the seed), --max-steps/--epochs; model, method, batch and optimizer recipe are refused."),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue from this checkpoint file "
+                                               "(into its own run folder, or a new --out to branch)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from these weights: a lut-fast checkpoint, "
+                                             "a `lut-fast export timm` file or an MAE-style file (prints what is loaded and what is fresh)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model " + _default("run.compile")),
     precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | fp32 " + _default("run.precision")),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda " + _default("run.device")),
@@ -73,8 +79,27 @@ def train(
         "run.compile": compile, "run.precision": precision, "run.device": device, "run.seed": seed,
         "run.max_hours": max_hours,
     }
+    if resume_from is not None and out is None:
+        if resume_from.parent.name != "checkpoints":
+            raise UserError(f"--resume-from {resume_from}: the file is not in a run's checkpoints/ folder; pass --out")
+        flags["run.out_dir"] = str(resume_from.parent.parent)
     cfg = load_config(config, flags, set_)
-    run_training(cfg, resume=resume)
+    run_training(cfg, resume=resume, resume_from=resume_from, init_from=str(init_from) if init_from else None,
+                 given_keys=_given_keys(config, flags, set_))
+
+
+def _given_keys(config: Optional[Path], flags: dict, sets: list[str]) -> set[str]:
+    """The config keys this command sets (YAML file, flags, --set): what a resume compares with the checkpoint."""
+    import yaml
+
+    keys = {k for k, v in flags.items() if v is not None} | {item.split("=", 1)[0].strip() for item in sets}
+    if config is not None:
+        def walk(tree: dict, prefix: str) -> None:
+            for k, v in tree.items():
+                walk(v, f"{prefix}{k}.") if isinstance(v, dict) else keys.add(prefix + k)
+
+        walk(yaml.safe_load(Path(config).read_text()) or {}, "")
+    return keys
 
 
 @data_app.command("builtin")
@@ -129,6 +154,21 @@ app.add_typer(convert_app, name="convert")
 app.add_typer(bench_app, name="bench")
 app.add_typer(eval_app, name="eval")
 app.add_typer(analyze_app, name="analyze")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"lut-fast {version('lut-fast')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """High-throughput LUT / MAE pre-training of Vision Transformers."""
 
 
 def main() -> None:

@@ -127,9 +127,9 @@ class TrainProgress:
     def throughput(self, images_per_sec: float) -> dict:
         """TFLOP/s (and MFU where the peak is known) of the whole job at this image rate."""
         tflops = images_per_sec * self.flops_per_image / 1e12
-        out = {"tflops": round(tflops, 4)}
+        out = {"tflops": tflops}
         if self.peak:
-            out["mfu"] = round(tflops / self.peak, 4)
+            out["mfu"] = tflops / self.peak
         return out
 
     def line(self, step: int, record: dict, eta_s: float) -> str:

@@ -217,7 +217,10 @@ def init_weights_from(model: torch.nn.Module, path: str) -> str:
         )
     encoder_missing = [k for k in own if k.startswith(ENCODER_PREFIX) and k not in fits and not k.endswith("pos_embed")]
     if encoder_missing:
-        raise UserError(f"--init-from {path}: no encoder weights for this model in the file (missing {encoder_missing[0]})")
+        raise UserError(
+            f"--init-from {path}: the file's encoder does not fit this model (no {encoder_missing[0]}): "
+            "choose the same --model, --img-size, --patch-size and depth"
+        )
     model.load_state_dict(fits, strict=False)
     loaded = sorted({_group(k) for k in fits})
     fresh = sorted({_group(k) for k in own} - set(loaded))

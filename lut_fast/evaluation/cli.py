@@ -74,6 +74,18 @@ def knn(
     _say(f"k-NN (k={k}, T={temperature}, {pool}): top-1 [bold]{r['top1']:.2f}%[/]{top5}  ->  {out / 'knn.json'}")
 
 
+def _refuse_torchrun(command: str) -> None:
+    """Linear probing and fine-tuning run in one process: N torchrun processes would train N copies into one folder."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise UserError(
+            f"eval {command} runs in a single process (one GPU or the CPU), not under torchrun ({world} processes here "
+            f"would train {world} independent copies into one folder): run `lut-fast eval {command} ...` directly"
+        )
+
+
 @eval_app.command("linear")
 def linear(
     ckpt: Path = typer.Argument(..., help=CKPT_HELP),
@@ -100,6 +112,7 @@ def linear(
     """Linear probe (MAE protocol): frozen encoder, BatchNorm without affine + Linear, on cached features."""
     from lut_fast.evaluation.linear import OPTIMIZERS, run_linear
 
+    _refuse_torchrun("linear")
     out = _out(out, ckpt, "linear")
     r = run_linear(
         ckpt, data, out, epochs, batch_size, _choice(optimizer, OPTIMIZERS, "--optimizer"), blr, weight_decay,
@@ -147,6 +160,7 @@ def finetune(
     """End-to-end fine-tuning with the paper's Table D recipe; writes the fine-tuned model and top-1/top-5."""
     from lut_fast.evaluation.finetune import run_finetune
 
+    _refuse_torchrun("finetune")
     out = _out(out, ckpt, "finetune")
     if eval_every < 1:
         raise UserError("--eval-every must be >= 1")
