@@ -502,7 +502,7 @@ def _print_header(cfg, sched: Schedule, device, amp_dtype, dist_info: DistInfo, 
         + (f", resuming at step {start_step}" if start_step else "")
     )
     for line in changes:  # settings changed on resume, a re-planned schedule, weights loaded by --init-from
-        c.print(f"  {line}", markup=False, highlight=False)
+        c.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_footer(out_dir: Path, ckpt: Optional[Path], step: int, record: dict, bad: Optional[str], stopped: str,
@@ -516,7 +516,7 @@ def _print_footer(out_dir: Path, ckpt: Optional[Path], step: int, record: dict, 
     if stopped:
         c.print(f"[yellow]stopped early ({stopped}) at step {step}; checkpoint saved: resume with --resume[/]")
     if bad:
-        c.print(bad, style="yellow", markup=False, highlight=False)
+        c.print(bad, style="yellow", markup=False, highlight=False, soft_wrap=True)
     if record:
         c.print(f"final loss {record['loss']:.4f} at step {step}")
     c.print(f"results in [bold]{out_dir}[/]: config.yaml, metrics.jsonl, checkpoints/{ckpt.name if ckpt else ''}")

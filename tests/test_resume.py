@@ -96,7 +96,7 @@ def test_slurm_style_log_lines_and_a_resume_that_listens(tmp_path, data_folder):
     refused(run_cli("train", *base, "--resume", "--method", "mae", "--set", "model.depth=3"),
             "cannot change method", "also model.depth", "start a new run")
     refused(run_cli("train", *base, "--resume", "--max-steps", "3"), "step 6", "would end before it")
-    refused(run_cli("train", *base, "--resume", "--epochs", "20"), "optim.max_steps=6", "--max-steps")
+    refused(run_cli("train", *base, "--resume", "--epochs", "100"), "optim.max_steps=6", "--max-steps")
     # a finished run resumed as it is: said, not silent
     proc = ok(run_cli("train", *base, "--resume"))
     assert "already finished at step 6" in proc.stderr and "--max-steps" in proc.stderr
