@@ -104,7 +104,7 @@ class RunConfig:
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # step files kept (last.pt points at the newest)
     max_hours: Optional[float] = None  # wall-clock budget; ends with a checkpoint
-    progress: bool = True  # rich progress bar on the main process
+    progress: bool = True  # progress bar on a terminal; false (or stdout not a terminal): a plain line every log_every steps
 
 
 @dataclass

@@ -127,3 +127,16 @@ def test_every_command_has_help_with_defaults():
                  "--epochs", "--max-steps", "--out", "--resume", "--compile", "--precision", "--device", "--seed"):
         assert flag in proc.stdout, flag
     assert "default" in proc.stdout
+
+
+# ---------------------------------------------------------------- --version and shell completion
+
+
+def test_version_and_shell_completion():
+    from importlib.metadata import version
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"lut-fast {version('lut-fast')}", proc.stderr
+    proc = run_cli("--show-completion", "bash")
+    assert proc.returncode == 0, proc.stderr
+    assert "_LUT_FAST_COMPLETE" in proc.stdout and "complete " in proc.stdout, proc.stdout
