@@ -51,7 +51,7 @@ def train(
     backend: Optional[str] = typer.Option(None, help="torch | dali | ffcv " + _default("data.backend")),
     batch_size: Optional[int] = typer.Option(None, help="Per-device batch size " + _default("optim.batch_size")),
     accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps " + _default("optim.accum_steps")),
-    epochs: Optional[float] = typer.Option(None, help="Epochs " + _default("optim.epochs")),
+    epochs: Optional[float] = typer.Option(None, help="Epochs " + _default("optim.epochs") + "; on --resume, a new length re-plans the schedule (see --max-steps)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (the schedule is compressed to fit). "
                                             "On --resume, a new length re-plans the lr and momentum cosines to end there (warm-up kept)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: runs/<method>_<model>)"),
