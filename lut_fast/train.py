@@ -371,7 +371,6 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
     epoch, start_batch = divmod(consumed, bpe)
     bad_images = 0
     t0 = time.perf_counter()
-
     window = {"t": time.perf_counter(), "images": 0, "data_wait": 0.0}
     running: dict[str, list[torch.Tensor]] = {}
     stopped = ""

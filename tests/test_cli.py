@@ -137,6 +137,12 @@ def test_version_and_shell_completion():
 
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"lut-fast {version('lut-fast')}", proc.stderr
-    proc = run_cli("--show-completion", "bash")
+    # typer finds the shell among the parent processes: run it from bash, as a user would
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("lut-fast")
+    proc = subprocess.run(["bash", "-c", f"'{exe}' --show-completion; exit $?"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "_LUT_FAST_COMPLETE" in proc.stdout and "complete " in proc.stdout, proc.stdout
