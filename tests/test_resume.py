@@ -222,3 +222,43 @@ def test_unreadable_images_are_named_and_all_written_to_the_run_folder(tmp_path)
     assert msg.startswith("7 unreadable image(s) were skipped: /data/cls/bad_0.jpg") and " ..." in msg
     assert (tmp_path / BAD_IMAGES_FILE).read_text().splitlines() == names
     assert progress.bad_images_report(0, tmp_path) is None
+
+
+def test_finetune_resumes_from_its_last_epoch(tmp_path, data_folder):
+    import lut_fast.evaluation.finetune as ft
+    from lut_fast.train import train
+
+    pre = train(tiny_config(tmp_path / "pre", max_steps=2))
+    opts = dict(data=str(data_folder), max_steps=8, batch_size=8, workers=0, device="cpu", randaug="none", mixup=0.0,
+                cutmix=0.0, reprob=0.0, val_fraction=0.2, show_progress=False)  # 32 train images: 4 steps per epoch
+    full = ft.run_finetune(pre.last_checkpoint, out=tmp_path / "full", **opts)
+
+    cut = tmp_path / "cut"
+    original, calls = ft.evaluate, []
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    ft.evaluate = crash_in_second_epoch
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            ft.run_finetune(pre.last_checkpoint, out=cut, **opts)
+    finally:
+        ft.evaluate = original
+    assert (cut / ft.STATE_FILE).exists()
+
+    cli = ["eval", "finetune", str(pre.last_checkpoint), "--data", str(data_folder), "--out", str(cut), "--max-steps", "8",
+           "--batch-size", "8", "--workers", "0", "--device", "cpu", "--randaug", "none", "--mixup", "0", "--cutmix", "0",
+           "--reprob", "0", "--val-fraction", "0.2", "--resume"]
+    refused(run_cli(*[("16" if a == "8" and cli[i - 1] == "--batch-size" else a) for i, a in enumerate(cli)]),
+            "batch_size was 8, now 16")
+    proc = ok(run_cli(*cli))
+    assert "resuming the fine-tuning at step 4 (epoch 1)" in proc.stderr
+    resumed = json.loads((cut / "finetune.json").read_text())
+    assert resumed["steps"] == 8 and [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert len((cut / "finetune_log.jsonl").read_text().splitlines()) == 2
+    for a, b in zip(full["history"], resumed["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4) and b["val_top1"] == a["val_top1"]

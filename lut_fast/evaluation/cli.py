@@ -156,6 +156,7 @@ def finetune(
     val_fraction: float = typer.Option(0.2, help="Val share per class when --data has no train/ and val/."),
     seed: int = typer.Option(0, help="Random seed."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/finetune_state.pt (saved after every epoch; same options)."),
 ) -> None:
     """End-to-end fine-tuning with the paper's Table D recipe; writes the fine-tuned model and top-1/top-5."""
     from lut_fast.evaluation.finetune import run_finetune
@@ -168,7 +169,7 @@ def finetune(
         ckpt, data, out, backend, train_data, epochs, max_steps, batch_size, accum, blr, lr,
         lr_scaling, layer_decay, weight_decay, min_lr, warmup_epochs, drop_path, smoothing, mixup, cutmix, randaug,
         reprob, clip_grad, _choice(pool, ("mean", "cls"), "--pool"), use_ema, num_heads, workers, eval_every,
-        val_fraction=val_fraction, seed=seed, device=device,
+        val_fraction=val_fraction, seed=seed, device=device, resume=resume,
     )
     top5 = f", top-5 {r['top5']:.2f}%" if "top5" in r else ""
     _say(f"fine-tuned {r['steps']} steps: top-1 [bold]{r['top1']:.2f}%[/]{top5}  ->  {out / 'finetune.json'}, {out / 'finetuned.pt'}")
