@@ -7,7 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEMO_OUT ?= runs/demo
+# A new folder per demo (earlier runs and their evaluations are kept); DEMO_OUT=DIR picks one, never overwritten.
+ifndef DEMO_OUT
+DEMO_OUT := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+endif
 # FFCV builds from source against these (docs/BACKENDS.md, "Installing")
 APT_PACKAGES := pkg-config g++ libturbojpeg0-dev libopencv-dev
 
@@ -39,11 +42,12 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml constraints.txt | sys
 install-test: $(VENV)/.installed-test
 
 demo: install
-	rm -rf $(DEMO_OUT)
+	@echo "demo run folder: $(DEMO_OUT)"
 	$(BIN)/lut-fast train configs/demo.yaml --out $(DEMO_OUT)
 	@echo
 	@echo "Results in $(DEMO_OUT)/: config.yaml, metrics.jsonl (online k-NN included), curves.png, tensorboard/, checkpoints/last.pt"
 	@echo "Watch it: $(BIN)/tensorboard --logdir $(DEMO_OUT)/tensorboard   (or: $(BIN)/lut-fast plot $(DEMO_OUT))"
+	@echo "lut-fast is in $(BIN)/: run 'source $(BIN)/activate' to call it as plain 'lut-fast'"
 	@echo "Next: $(BIN)/lut-fast eval knn $(DEMO_OUT)/checkpoints/last.pt   (k-NN accuracy on the built-in val split)"
 
 test: install-test

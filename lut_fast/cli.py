@@ -21,7 +21,7 @@ app = typer.Typer(
     name="lut-fast",
     help="High-throughput LUT / MAE pre-training of Vision Transformers.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Built-in dataset and data previews.", no_args_is_help=True)
@@ -51,10 +51,16 @@ def train(
     backend: Optional[str] = typer.Option(None, help="torch | dali | ffcv " + _default("data.backend")),
     batch_size: Optional[int] = typer.Option(None, help="Per-device batch size " + _default("optim.batch_size")),
     accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps " + _default("optim.accum_steps")),
-    epochs: Optional[float] = typer.Option(None, help="Epochs " + _default("optim.epochs")),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (the schedule is compressed to fit)."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs " + _default("optim.epochs") + "; on --resume, a new length re-plans the schedule (see --max-steps)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (the schedule is compressed to fit). "
+                                            "On --resume, a new length re-plans the lr and momentum cosines to end there (warm-up kept)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: runs/<method>_<model>)"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.pt if it exists."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.pt if it exists. May change: data, run "
+                                "settings (not the seed), --max-steps/--epochs; model, method, batch and optimizer recipe are refused."),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue from this checkpoint file "
+                                               "(into its own run folder, or a new --out to branch)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from these weights: a lut-fast checkpoint, "
+                                             "a `lut-fast export timm` file or an MAE-style file (prints what is loaded and what is fresh)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model " + _default("run.compile")),
     precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | fp32 " + _default("run.precision")),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda " + _default("run.device")),
@@ -65,7 +71,7 @@ def train(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config (each value with where it came from) and exit without training."),
 ) -> None:
     """Pre-train LUT (or the MAE baseline) and write config.yaml, metrics.jsonl and checkpoints/ to OUT."""
-    from lut_fast.config import load_config
+    from lut_fast.config import is_user_source, load_config
     from lut_fast.train import train as run_training
 
     flags = {
@@ -75,6 +81,10 @@ def train(
         "run.compile": compile, "run.precision": precision, "run.device": device, "run.seed": seed,
         "run.max_hours": max_hours, "run.wandb": wandb,
     }
+    if resume_from is not None and out is None:
+        if resume_from.parent.name != "checkpoints":
+            raise UserError(f"--resume-from {resume_from}: the file is not in a run's checkpoints/ folder; pass --out")
+        flags["run.out_dir"] = str(resume_from.parent.parent)
     # Flags whose name is not "--" + the key's last part (for "where each value came from").
     flag_names = {"model.name": "--model", "data.path": "--data", "optim.accum_steps": "--accum", "run.out_dir": "--out"}
     cfg = load_config(config, flags, set_, flag_names, cpu_recipe=True)
@@ -85,7 +95,10 @@ def train(
 
         typer.echo(format_resolved(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1"))), nl=False)
         return
-    run_training(cfg, resume=resume)
+    # What a resume compares with the checkpoint: the keys this command set (YAML file, flags, --set).
+    given_keys = {key for key, source in cfg.sources.items() if is_user_source(source)}
+    run_training(cfg, resume=resume, resume_from=resume_from, init_from=str(init_from) if init_from else None,
+                 given_keys=given_keys)
 
 
 @data_app.command("builtin")
@@ -173,6 +186,21 @@ app.add_typer(convert_app, name="convert")
 app.add_typer(bench_app, name="bench")
 app.add_typer(eval_app, name="eval")
 app.add_typer(analyze_app, name="analyze")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"lut-fast {version('lut-fast')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """High-throughput LUT / MAE pre-training of Vision Transformers."""
 
 
 def main() -> None:

@@ -115,7 +115,7 @@ class RunConfig:
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # step files kept (last.pt points at the newest)
     max_hours: Optional[float] = None  # wall-clock budget; ends with a checkpoint
-    progress: bool = True  # rich progress bar on the main process
+    progress: bool = True  # progress bar on a terminal; false (or stdout not a terminal): a plain line every log_every steps
     knn_every: int = 0  # optimizer steps between online k-NN checks of the encoder (and one at the end); 0 = off
     knn_data: Optional[str] = None  # split root (train/ and val/) for those checks; None = data.path if it has val/, else the built-in data
     knn_bank: int = 2000  # at most this many train images in the k-NN feature bank (a seeded sample; 0 = all)

@@ -8,9 +8,10 @@ skipped on all but the last micro-batch under DDP). Per optimizer step: lr
 from the schedule, optimizer step (through the GradScaler for fp16), EMA
 update with the cosine momentum.
 
-Faults (README: "Faults"): SIGTERM / SIGUSR1 (pre-emption) and the
-``--max-hours`` budget make every rank stop at the same step (agreed through
-an all-reduce), rank 0 writes a checkpoint, and the process exits with code 0.
+Faults (README: "Faults"): SIGTERM / SIGUSR1 (pre-emption), a first Ctrl-C
+(SIGINT) and the ``--max-hours`` budget make every rank stop at the same step
+(agreed through an all-reduce), rank 0 writes a checkpoint, and the process
+exits with code 0; a second Ctrl-C exits at once.
 A worker group restarted by ``torchrun --max-restarts`` resumes from the last
 checkpoint by itself (TORCHELASTIC_RESTART_COUNT > 0), as ``--resume`` does.
 
@@ -18,7 +19,9 @@ Output folder: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``
 (``last.pt`` -> newest complete checkpoint). Resuming restores model, target,
 optimizer, scaler and the position in the data stream; data order,
 augmentations and masks are functions of (seed, position), so a resumed run
-reproduces the losses of an uninterrupted one.
+reproduces the losses of an uninterrupted one. Which settings a resumed run
+may change, extending a run, ``--resume-from`` and ``--init-from``:
+``lut_fast/resume.py``. What is printed while training: ``lut_fast/progress.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -53,6 +57,10 @@ from lut_fast.models import LUT, build_model
 from lut_fast.monitor import KnnMonitor, MetricSinks, check_settings, knn_due
 from lut_fast.optim import build_optimizer, lr_at, scaled_lr
 from lut_fast.pipelines import build_loader
+from lut_fast.progress import TrainProgress, peak_tflops, training_flops_per_image
+from lut_fast.resume import (
+    check_branch, continue_schedule, copy_metrics_until, init_weights_from, load_resume_file, settings_on_resume,
+)
 
 
 # ---------------------------------------------------------------- device and precision
@@ -179,20 +187,39 @@ def seed_everything(seed: int) -> None:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (cluster pre-emption) ask for a checkpoint and a clean exit."""
+    """SIGTERM / SIGUSR1 (cluster pre-emption) and a first Ctrl-C ask for a checkpoint and a clean exit.
 
-    def __init__(self):
+    A second Ctrl-C exits at once (KeyboardInterrupt: exit code 130, no checkpoint).
+    """
+
+    def __init__(self, announce: bool = True):
         self.requested = False
+        self.interrupts = 0
+        self.announce = announce  # only the main process prints
         self._old = {}
+        self._pid = os.getpid()
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker inherited this handler: the trainer decides, workers keep serving
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+            if self.announce:
+                print("\nlut-fast: Ctrl-C: saving a checkpoint after this step, then stopping "
+                      "(press Ctrl-C again to quit at once, without one)", file=sys.stderr, flush=True)
         self.requested = True
+
+    @property
+    def reason(self) -> str:
+        return "ctrl-c" if self.interrupts else "sigterm"
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -202,19 +229,27 @@ class StopSignal:
 # ---------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Run (or resume) pre-training. ``on_step(step, metrics)`` is called after each optimizer step."""
+def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, dict], None] | None = None, *,
+          resume_from: str | os.PathLike | None = None, init_from: str | None = None,
+          given_keys: Optional[set[str]] = None) -> TrainResult:
+    """Run (or resume) pre-training. ``on_step(step, metrics)`` is called after each optimizer step.
+
+    ``resume_from``: continue from this checkpoint file (implies ``resume``).
+    ``init_from``: a new run starts from these weights (ignored when a checkpoint is resumed).
+    ``given_keys``: the config keys set on the command line (what a resume compares; None = all).
+    """
     device = resolve_device(cfg.run.device)
     dist_info = init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
     try:
-        return _train(cfg, resume, device, dist_info, on_step)
+        return _train(cfg, resume, device, dist_info, on_step, resume_from, init_from, given_keys)
     finally:
         cleanup()
 
 
-def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: DistInfo, on_step) -> TrainResult:
+def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: DistInfo, on_step,
+           resume_from=None, init_from=None, given_keys=None) -> TrainResult:
     main = dist_info.is_main
     check_settings(cfg)  # monitor.py: a missing extra, k-NN data without val/: one line, on every rank
     out_dir = cfg.out_dir
@@ -223,7 +258,13 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
 
     if not resume and restart_count() > 0:
         resume = True  # torchrun --max-restarts restarted the group after a failure: continue the run
-    checkpoint, resume_warnings = resume_checkpoint(ckpt_dir) if resume else (None, [])
+    branch_metrics, resume_warnings = None, []
+    if resume_from is not None and not (restart_count() > 0 and (ckpt_dir / "last.pt").exists()):
+        checkpoint = load_resume_file(Path(resume_from))
+        branch_metrics = check_branch(Path(resume_from), ckpt_dir, checkpoint["step"])
+        resume = True
+    else:  # a restarted group continues from its own newest checkpoint, also when it began with --resume-from
+        checkpoint, resume_warnings = resume_checkpoint(ckpt_dir) if resume else (None, [])
     # Every rank reads the checkpoint itself; all must see the same one, and all must stop together
     # (one rank raising alone would leave the others waiting in a collective).
     found_step = checkpoint["step"] if checkpoint is not None else -1
@@ -233,12 +274,10 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
             f"the processes see different checkpoints in {ckpt_dir}: "
             "the output folder must be on a filesystem that every node shares"
         )
+    changes: list[str] = []
     if checkpoint is not None:
-        saved = from_dict(TrainConfig, checkpoint["config"])
-        # The saved recipe wins; only run-time settings given now may differ.
-        saved.run = cfg.run
-        saved.data.num_workers = cfg.data.num_workers
-        cfg = saved
+        # The saved recipe wins; settings given now may change only where resume.py allows (else: refused).
+        cfg, changes = settings_on_resume(from_dict(TrainConfig, checkpoint["config"]), cfg, given_keys)
         o = cfg.optim
         saved_world = checkpoint.get("world_size") or checkpoint["schedule"]["eff_batch"] // (o.batch_size * o.accum_steps)
         if saved_world != dist_info.world_size:
@@ -264,8 +303,15 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
         for line in resume_warnings + [f"removed {len(stale)} temporary file(s) left by an interrupted checkpoint write "
                                        f"in {ckpt_dir}" for stale in [remove_stale_temp_files(ckpt_dir)] if stale]:
             print(f"lut-fast: warning: {line}", file=sys.stderr)
+    if checkpoint is not None:
+        changes += continue_schedule(sched, checkpoint["schedule"], checkpoint["step"],
+                                     lambda s, i: lr_at(i, s.total_steps, s.warmup_steps, s.peak_lr, cfg.optim.min_lr))
 
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if init_from is not None:
+        changes.append(init_weights_from(model, init_from) if checkpoint is None
+                       else f"--init-from {init_from} not used: continuing from the checkpoint at step {checkpoint['step']}")
+    model = model.to(device)
     if dist_info.enabled and isinstance(model, LUT):
         model = convert_sync_batchnorm(model, device.type)  # BatchNorm over the global batch (docs/METHOD.md, "7. BatchNorm in the heads")
     target = TargetNetwork(model).to(device) if isinstance(model, LUT) and model.lam > 0 else None
@@ -285,10 +331,12 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=main)
     if main:
         write_text_atomic(to_yaml(cfg), out_dir / "config.yaml")
+        if branch_metrics is not None:
+            copy_metrics_until(branch_metrics, metrics.path, start_step)
         if torn := metrics.truncate_after(start_step):
             print(f"lut-fast: warning: dropped {torn} unreadable line(s) of {metrics.path} (cut off by a crash or a full disk)",
                   file=sys.stderr)
-        _print_header(cfg, sched, device, amp_dtype, dist_info, start_step)
+        _print_header(cfg, sched, device, amp_dtype, dist_info, start_step, changes)
     # Watching the run (monitor.py): the k-NN check runs on rank 0 only, the others wait for it.
     knn_monitor = KnnMonitor.from_config(cfg, device) if main else None
     sinks = MetricSinks.from_config(cfg, out_dir, start_step, enabled=main)
@@ -345,8 +393,12 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
     last_record: dict = {}
     num_patches = model.encoder.num_patches
 
-    progress = _Progress(enabled=main and cfg.run.progress, total=sched.total_steps, start=start_step)
-    with StopSignal() as stop, progress, sinks:
+    progress = TrainProgress(
+        enabled=main, use_bar=cfg.run.progress, total=sched.total_steps, start=start_step,
+        flops_per_image=training_flops_per_image(cfg), peak_per_device=peak_tflops(device, amp_dtype),
+        world_size=dist_info.world_size,
+    )
+    with StopSignal(announce=main) as stop, progress, sinks:
         if launched_by_torchrun():  # its agent SIGKILLed: checkpoint and stop instead of training on as orphans
             stop_when_parent_dies(lambda: setattr(stop, "requested", True))
         micro = 0
@@ -360,6 +412,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
                 if batch is None:
                     break
                 bad_images += batch.bad_images
+                if batch.bad_images:
+                    progress.note_bad_images(batch)
                 if bad_images > cfg.data.max_bad_images:
                     raise UserError(
                         f"{bad_images} unreadable images so far (limit data.max_bad_images={cfg.data.max_bad_images}): "
@@ -433,6 +487,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
                         data_wait_frac=min(1.0, window["data_wait"] / max(elapsed, 1e-9)),
                         time=round(time.perf_counter() - t0, 3),
                     )
+                    record.update(progress.throughput(record["images_per_sec"]))
                     window.update(t=time.perf_counter(), images=0, data_wait=0.0)
                     record.update(knn)
                     metrics.write(record)
@@ -451,7 +506,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
                 over_time = cfg.run.max_hours is not None and (time.perf_counter() - t0) > cfg.run.max_hours * 3600
                 stop_now = all_reduce_max(stop.requested or over_time, device) if dist_info.enabled else (stop.requested or over_time)
                 if stop_now and step < sched.total_steps:
-                    stopped = "sigterm" if stop.requested else "max_hours"
+                    stopped = stop.reason if stop.requested else "max_hours"
                     if not ckpt_now:
                         checkpoint_now(step)
                     break
@@ -466,51 +521,15 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
 
         write_training_curves(out_dir)
     if main:
-        _print_footer(out_dir, last_ckpt, step, last_record, bad_images, stopped)
+        _print_footer(out_dir, last_ckpt, step, last_record, progress.bad_images_report(bad_images, out_dir), stopped,
+                      finished_before=checkpoint is not None and start_step >= sched.total_steps)
     return TrainResult(out_dir, last_ckpt, step, last_record, stopped)
 
 
 # ---------------------------------------------------------------- terminal output
 
 
-class _Progress:
-    """A rich progress bar with live loss and images/s (plain lines when not a terminal)."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.enabled, self.total, self.start = enabled, total, start
-        self._bar = None
-        self._info, self._knn = "", None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            )
-            self._bar.__enter__()
-            self._task = self._bar.add_task("train", total=self.total, completed=self.start, info="")
-        return self
-
-    def update(self, step: int, record: dict) -> None:
-        if self._bar is None:
-            return
-        self._knn = record.get("knn_top1", self._knn)
-        if "loss" in record:  # (a record of the k-NN monitor alone has no loss)
-            info = f"loss {record['loss']:.4f}"
-            if "bc_loss" in record:
-                info += f" (mae {record['mae_loss']:.4f}, bc {record['bc_loss']:.4f})"
-            self._info = info + f"  {record['images_per_sec']:.0f} img/s"
-        knn = f"  k-NN {self._knn:.1f}%" if self._knn is not None else ""
-        self._bar.update(self._task, completed=step, info=self._info + knn)
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-
-
-def _print_header(cfg, sched: Schedule, device, amp_dtype, dist_info: DistInfo, start_step: int) -> None:
+def _print_header(cfg, sched: Schedule, device, amp_dtype, dist_info: DistInfo, start_step: int, changes=()) -> None:
     from rich.console import Console
 
     c = Console(stderr=True)
@@ -531,16 +550,22 @@ def _print_header(cfg, sched: Schedule, device, amp_dtype, dist_info: DistInfo, 
         c.print("recipe (values other than the plain defaults, by where they came from):", highlight=False)
         for line in sources:
             c.print(line, markup=False, highlight=False, soft_wrap=True)
+    for line in changes:  # settings changed on resume, a re-planned schedule, weights loaded by --init-from
+        c.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _print_footer(out_dir: Path, ckpt: Optional[Path], step: int, record: dict, bad: int, stopped: str) -> None:
+def _print_footer(out_dir: Path, ckpt: Optional[Path], step: int, record: dict, bad: Optional[str], stopped: str,
+                  finished_before: bool = False) -> None:
     from rich.console import Console
 
     c = Console(stderr=True)
+    if finished_before:
+        c.print(f"[yellow]this run had already finished at step {step}: nothing to train; to train longer, resume "
+                "with a larger --max-steps or --epochs (the schedule is re-planned: README, Resuming)[/]")
     if stopped:
         c.print(f"[yellow]stopped early ({stopped}) at step {step}; checkpoint saved: resume with --resume[/]")
     if bad:
-        c.print(f"[yellow]{bad} unreadable image(s) were skipped[/]")
+        c.print(bad, style="yellow", markup=False, highlight=False, soft_wrap=True)
     if record:
         knn = f", online k-NN top-1 {record['knn_top1']:.2f}%" if "knn_top1" in record else ""
         c.print(f"final loss {record['loss']:.4f} at step {step}{knn}")

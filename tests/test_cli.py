@@ -287,3 +287,22 @@ def test_a_cpu_run_without_a_chosen_model_uses_the_small_cpu_recipe(tmp_path):
     assert proc.returncode == 0, proc.stderr
     header = proc.stderr
     assert "64px/p8" in header and "small CPU recipe" in header and "--model vit_base" in header
+
+
+# ---------------------------------------------------------------- --version and shell completion
+
+
+def test_version_and_shell_completion():
+    from importlib.metadata import version
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"lut-fast {version('lut-fast')}", proc.stderr
+    # typer finds the shell among the parent processes: run it from bash, as a user would
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("lut-fast")
+    proc = subprocess.run(["bash", "-c", f"'{exe}' --show-completion; exit $?"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "_LUT_FAST_COMPLETE" in proc.stdout and "complete " in proc.stdout, proc.stdout

@@ -27,3 +27,61 @@ def test_config_table_matches_the_dataclass_defaults():
 def test_readme_images_exist():
     for ref in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README):
         assert (REPO / ref).exists(), ref
+
+
+# ---------------------------------------------------------------- every link and file the README names exists
+
+_REPO_DIRS = ("lut_fast", "pipelines", "datasets", "configs", "docker", "docs", "tests")
+_REPO_FILES = ("Makefile", "pyproject.toml", "constraints.txt", "constraints-cu12.txt", "cli.py", ".dockerignore")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_every_relative_link_in_the_readme_resolves():
+    anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", README, re.M)}
+    links = re.findall(r"\]\(([^)\s]+)\)", README)
+    assert links
+    for link in links:
+        if re.match(r"[a-z]+://", link):
+            continue
+        path, _, anchor = link.partition("#")
+        if path:
+            assert (REPO / path).exists(), f"README links to {path}, which does not exist"
+        elif anchor:
+            assert anchor in anchors, f"README links to #{anchor}, which is no heading"
+
+
+def test_every_repo_path_the_readme_names_exists():
+    dirs = "|".join(_REPO_DIRS)
+    named = set(re.findall(rf"(?<![\w/.~<$-])((?:{dirs})/[\w./-]*\w)", README))
+    named |= {f for f in _REPO_FILES if f"`{f}`" in README or f" {f} " in README}
+    assert "lut_fast/train.py" in named and "constraints-cu12.txt" in named
+    missing = sorted(p for p in named if not (REPO / p).exists())
+    assert not missing, f"the README names files that do not exist: {missing}"
+
+
+def test_no_tracked_file_is_ignored_by_gitignore():
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        import pytest
+
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(["git", "ls-files", "-ci", "--exclude-standard"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout
+
+
+def test_make_demo_keeps_earlier_runs():
+    import subprocess
+
+    proc = subprocess.run(["make", "-n", "-W", ".venv/.installed", "demo"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "rm -rf" not in proc.stdout
+    folder = re.search(r"train configs/demo\.yaml --out (runs/demo-\d{8}-\d{6})\n", proc.stdout)
+    assert folder, proc.stdout
+    assert proc.stdout.count(folder.group(1)) >= 3  # the same folder is trained into and printed

@@ -78,6 +78,18 @@ def knn(
     _say(f"k-NN (k={k}, T={temperature}, {pool}): top-1 [bold]{r['top1']:.2f}%[/]{top5}  ->  {out / 'knn.json'}")
 
 
+def _refuse_torchrun(command: str) -> None:
+    """Linear probing and fine-tuning run in one process: N torchrun processes would train N copies into one folder."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise UserError(
+            f"eval {command} runs in a single process (one GPU or the CPU), not under torchrun ({world} processes here "
+            f"would train {world} independent copies into one folder): run `lut-fast eval {command} ...` directly"
+        )
+
+
 @eval_app.command("linear")
 def linear(
     ctx: typer.Context,
@@ -105,6 +117,7 @@ def linear(
     """Linear probe (MAE protocol): frozen encoder, BatchNorm without affine + Linear, on cached features."""
     from lut_fast.evaluation.linear import OPTIMIZERS, run_linear
 
+    _refuse_torchrun("linear")
     out = _out(out, ckpt, "linear")
     r = run_linear(
         ckpt, data, out, epochs, batch_size, _choice(optimizer, OPTIMIZERS, "--optimizer"), blr, weight_decay,
@@ -150,10 +163,12 @@ def finetune(
     val_fraction: float = typer.Option(0.2, help="Val share per class when --data has no train/ and val/."),
     seed: int = typer.Option(0, help="Random seed."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/finetune_state.pt (saved after every epoch; same options)."),
 ) -> None:
     """End-to-end fine-tuning with the paper's Table D recipe; writes the fine-tuned model and top-1/top-5."""
     from lut_fast.evaluation.finetune import run_finetune
 
+    _refuse_torchrun("finetune")
     out = _out(out, ckpt, "finetune")
     if eval_every < 1:
         raise UserError("--eval-every must be >= 1")
@@ -161,7 +176,7 @@ def finetune(
         ckpt, data, out, backend, train_data, epochs, max_steps, batch_size, accum, blr, lr,
         lr_scaling, layer_decay, weight_decay, min_lr, warmup_epochs, drop_path, smoothing, mixup, cutmix, randaug,
         reprob, clip_grad, _choice(pool, ("mean", "cls"), "--pool"), use_ema, num_heads, workers, eval_every,
-        val_fraction=val_fraction, seed=seed, device=device,
+        val_fraction=val_fraction, seed=seed, device=device, resume=resume,
     )
     record_cli_result(ctx, out / "finetune.json", "eval finetune", [ckpt], data, train_data=train_data)
     top5 = f", top-5 {r['top5']:.2f}%" if "top5" in r else ""

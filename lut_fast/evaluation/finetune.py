@@ -36,6 +36,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,6 +61,7 @@ RECIPES = {
     1024: dict(blr=1e-3, layer_decay=0.65, epochs=50),
 }
 DEFAULT_RANDAUG = "rand-m9-mstd0.5-inc1"
+STATE_FILE = "finetune_state.pt"  # written after every epoch; what --resume continues from
 
 
 def recipe_for(embed_dim: int) -> dict:
@@ -215,8 +217,14 @@ def run_finetune(
     seed: int = 0,
     device: str = "auto",
     show_progress: bool = True,
+    resume: bool = False,
 ) -> dict:
-    """Fine-tune; writes finetune.json, finetune_log.jsonl and finetuned.pt into ``out`` (when given)."""
+    """Fine-tune; writes finetune.json, finetune_log.jsonl and finetuned.pt into ``out`` (when given).
+
+    With ``out``, the state (model, optimizer, step, history, RNG) is saved to
+    ``OUT/finetune_state.pt`` after every epoch; ``resume`` continues from it
+    (same data order from the next epoch on) when the recipe is the same.
+    """
     from timm.data import Mixup
     from timm.data.random_erasing import RandomErasing
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -225,6 +233,8 @@ def run_finetune(
     from lut_fast.checkpoint import atomic_torch_save, load_encoder
 
     t0 = time.perf_counter()
+    if resume and out is None:
+        raise UserError("--resume needs the results folder that holds finetune_state.pt (--out)")
     if batch_size < 1 or accum < 1:
         raise UserError("batch size and accumulation steps must be >= 1")
     if lr_scaling not in ("sqrt", "linear"):
@@ -270,16 +280,38 @@ def run_finetune(
     rand_aug = BatchRandAugment(randaug, info["img_size"], threads=max(1, workers)) if randaug and randaug != "none" else None
     erasing = RandomErasing(reprob, mode="pixel", max_count=1, device=str(dev)) if reprob > 0 else None
 
+    recipe_record = {
+        "backend": backend, "batch_size": batch_size, "accum": accum, "eff_batch": eff_batch, "blr": blr, "lr": peak,
+        "lr_scaling": lr_scaling, "layer_decay": layer_decay, "weight_decay": weight_decay, "min_lr": min_lr,
+        "warmup_steps": warmup, "total_steps": total, "drop_path": drop_path, "smoothing": smoothing, "mixup": mixup,
+        "cutmix": cutmix, "randaug": randaug, "reprob": reprob, "pool": pool, "clip_grad": clip_grad,
+    }
     log_path = Path(out) / "finetune_log.jsonl" if out is not None else None
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")
+    state_path = Path(out) / STATE_FILE if out is not None else None
     history: list[dict] = []
     step, epoch, micro, running = 0, 0, 0, []
+    if resume and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        changed = [k for k in recipe_record if state["recipe"].get(k) != recipe_record[k]]
+        if changed or state["checkpoint"] != str(ckpt):
+            what = changed[0] if changed else "checkpoint"
+            was, now = (state["recipe"].get(what), recipe_record[what]) if changed else (state["checkpoint"], str(ckpt))
+            raise UserError(f"cannot resume the fine-tuning in {out}: {what} was {was!r}, now {now!r}; "
+                            "use the same options, or another --out for a new fine-tuning")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, history = state["step"], state["epoch"], state["history"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        print(f"lut-fast: resuming the fine-tuning at step {step} (epoch {epoch}) from {state_path}", file=sys.stderr)
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))  # fresh, or the resumed run's epochs
     with progress(show_progress) as bar, contextlib.ExitStack() as stack:
         if rand_aug is not None:
             stack.callback(rand_aug.close)
-        task = bar.add_task("fine-tune", total=total, info="") if bar is not None else None
+        task = bar.add_task("fine-tune", total=total, completed=step, info="") if bar is not None else None
         while step < total:
             model.train()
             loader.set_epoch(epoch)
@@ -323,6 +355,12 @@ def run_finetune(
                 if log_path is not None:
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
+            if state_path is not None:  # after every epoch: what --resume continues from
+                atomic_torch_save({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                    "history": history, "recipe": recipe_record, "checkpoint": str(ckpt),
+                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                }, state_path)
 
     final = history[-1]
     result = {
@@ -332,12 +370,7 @@ def run_finetune(
         "best_top1": max(h["val_top1"] for h in history),
         "steps": step,
         "epochs": round(step * accum * batch_size / max(1, len(splits.train)), 3),
-        "recipe": {
-            "backend": backend, "batch_size": batch_size, "accum": accum, "eff_batch": eff_batch, "blr": blr, "lr": peak,
-            "lr_scaling": lr_scaling, "layer_decay": layer_decay, "weight_decay": weight_decay, "min_lr": min_lr,
-            "warmup_steps": warmup, "total_steps": total, "drop_path": drop_path, "smoothing": smoothing, "mixup": mixup,
-            "cutmix": cutmix, "randaug": randaug, "reprob": reprob, "pool": pool, "clip_grad": clip_grad,
-        },
+        "recipe": recipe_record,
         "encoder": info,
         "data": splits.describe(),
         "history": history,
