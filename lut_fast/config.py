@@ -70,6 +70,7 @@ class DataConfig:
     photometric_on: str = "auto"  # view 2's jitter + 3-augment: loader (CPU) | device (batched after the copy) | auto (device on CUDA)
     max_bad_images: int = 100  # unreadable images tolerated (skipped, counted) before stopping
     channels_last: bool = True  # channels-last batches on CUDA (faster patch embedding)
+    torch_workers: str = "auto"  # torch backend: threads (in the trainer, reused buffers) | processes | auto (threads up to 8 workers)
     ffcv_order: str = "random"  # FFCV: random / quasi_random (data larger than RAM) / sequential
     ffcv_os_cache: bool = True  # FFCV: let the OS page cache hold the .beton (False for data larger than RAM)
     dali_shuffle_buffer: int = 4096  # DALI: reader shuffle buffer (samples)
@@ -77,7 +78,7 @@ class DataConfig:
     def backend_options(self) -> dict:
         """The options of the chosen backend, as ``build_loader`` keyword arguments."""
         return {
-            "torch": {},
+            "torch": {"workers": self.torch_workers},
             "ffcv": {"order": self.ffcv_order, "os_cache": self.ffcv_os_cache},
             "dali": {"shuffle_buffer": self.dali_shuffle_buffer},
         }[self.backend]
@@ -514,6 +515,8 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.run.device in DEVICES, f"unknown device {cfg.run.device!r}; choose {', '.join(DEVICES)}")
     check(cfg.data.backend in ("torch", "dali", "ffcv"), f"unknown backend {cfg.data.backend!r}; choose torch, dali or ffcv")
     check(cfg.data.num_workers >= 0, "num_workers must be >= 0")
+    check(cfg.data.torch_workers in ("auto", "threads", "processes"),
+          f"data.torch_workers must be auto, threads or processes, got {cfg.data.torch_workers!r}")
     check(cfg.run.log_every >= 1 and cfg.run.ckpt_every >= 1, "log_every and ckpt_every must be >= 1")
     embed = m.embed_dim or PRESETS[m.name]["embed_dim"]
     heads = m.num_heads or PRESETS[m.name]["num_heads"]

@@ -33,6 +33,8 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections import deque
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -226,13 +228,18 @@ class DualViewDataset(torch.utils.data.Dataset):
         """One sample as a batch of one (the DataLoader uses ``__getitems__``)."""
         return unpack_batch(self.__getitems__([key]))
 
-    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> dict:
+    def __getitems__(self, keys: Sequence[tuple[int, int]], views: torch.Tensor | None = None) -> dict:
+        """The batch of ``keys``; ``views`` (uint8, ``batch_shape(len(keys))``): where to write the views."""
         try:
-            return self._build(keys)
+            return self._build(keys, views)
         except UserError as e:  # sent as data: raised in the main process as a one-line error
             return {"error": str(e)}
 
-    def _build(self, keys: Sequence[tuple[int, int]]) -> dict:
+    def batch_shape(self, n: int) -> tuple[int, ...]:
+        """(views, n, 3, S, S): both views of a batch in one buffer."""
+        return (2 if self.spec.recipe == "lut" else 1, n, 3, self.spec.img_size, self.spec.img_size)
+
+    def _build(self, keys: Sequence[tuple[int, int]], views: torch.Tensor | None = None) -> dict:
         spec, s = self.spec, self.spec.img_size
         n = len(keys)
         epochs = [k[0] for k in keys]
@@ -241,7 +248,8 @@ class DualViewDataset(torch.utils.data.Dataset):
         u = sample_uniforms(self.seed, epochs, indices, LUT_NUM_DRAWS if lut else MAE_NUM_DRAWS)
         # Both views in one buffer: one shared-memory file per batch to hand over (each costs the main
         # process a file-descriptor transfer); labels and parameters are small and travel pickled.
-        views = _new_batch((2 if lut else 1, n, 3, s, s))
+        if views is None:
+            views = _new_batch(self.batch_shape(n))
         view1, view2 = views[0], (views[1] if lut else None)
         labels = np.empty(n, dtype=np.int64)
         bad = 0
@@ -375,8 +383,151 @@ def _worker_init(worker_id: int) -> None:
     threading.Thread(target=watch, name="stop-signal-watch", daemon=True).start()
 
 
+WORKER_KINDS = ("auto", "threads", "processes")
+AUTO_THREADS_MAX = 8  # ``auto``: threads up to this many workers, processes beyond (see ``resolve_worker_kind``)
+
+
+def resolve_worker_kind(kind: str, num_workers: int) -> str:
+    """'threads' or 'processes': where the torch backend builds its batches.
+
+    ``threads``: a pool of ``num_workers`` threads inside the training
+    process, writing into a ring of reused (pinned, on CUDA) batch buffers.
+    The decoders and torch's ops release the GIL, so the threads decode in
+    parallel, and there is no inter-process hand-over: no shared-memory file
+    per batch, no fresh pages to fault in. The per-sample Python between the
+    ops holds the GIL, a few percent of a sample's time, so threads stop
+    scaling somewhere beyond ten or so; ``auto`` therefore picks threads up to
+    ``AUTO_THREADS_MAX`` workers and processes beyond.
+    ``processes``: DataLoader worker processes, one batch each: a worker that
+    crashes (a decoder's segfault on a hostile file) cannot take the trainer
+    down, and GIL-holding work (Pillow fallbacks for PNG or CMYK datasets)
+    scales with cores.
+    The views are the same either way (a function of seed, epoch and index).
+    """
+    if kind not in WORKER_KINDS:
+        raise UserError(f"data.torch_workers must be one of {', '.join(WORKER_KINDS)}, got {kind!r}")
+    if kind == "auto":
+        return "threads" if num_workers <= AUTO_THREADS_MAX else "processes"
+    return kind
+
+
+class _DaemonPool:
+    """``num`` daemon threads running submitted jobs (``concurrent.futures.Future`` results).
+
+    Daemon threads, unlike ``ThreadPoolExecutor``'s, do not hold up the
+    interpreter's exit (after a stop signal, the trainer saves and leaves
+    without draining the batches queued ahead).
+    """
+
+    def __init__(self, num: int, name: str):
+        import queue
+        import threading
+
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(num)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():  # cancelled while queued
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer by future.result()
+                future.set_exception(e)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+class _ThreadedBatches:
+    """Batches built by a pool of threads into a ring of reused buffers (``resolve_worker_kind``).
+
+    Batch k of the loader's life is written into buffer ``k % depth`` with
+    ``depth = ahead + 2``: when batch k is requested, batch ``k + ahead`` is
+    queued into the buffer of batch ``k - 2``. So a ``RawBatch`` stays valid
+    until the consumer asks for the batch after the next one (``finish_batch``
+    copies long before: the trainer is safe; a consumer that keeps raw batches
+    longer must clone them). On CUDA the buffers are pinned and, when the
+    consumer asks for the next batch, an event is recorded on the current
+    stream for the one it had: its non-blocking copies to the device were
+    queued before that point, and the thread that next writes into that buffer
+    waits for the event first.
+    """
+
+    def __init__(self, dataset: DualViewDataset, batch_size: int, num_threads: int, pin: bool):
+        self.dataset, self.batch_size, self.pin = dataset, batch_size, pin
+        self.num_threads = num_threads
+        self.ahead = 2 * num_threads  # queued batches: every thread busy, one batch each in reserve
+        self.depth = self.ahead + 2
+        self.buffers: list[torch.Tensor | None] = [None] * self.depth
+        self.events: list = [None] * self.depth
+        self.made = 0  # batches started so far (across epochs: the slot numbering continues)
+        self.pool: _DaemonPool | None = None
+
+    def _buffer(self, slot: int) -> torch.Tensor:
+        if self.buffers[slot] is None:
+            self.buffers[slot] = torch.empty(self.dataset.batch_shape(self.batch_size), dtype=torch.uint8,
+                                             pin_memory=self.pin)
+        return self.buffers[slot]
+
+    def _job(self, keys: list, slot: int, event) -> dict:
+        if event is not None:
+            event.synchronize()  # the device copies out of this buffer are done
+        return self.dataset.__getitems__(keys, self._buffer(slot))
+
+    def batches(self, keys: list) -> Iterator[dict]:
+        if self.pool is None:
+            self.pool = _DaemonPool(self.num_threads, "lut-fast-loader")
+        groups = [keys[i : i + self.batch_size] for i in range(0, len(keys) - self.batch_size + 1, self.batch_size)]
+        pending: deque[tuple[Future, int]] = deque()
+
+        def queue_next(b: int) -> None:
+            slot = self.made % self.depth
+            self.made += 1
+            pending.append((self.pool.submit(self._job, groups[b], slot, self.events[slot]), slot))
+
+        try:
+            for b in range(min(self.ahead, len(groups))):
+                queue_next(b)
+            for b in range(len(groups)):
+                if b + self.ahead < len(groups):
+                    queue_next(b + self.ahead)
+                future, slot = pending.popleft()
+                yield future.result()
+                if self.pin:  # the consumer is back for more: its copies out of this buffer are queued
+                    self.events[slot] = torch.cuda.Event()
+                    self.events[slot].record()
+        finally:
+            # Left mid-epoch (stop signal, error, break): nothing may still write into the ring when
+            # the next epoch starts writing into it.
+            for future, _ in pending:
+                future.cancel()
+            wait([future for future, _ in pending])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
 class TorchLoader:
-    """DataLoader-based dual-view loader yielding ``Batch`` on ``device``."""
+    """Dual-view loader yielding ``Batch`` on ``device``; batches built by threads or processes.
+
+    ``workers``: ``threads`` | ``processes`` | ``auto`` (``resolve_worker_kind``);
+    ``num_workers=0`` builds every batch in the calling thread.
+    """
 
     backend = "torch"
 
@@ -392,11 +543,20 @@ class TorchLoader:
         world_size: int = 1,
         channels_last: bool = False,
         photometric_on: str = "auto",
+        workers: str = "auto",
     ):
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
         self.photometric_on = resolve_photometric_on(photometric_on, self.device)
+        self.workers = resolve_worker_kind(workers, num_workers) if num_workers > 0 else "main"
         self.dataset = DualViewDataset(samples, spec, seed, photometric_in_loader=self.photometric_on == "loader")
         self.sampler = EpochSampler(len(samples), batch_size, seed, rank, world_size)
+        self.batch_size = batch_size
+        self.threaded = None
+        self.loader = None
+        if self.workers == "threads":
+            self.threaded = _ThreadedBatches(self.dataset, batch_size, num_workers, pin=self.device.type == "cuda")
+            self.prefetch = self.threaded.ahead  # batches made ahead of the consumer (bench's untimed drain)
+            return
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=batch_size,
@@ -417,12 +577,32 @@ class TorchLoader:
         self.sampler.set_epoch(epoch, start_batch)
 
     def raw_batches(self) -> Iterator[RawBatch]:
-        """The CPU side alone: uint8 views (and view 2's parameters when its ops are left to the device)."""
-        for raw in self.loader:
-            if "error" in raw:  # raised in a worker (e.g. no readable image): one line, from here
-                raise UserError(raw["error"])
-            yield unpack_batch(raw)
+        """The CPU side alone: uint8 views (and view 2's parameters when its ops are left to the device).
+
+        With thread workers the views live in reused buffers: valid until the
+        batch after the next one is requested (``_ThreadedBatches``).
+        """
+        if self.threaded is None:
+            source = iter(self.loader)
+        else:
+            source = self.threaded.batches(list(self.sampler))
+        try:
+            for raw in source:
+                if "error" in raw:  # raised while building (e.g. no readable image): one line, from here
+                    raise UserError(raw["error"])
+                yield unpack_batch(raw)
+        finally:
+            if self.threaded is not None:
+                source.close()  # now, not at garbage collection: the ring is free when this returns
 
     def __iter__(self) -> Iterator[Batch]:
         for raw in self.raw_batches():
             yield finish_batch(raw, self.spec, self.device, self.channels_last)
+
+    def close(self) -> None:
+        """Stop the loader threads (they are daemons: the process may also just exit)."""
+        if getattr(self, "threaded", None) is not None:
+            self.threaded.close()
+
+    def __del__(self) -> None:
+        self.close()
