@@ -30,11 +30,14 @@ generator object is built per sample.
 
 from __future__ import annotations
 
+import atexit
 import io
 import math
+import queue
+import weakref
 import warnings
 from collections import deque
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -414,23 +417,32 @@ def resolve_worker_kind(kind: str, num_workers: int) -> str:
 class _DaemonPool:
     """``num`` daemon threads running submitted jobs (``concurrent.futures.Future`` results).
 
-    Daemon threads, unlike ``ThreadPoolExecutor``'s, do not hold up the
-    interpreter's exit (after a stop signal, the trainer saves and leaves
-    without draining the batches queued ahead).
+    Daemon threads, unlike ``ThreadPoolExecutor``'s, do not make the
+    interpreter's exit wait for the batches queued ahead (after a stop signal
+    the trainer saves and leaves without draining them). But a thread must not
+    be inside a torch op when the interpreter tears torch down (the process
+    aborts), so at exit every pool is closed: queued jobs are cancelled and
+    the one batch each thread is building is let finish (``_close_all``).
     """
 
+    _EMPTY = queue.Empty
+
     def __init__(self, num: int, name: str):
-        import queue
         import threading
 
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = False
         self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(num)]
         for t in self._threads:
             t.start()
+        _LIVE_POOLS.add(self)
 
     def submit(self, fn, *args) -> Future:
         future: Future = Future()
-        self._jobs.put((future, fn, args))
+        if self._stopping:
+            future.cancel()
+        else:
+            self._jobs.put((future, fn, args))
         return future
 
     def _run(self) -> None:
@@ -439,6 +451,9 @@ class _DaemonPool:
             if job is None:
                 return
             future, fn, args = job
+            if self._stopping:
+                future.cancel()
+                continue
             if not future.set_running_or_notify_cancel():  # cancelled while queued
                 continue
             try:
@@ -446,9 +461,33 @@ class _DaemonPool:
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer by future.result()
                 future.set_exception(e)
 
-    def close(self) -> None:
+    def close(self, join_s: float | None = None) -> None:
+        """Cancel what is queued, let each thread finish its job and end (waiting ``join_s`` for it)."""
+        if self._stopping:  # already closed (at exit, before the loader's own close)
+            return
+        self._stopping = True
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except self._EMPTY:
+                break
+            if job is not None:
+                job[0].cancel()
         for _ in self._threads:
             self._jobs.put(None)
+        if join_s is not None:
+            for t in self._threads:
+                t.join(join_s)
+        _LIVE_POOLS.discard(self)
+
+
+_LIVE_POOLS: "weakref.WeakSet[_DaemonPool]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in list(_LIVE_POOLS):
+        pool.close(join_s=60.0)
 
 
 class _ThreadedBatches:
@@ -512,9 +551,11 @@ class _ThreadedBatches:
         finally:
             # Left mid-epoch (stop signal, error, break): nothing may still write into the ring when
             # the next epoch starts writing into it.
+            # (Method calls only: this also runs when the generator is collected at interpreter exit,
+            # when module globals may be gone.)
             for future, _ in pending:
-                future.cancel()
-            wait([future for future, _ in pending])
+                if not future.cancel():  # running (or done): wait for it
+                    future.exception()
 
     def close(self) -> None:
         if self.pool is not None:

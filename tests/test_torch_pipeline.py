@@ -272,3 +272,21 @@ def test_worker_kind_is_checked():
         build_loader("torch", None, AugSpec(img_size=32), batch_size=4, num_workers=2, workers="fibres")
     assert tb.resolve_worker_kind("auto", 2) == "threads"
     assert tb.resolve_worker_kind("auto", tb.AUTO_THREADS_MAX + 1) == "processes"
+
+
+def test_exit_with_thread_workers_busy_is_clean():
+    """The interpreter leaves while the threads are mid-batch (a run stopped mid-epoch): exit 0, nothing on stderr."""
+    import subprocess
+    import sys
+
+    script = (
+        "from lut_fast.pipelines import build_loader\n"
+        "from lut_fast.pipelines.spec import AugSpec\n"
+        "loader = build_loader('torch', None, AugSpec(img_size=64), 16, num_workers=2, photometric_on='loader',"
+        " workers='threads')\n"
+        "loader.set_epoch(0)\n"
+        "it = iter(loader)\n"
+        "next(it)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
