@@ -158,3 +158,17 @@ def test_hue_sign_is_a_fraction_of_a_turn():
     assert torch.allclose(torch.linalg.matrix_power(m, 4), torch.eye(3, dtype=torch.float64), atol=1e-9)
     assert not torch.allclose(m, torch.eye(3, dtype=torch.float64), atol=0.1)
     assert math.isclose(float(m.sum(1).mean()), 1.0, abs_tol=1e-9)  # grays stay put: rows sum to 1
+
+
+def test_cpu_blur_equals_the_devices_grouped_convolution():
+    """The CPU's shifted-slice blur and the batched convolution other devices run give the same images."""
+    x = torch.rand(5, 3, 20, 23, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.1, 0.4, 1.0, 1.7, 2.0])
+    halves = (ph.blur_window(sigma) // 2).tolist()
+    half = max(halves)
+    coords = torch.arange(-half, half + 1, dtype=torch.float64)
+    k = torch.exp(-(coords**2) / (2 * sigma.double().view(-1, 1) ** 2)) * (coords.abs() <= torch.tensor(halves).view(-1, 1))
+    k = k / k.sum(1, keepdim=True)
+    assert torch.allclose(ph._blur_shifted(x, k, halves), ph._blur_grouped_conv(x, k), atol=1e-5)
+    assert torch.allclose(ph.gaussian_blur(x, sigma), ph._blur_grouped_conv(x, k), atol=1e-5)
+    assert not torch.allclose(ph.gaussian_blur(x, sigma)[3], x[3], atol=1e-2)  # it does blur
