@@ -15,11 +15,19 @@ A DataLoader whose workers each build whole batches (``__getitems__``):
   resize here), reflect-pad once, then each view is an S x S window of the
   padded image, mirrored with probability flip_p, copied straight into the
   batch. MAE: RandomResizedCrop (torchvision's rule) as one resize of the box.
-* Batches are uint8 NCHW, written directly into shared memory in a worker
-  (no copy on the way to the main process). View 2's photometric ops
-  (``photometric.py``, batched) run in the worker (``photometric_on=loader``)
-  or after the copy to the training device (``device``); normalisation is
-  always in ``batch.finish_batch``.
+* Batches are uint8 NCHW, built whole by one worker. Workers are threads
+  of the training process by default (``workers="threads"``, config
+  ``data.torch_workers``): the decoders and torch's ops release the GIL, and
+  each batch is written into a ring of reused buffers (pinned on CUDA), so
+  there is no inter-process hand-over and no fresh memory to fault in per
+  batch. ``workers="processes"``: DataLoader worker processes writing into
+  shared memory (a crashing decoder cannot take the trainer down; GIL-bound
+  Pillow fallbacks scale). See ``resolve_worker_kind``.
+* View 2's photometric ops (``photometric.py``, batched) run in the worker,
+  on its whole batch (``photometric_on=loader``: with thread workers that
+  measured cheaper than running them in the consumer, and they overlap the
+  training step), or after the copy to the training device (``device``);
+  normalisation is always in ``batch.finish_batch``.
 
 Randomness: every random number of sample ``i`` in epoch ``e`` is a hash of
 (seed, e, i) and a draw counter (splitmix64, vectorised over the batch), so
@@ -427,14 +435,23 @@ class _DaemonPool:
 
     _EMPTY = queue.Empty
 
-    def __init__(self, num: int, name: str):
+    def __init__(self, num: int, name: str, torch_threads: int | None = None):
         import threading
 
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(num)]
+        self._torch_threads = torch_threads
+        started = threading.Barrier(num + 1)
+        self._threads = [threading.Thread(target=self._run, args=(started,), name=f"{name}-{i}", daemon=True)
+                         for i in range(num)]
+        mine = torch.get_num_threads()
         for t in self._threads:
             t.start()
+        started.wait()
+        if torch_threads is not None:
+            # torch.set_num_threads sets the calling thread's OpenMP team size and a process-wide default
+            # that threads started later take: put the default back (this thread's own size is unchanged).
+            torch.set_num_threads(mine)
         _LIVE_POOLS.add(self)
 
     def submit(self, fn, *args) -> Future:
@@ -445,7 +462,11 @@ class _DaemonPool:
             self._jobs.put((future, fn, args))
         return future
 
-    def _run(self) -> None:
+    def _run(self, started) -> None:
+        if self._torch_threads is not None:
+            torch.get_num_threads()  # torch's per-thread lazy set-up first, or it would undo the next line later
+            torch.set_num_threads(self._torch_threads)
+        started.wait()
         while True:
             job = self._jobs.get()
             if job is None:
@@ -505,8 +526,9 @@ class _ThreadedBatches:
     waits for the event first.
     """
 
-    def __init__(self, dataset: DualViewDataset, batch_size: int, num_threads: int, pin: bool):
-        self.dataset, self.batch_size, self.pin = dataset, batch_size, pin
+    def __init__(self, dataset: DualViewDataset, batch_size: int, num_threads: int, device: torch.device):
+        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self.pin = device.type == "cuda"
         self.num_threads = num_threads
         self.ahead = 2 * num_threads  # queued batches: every thread busy, one batch each in reserve
         self.depth = self.ahead + 2
@@ -514,6 +536,9 @@ class _ThreadedBatches:
         self.events: list = [None] * self.depth
         self.made = 0  # batches started so far (across epochs: the slot numbering continues)
         self.pool: _DaemonPool | None = None
+        # One intra-op thread per loader thread, as in DataLoader workers: the pool is the parallelism, and
+        # an OpenMP team per loader thread oversubscribed the cores and spin-waited (5-10 % more CPU per image).
+        self.torch_threads: int | None = 1
 
     def _buffer(self, slot: int) -> torch.Tensor:
         if self.buffers[slot] is None:
@@ -528,7 +553,7 @@ class _ThreadedBatches:
 
     def batches(self, keys: list) -> Iterator[dict]:
         if self.pool is None:
-            self.pool = _DaemonPool(self.num_threads, "lut-fast-loader")
+            self.pool = _DaemonPool(self.num_threads, "lut-fast-loader", self.torch_threads)
         groups = [keys[i : i + self.batch_size] for i in range(0, len(keys) - self.batch_size + 1, self.batch_size)]
         pending: deque[tuple[Future, int]] = deque()
 
@@ -547,7 +572,7 @@ class _ThreadedBatches:
                 yield future.result()
                 if self.pin:  # the consumer is back for more: its copies out of this buffer are queued
                     self.events[slot] = torch.cuda.Event()
-                    self.events[slot].record()
+                    self.events[slot].record(torch.cuda.current_stream(self.device))
         finally:
             # Left mid-epoch (stop signal, error, break): nothing may still write into the ring when
             # the next epoch starts writing into it.
@@ -595,7 +620,7 @@ class TorchLoader:
         self.threaded = None
         self.loader = None
         if self.workers == "threads":
-            self.threaded = _ThreadedBatches(self.dataset, batch_size, num_workers, pin=self.device.type == "cuda")
+            self.threaded = _ThreadedBatches(self.dataset, batch_size, num_workers, self.device)
             self.prefetch = self.threaded.ahead  # batches made ahead of the consumer (bench's untimed drain)
             return
         self.loader = torch.utils.data.DataLoader(

@@ -290,3 +290,19 @@ def test_exit_with_thread_workers_busy_is_clean():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+
+
+def test_loader_threads_leave_the_trainers_torch_threads_alone():
+    import threading
+
+    before = torch.get_num_threads()
+    loader = build_loader("torch", None, AugSpec(img_size=32), batch_size=4, num_workers=2, workers="threads")
+    loader.set_epoch(0)
+    next(iter(loader.raw_batches()))
+    seen = []
+    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+    assert torch.get_num_threads() == before and seen == [before]  # this thread and threads started later
+    assert loader.threaded.pool.submit(torch.get_num_threads).result() == 1  # the loader's own: one each
+    loader.close()
