@@ -406,13 +406,13 @@ def resolve_worker_kind(kind: str, num_workers: int) -> str:
     The decoders and torch's ops release the GIL, so the threads decode in
     parallel, and there is no inter-process hand-over: no shared-memory file
     per batch, no fresh pages to fault in. The per-sample Python between the
-    ops holds the GIL, a few percent of a sample's time, so threads stop
-    scaling somewhere beyond ten or so; ``auto`` therefore picks threads up to
-    ``AUTO_THREADS_MAX`` workers and processes beyond.
+    ops holds the GIL (a small share of a sample's time), which caps how many
+    threads can be kept busy; ``auto`` picks threads up to ``AUTO_THREADS_MAX``
+    workers and processes beyond, a conservative limit (thread mode has been
+    measured on small machines only).
     ``processes``: DataLoader worker processes, one batch each: a worker that
     crashes (a decoder's segfault on a hostile file) cannot take the trainer
-    down, and GIL-holding work (Pillow fallbacks for PNG or CMYK datasets)
-    scales with cores.
+    down, and Python-heavy work scales with cores.
     The views are the same either way (a function of seed, epoch and index).
     """
     if kind not in WORKER_KINDS:
