@@ -75,6 +75,7 @@ class DataConfig:
     photometric_on: str = "auto"  # view 2's jitter + 3-augment: loader (CPU) | device (batched after the copy) | auto (device on CUDA)
     max_bad_images: int = 100  # unreadable images tolerated (skipped, counted) before stopping
     channels_last: bool = True  # channels-last batches on CUDA (faster patch embedding)
+    torch_workers: str = "auto"  # torch backend: threads (in the trainer, reused buffers) | processes | auto (threads up to 8 workers)
     ffcv_order: str = "random"  # FFCV: random / quasi_random (data larger than RAM) / sequential
     ffcv_os_cache: bool = True  # FFCV: let the OS page cache hold the .beton (False for data larger than RAM)
     dali_shuffle_buffer: int = 4096  # DALI: reader shuffle buffer (samples)
@@ -82,7 +83,7 @@ class DataConfig:
     def backend_options(self) -> dict:
         """The options of the chosen backend, as ``build_loader`` keyword arguments."""
         return {
-            "torch": {},
+            "torch": {"workers": self.torch_workers},
             "ffcv": {"order": self.ffcv_order, "os_cache": self.ffcv_os_cache},
             "dali": {"shuffle_buffer": self.dali_shuffle_buffer},
         }[self.backend]
@@ -643,6 +644,7 @@ def validate(cfg: TrainConfig) -> None:
         check(2 * keep <= num_patches, f"LUT needs two disjoint visible sets: mask ratio {m.mask_ratio} must be >= 0.5")
     for name in ("knn_every", "knn_bank", "knn_val"):
         _number(f"run.{name}", getattr(cfg.run, name), 0)
+    _choice("data.torch_workers", cfg.data.torch_workers, ("auto", "threads", "processes"))
     embed = m.embed_dim or PRESETS[m.name]["embed_dim"]
     heads = m.num_heads or PRESETS[m.name]["num_heads"]
     check(embed % heads == 0, f"embed dim {embed} is not divisible by {heads} heads")

@@ -97,9 +97,9 @@ def normalize_uint8(
 def _normalize(x: torch.Tensor, spec: AugSpec, channels_last: bool, in_place: bool = False) -> torch.Tensor:
     """uint8 or float (B, 3, H, W) on the 0..255 scale -> (x - 255 mean) / (255 std), float32.
 
-    The dtype conversion happens inside the multiply, which writes straight
-    into the output in the requested memory format; the shift is added in
-    place: two passes, one allocation. ``in_place``: a float32 ``x`` already
+    One pass: ``addcmul(shift, x, scale)`` converts the dtype, scales and
+    shifts while writing straight into the output in the requested memory
+    format. ``in_place``: a float32 ``x`` already
     in that format (one the caller owns) is normalised where it is.
     """
     scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std], device=x.device).view(1, 3, 1, 1)
@@ -108,8 +108,7 @@ def _normalize(x: torch.Tensor, spec: AugSpec, channels_last: bool, in_place: bo
     if in_place and x.dtype == torch.float32 and x.is_contiguous(memory_format=fmt):
         return x.mul_(scale).add_(shift)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
-    torch.mul(x, scale, out=out)
-    return out.add_(shift)
+    return torch.addcmul(shift, x, scale, out=out)
 
 
 def finish_view(x: torch.Tensor, spec: AugSpec, device: torch.device, channels_last: bool,

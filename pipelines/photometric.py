@@ -191,24 +191,63 @@ def blur_window(sigma: torch.Tensor) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int | None = None) -> torch.Tensor:
     """Separable Gaussian blur, one sigma per image, reflect padding.
 
-    ``kernel_size=None``: each image over its own window ``blur_window(sigma)``
-    (one convolution for the batch: the taps beyond an image's window have
-    weight 0); an int: every image over that window.
+    ``kernel_size=None``: each image over its own window ``blur_window(sigma)``;
+    an int: every image over that window. On a CPU, image by image as sums of
+    shifted slices (``_blur_shifted``); elsewhere one grouped convolution for
+    the batch (the taps beyond an image's window have weight 0).
     """
-    n, c, h, w = x.shape
-    sigma = sigma.to(device=x.device, dtype=torch.float64).view(-1, 1)
+    n = x.shape[0]
+    sigma = sigma.to(dtype=torch.float64).view(-1, 1).cpu()
     half_each = (blur_window(sigma.view(-1)) // 2).view(-1, 1) if kernel_size is None else None
     half = int(half_each.max()) if half_each is not None else kernel_size // 2
-    coords = torch.arange(-half, half + 1, device=x.device, dtype=torch.float64).view(1, -1)
+    coords = torch.arange(-half, half + 1, dtype=torch.float64).view(1, -1)
     k = torch.exp(-(coords**2) / (2 * sigma**2))
     if half_each is not None:
         k = k * (coords.abs() <= half_each)
-    k = (k / k.sum(dim=1, keepdim=True)).to(x.dtype).repeat_interleave(c, dim=0)  # (n*c, 2*half+1)
-    size = 2 * half + 1
+    k = k / k.sum(dim=1, keepdim=True)  # (n, 2*half+1), float64
+    if x.device.type == "cpu":
+        halves = [half] * n if half_each is None else half_each.view(-1).tolist()
+        return _blur_shifted(x, k, halves)
+    return _blur_grouped_conv(x, k)
+
+
+def _blur_grouped_conv(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """GPU blur: the whole batch in two grouped convolutions (k: (n, 2*half+1) taps per image)."""
+    n, c, h, w = x.shape
+    size = k.shape[1]
+    half = size // 2
+    k = k.to(device=x.device, dtype=x.dtype).repeat_interleave(c, dim=0)  # (n*c, size)
     y = x.reshape(1, n * c, h, w)
     y = F.conv2d(F.pad(y, (half, half, 0, 0), mode="reflect"), k.view(n * c, 1, 1, size), groups=n * c)
     y = F.conv2d(F.pad(y, (0, 0, half, half), mode="reflect"), k.view(n * c, 1, size, 1), groups=n * c)
     return y.view(n, c, h, w)
+
+
+def _blur_shifted(x: torch.Tensor, k: torch.Tensor, halves: list[int]) -> torch.Tensor:
+    """CPU blur: per image and axis, ``w0 x + sum_d w_d (x[+d] + x[-d])`` over that image's window.
+
+    Vectorised adds of shifted views with scalar weights: 2.5x cheaper than
+    oneDNN's grouped convolution with per-image kernels here, and each image
+    pays only for its own window (a small sigma's 3 taps, not the batch's 13).
+    """
+    n = x.shape[0]
+    h, w = x.shape[2:]
+    out = torch.empty(x.shape, dtype=x.dtype)
+    centre = (k.shape[1] - 1) // 2
+    for i in range(n):
+        half = int(halves[i])
+        weights = k[i, centre - half : centre + half + 1].tolist()
+        y = x[i : i + 1]
+        for dim, size, pad in ((3, w, (half, half, 0, 0)), (2, h, (0, 0, half, half))):
+            p = F.pad(y, pad, mode="reflect") if half else y
+            acc = p.narrow(dim, half, size) * weights[half]
+            pair = torch.empty_like(acc)
+            for d in range(1, half + 1):
+                torch.add(p.narrow(dim, half - d, size), p.narrow(dim, half + d, size), out=pair)
+                acc.add_(pair, alpha=weights[half + d])
+            y = acc
+        out[i : i + 1] = y
+    return out
 
 
 # ---------------------------------------------------------------- the composed, batched pipeline
@@ -302,14 +341,25 @@ def apply_strong(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, value_ran
     return apply_strong_(x.clone(), params, spec, value_range)
 
 
+CPU_CHUNK = 8  # images per pass of ``apply_strong_uint8`` on a CPU
+
+
 def apply_strong_uint8(x: torch.Tensor, params: torch.Tensor, spec: AugSpec,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 in, uint8 out (rounded), computed on the 0..255 scale.
 
     ``out`` (uint8, may be ``x`` itself) receives the result: the rounding
-    and the conversion back to uint8 are then one pass.
+    and the conversion back to uint8 are then one pass. On a CPU the batch
+    goes through ``CPU_CHUNK`` images at a time: every float temporary is then
+    a few MB, which the allocator hands back for reuse, where a whole batch's
+    (20 MB at 32 x 224 px) is returned to the OS and faulted in afresh each
+    time; that, and the passes staying in cache, made the ops ~1.5x cheaper.
+    Each image's result is the same either way (the ops are per image).
     """
-    y = apply_strong_(x.float(), params, spec, value_range=255.0).round_()
     if out is None:
-        return y.to(torch.uint8)
-    return out.copy_(y)
+        out = torch.empty_like(x)
+    step = CPU_CHUNK if x.device.type == "cpu" else x.shape[0]
+    for i in range(0, x.shape[0], step):
+        y = apply_strong_(x[i : i + step].float(), params[i : i + step], spec, value_range=255.0).round_()
+        out[i : i + step].copy_(y)
+    return out

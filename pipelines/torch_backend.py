@@ -15,11 +15,19 @@ A DataLoader whose workers each build whole batches (``__getitems__``):
   resize here), reflect-pad once, then each view is an S x S window of the
   padded image, mirrored with probability flip_p, copied straight into the
   batch. MAE: RandomResizedCrop (torchvision's rule) as one resize of the box.
-* Batches are uint8 NCHW, written directly into shared memory in a worker
-  (no copy on the way to the main process). View 2's photometric ops
-  (``photometric.py``, batched) run in the worker (``photometric_on=loader``)
-  or after the copy to the training device (``device``); normalisation is
-  always in ``batch.finish_batch``.
+* Batches are uint8 NCHW, built whole by one worker. Workers are threads
+  of the training process by default (``workers="threads"``, config
+  ``data.torch_workers``): the decoders and torch's ops release the GIL, and
+  each batch is written into a ring of reused buffers (pinned on CUDA), so
+  there is no inter-process hand-over and no fresh memory to fault in per
+  batch. ``workers="processes"``: DataLoader worker processes writing into
+  shared memory (a crashing decoder cannot take the trainer down; GIL-bound
+  Pillow fallbacks scale). See ``resolve_worker_kind``.
+* View 2's photometric ops (``photometric.py``, batched) run in the worker,
+  on its whole batch (``photometric_on=loader``: with thread workers that
+  measured cheaper than running them in the consumer, and they overlap the
+  training step), or after the copy to the training device (``device``);
+  normalisation is always in ``batch.finish_batch``.
 
 Randomness: every random number of sample ``i`` in epoch ``e`` is a hash of
 (seed, e, i) and a draw counter (splitmix64, vectorised over the batch), so
@@ -30,9 +38,14 @@ generator object is built per sample.
 
 from __future__ import annotations
 
+import atexit
 import io
 import math
+import queue
+import weakref
 import warnings
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -226,13 +239,18 @@ class DualViewDataset(torch.utils.data.Dataset):
         """One sample as a batch of one (the DataLoader uses ``__getitems__``)."""
         return unpack_batch(self.__getitems__([key]))
 
-    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> dict:
+    def __getitems__(self, keys: Sequence[tuple[int, int]], views: torch.Tensor | None = None) -> dict:
+        """The batch of ``keys``; ``views`` (uint8, ``batch_shape(len(keys))``): where to write the views."""
         try:
-            return self._build(keys)
+            return self._build(keys, views)
         except UserError as e:  # sent as data: raised in the main process as a one-line error
             return {"error": str(e)}
 
-    def _build(self, keys: Sequence[tuple[int, int]]) -> dict:
+    def batch_shape(self, n: int) -> tuple[int, ...]:
+        """(views, n, 3, S, S): both views of a batch in one buffer."""
+        return (2 if self.spec.recipe == "lut" else 1, n, 3, self.spec.img_size, self.spec.img_size)
+
+    def _build(self, keys: Sequence[tuple[int, int]], views: torch.Tensor | None = None) -> dict:
         spec, s = self.spec, self.spec.img_size
         n = len(keys)
         epochs = [k[0] for k in keys]
@@ -241,7 +259,8 @@ class DualViewDataset(torch.utils.data.Dataset):
         u = sample_uniforms(self.seed, epochs, indices, LUT_NUM_DRAWS if lut else MAE_NUM_DRAWS)
         # Both views in one buffer: one shared-memory file per batch to hand over (each costs the main
         # process a file-descriptor transfer); labels and parameters are small and travel pickled.
-        views = _new_batch((2 if lut else 1, n, 3, s, s))
+        if views is None:
+            views = _new_batch(self.batch_shape(n))
         view1, view2 = views[0], (views[1] if lut else None)
         labels = np.empty(n, dtype=np.int64)
         bad = 0
@@ -375,8 +394,206 @@ def _worker_init(worker_id: int) -> None:
     threading.Thread(target=watch, name="stop-signal-watch", daemon=True).start()
 
 
+WORKER_KINDS = ("auto", "threads", "processes")
+AUTO_THREADS_MAX = 8  # ``auto``: threads up to this many workers, processes beyond (see ``resolve_worker_kind``)
+
+
+def resolve_worker_kind(kind: str, num_workers: int) -> str:
+    """'threads' or 'processes': where the torch backend builds its batches.
+
+    ``threads``: a pool of ``num_workers`` threads inside the training
+    process, writing into a ring of reused (pinned, on CUDA) batch buffers.
+    The decoders and torch's ops release the GIL, so the threads decode in
+    parallel, and there is no inter-process hand-over: no shared-memory file
+    per batch, no fresh pages to fault in. The per-sample Python between the
+    ops holds the GIL (a small share of a sample's time), which caps how many
+    threads can be kept busy; ``auto`` picks threads up to ``AUTO_THREADS_MAX``
+    workers and processes beyond, a conservative limit (thread mode has been
+    measured on small machines only).
+    ``processes``: DataLoader worker processes, one batch each: a worker that
+    crashes (a decoder's segfault on a hostile file) cannot take the trainer
+    down, and Python-heavy work scales with cores.
+    The views are the same either way (a function of seed, epoch and index).
+    """
+    if kind not in WORKER_KINDS:
+        raise UserError(f"data.torch_workers must be one of {', '.join(WORKER_KINDS)}, got {kind!r}")
+    if kind == "auto":
+        return "threads" if num_workers <= AUTO_THREADS_MAX else "processes"
+    return kind
+
+
+class _DaemonPool:
+    """``num`` daemon threads running submitted jobs (``concurrent.futures.Future`` results).
+
+    Daemon threads, unlike ``ThreadPoolExecutor``'s, do not make the
+    interpreter's exit wait for the batches queued ahead (after a stop signal
+    the trainer saves and leaves without draining them). But a thread must not
+    be inside a torch op when the interpreter tears torch down (the process
+    aborts), so at exit every pool is closed: queued jobs are cancelled and
+    the one batch each thread is building is let finish (``_close_all``).
+    """
+
+    _EMPTY = queue.Empty
+
+    def __init__(self, num: int, name: str, torch_threads: int | None = None):
+        import threading
+
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = False
+        self._torch_threads = torch_threads
+        started = threading.Barrier(num + 1)
+        self._threads = [threading.Thread(target=self._run, args=(started,), name=f"{name}-{i}", daemon=True)
+                         for i in range(num)]
+        mine = torch.get_num_threads()
+        for t in self._threads:
+            t.start()
+        started.wait()
+        if torch_threads is not None:
+            # torch.set_num_threads sets the calling thread's OpenMP team size and a process-wide default
+            # that threads started later take: put the default back (this thread's own size is unchanged).
+            torch.set_num_threads(mine)
+        _LIVE_POOLS.add(self)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        if self._stopping:
+            future.cancel()
+        else:
+            self._jobs.put((future, fn, args))
+        return future
+
+    def _run(self, started) -> None:
+        if self._torch_threads is not None:
+            torch.get_num_threads()  # torch's per-thread lazy set-up first, or it would undo the next line later
+            torch.set_num_threads(self._torch_threads)
+        started.wait()
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if self._stopping:
+                future.cancel()
+                continue
+            if not future.set_running_or_notify_cancel():  # cancelled while queued
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer by future.result()
+                future.set_exception(e)
+
+    def close(self, join_s: float | None = None) -> None:
+        """Cancel what is queued, let each thread finish its job and end (waiting ``join_s`` for it)."""
+        if self._stopping:  # already closed (at exit, before the loader's own close)
+            return
+        self._stopping = True
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except self._EMPTY:
+                break
+            if job is not None:
+                job[0].cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+        if join_s is not None:
+            for t in self._threads:
+                t.join(join_s)
+        _LIVE_POOLS.discard(self)
+
+
+_LIVE_POOLS: "weakref.WeakSet[_DaemonPool]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in list(_LIVE_POOLS):
+        pool.close(join_s=60.0)
+
+
+class _ThreadedBatches:
+    """Batches built by a pool of threads into a ring of reused buffers (``resolve_worker_kind``).
+
+    Batch k of the loader's life is written into buffer ``k % depth`` with
+    ``depth = ahead + 2``: when batch k is requested, batch ``k + ahead`` is
+    queued into the buffer of batch ``k - 2``. So a ``RawBatch`` stays valid
+    until the consumer asks for the batch after the next one (``finish_batch``
+    copies long before: the trainer is safe; a consumer that keeps raw batches
+    longer must clone them). On CUDA the buffers are pinned and, when the
+    consumer asks for the next batch, an event is recorded on the current
+    stream for the one it had: its non-blocking copies to the device were
+    queued before that point, and the thread that next writes into that buffer
+    waits for the event first.
+    """
+
+    def __init__(self, dataset: DualViewDataset, batch_size: int, num_threads: int, device: torch.device):
+        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self.pin = device.type == "cuda"
+        self.num_threads = num_threads
+        self.ahead = 2 * num_threads  # queued batches: every thread busy, one batch each in reserve
+        self.depth = self.ahead + 2
+        self.buffers: list[torch.Tensor | None] = [None] * self.depth
+        self.events: list = [None] * self.depth
+        self.made = 0  # batches started so far (across epochs: the slot numbering continues)
+        self.pool: _DaemonPool | None = None
+        # One intra-op thread per loader thread, as in DataLoader workers: the pool is the parallelism, and
+        # an OpenMP team per loader thread oversubscribed the cores and spin-waited (5-10 % more CPU per image).
+        self.torch_threads: int | None = 1
+
+    def _buffer(self, slot: int) -> torch.Tensor:
+        if self.buffers[slot] is None:
+            self.buffers[slot] = torch.empty(self.dataset.batch_shape(self.batch_size), dtype=torch.uint8,
+                                             pin_memory=self.pin)
+        return self.buffers[slot]
+
+    def _job(self, keys: list, slot: int, event) -> dict:
+        if event is not None:
+            event.synchronize()  # the device copies out of this buffer are done
+        return self.dataset.__getitems__(keys, self._buffer(slot))
+
+    def batches(self, keys: list) -> Iterator[dict]:
+        if self.pool is None:
+            self.pool = _DaemonPool(self.num_threads, "lut-fast-loader", self.torch_threads)
+        groups = [keys[i : i + self.batch_size] for i in range(0, len(keys) - self.batch_size + 1, self.batch_size)]
+        pending: deque[tuple[Future, int]] = deque()
+
+        def queue_next(b: int) -> None:
+            slot = self.made % self.depth
+            self.made += 1
+            pending.append((self.pool.submit(self._job, groups[b], slot, self.events[slot]), slot))
+
+        try:
+            for b in range(min(self.ahead, len(groups))):
+                queue_next(b)
+            for b in range(len(groups)):
+                if b + self.ahead < len(groups):
+                    queue_next(b + self.ahead)
+                future, slot = pending.popleft()
+                yield future.result()
+                if self.pin:  # the consumer is back for more: its copies out of this buffer are queued
+                    self.events[slot] = torch.cuda.Event()
+                    self.events[slot].record(torch.cuda.current_stream(self.device))
+        finally:
+            # Left mid-epoch (stop signal, error, break): nothing may still write into the ring when
+            # the next epoch starts writing into it.
+            # (Method calls only: this also runs when the generator is collected at interpreter exit,
+            # when module globals may be gone.)
+            for future, _ in pending:
+                if not future.cancel():  # running (or done): wait for it
+                    future.exception()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
 class TorchLoader:
-    """DataLoader-based dual-view loader yielding ``Batch`` on ``device``."""
+    """Dual-view loader yielding ``Batch`` on ``device``; batches built by threads or processes.
+
+    ``workers``: ``threads`` | ``processes`` | ``auto`` (``resolve_worker_kind``);
+    ``num_workers=0`` builds every batch in the calling thread.
+    """
 
     backend = "torch"
 
@@ -392,11 +609,20 @@ class TorchLoader:
         world_size: int = 1,
         channels_last: bool = False,
         photometric_on: str = "auto",
+        workers: str = "auto",
     ):
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
         self.photometric_on = resolve_photometric_on(photometric_on, self.device)
+        self.workers = resolve_worker_kind(workers, num_workers) if num_workers > 0 else "main"
         self.dataset = DualViewDataset(samples, spec, seed, photometric_in_loader=self.photometric_on == "loader")
         self.sampler = EpochSampler(len(samples), batch_size, seed, rank, world_size)
+        self.batch_size = batch_size
+        self.threaded = None
+        self.loader = None
+        if self.workers == "threads":
+            self.threaded = _ThreadedBatches(self.dataset, batch_size, num_workers, self.device)
+            self.prefetch = self.threaded.ahead  # batches made ahead of the consumer (bench's untimed drain)
+            return
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=batch_size,
@@ -417,12 +643,32 @@ class TorchLoader:
         self.sampler.set_epoch(epoch, start_batch)
 
     def raw_batches(self) -> Iterator[RawBatch]:
-        """The CPU side alone: uint8 views (and view 2's parameters when its ops are left to the device)."""
-        for raw in self.loader:
-            if "error" in raw:  # raised in a worker (e.g. no readable image): one line, from here
-                raise UserError(raw["error"])
-            yield unpack_batch(raw)
+        """The CPU side alone: uint8 views (and view 2's parameters when its ops are left to the device).
+
+        With thread workers the views live in reused buffers: valid until the
+        batch after the next one is requested (``_ThreadedBatches``).
+        """
+        if self.threaded is None:
+            source = iter(self.loader)
+        else:
+            source = self.threaded.batches(list(self.sampler))
+        try:
+            for raw in source:
+                if "error" in raw:  # raised while building (e.g. no readable image): one line, from here
+                    raise UserError(raw["error"])
+                yield unpack_batch(raw)
+        finally:
+            if self.threaded is not None:
+                source.close()  # now, not at garbage collection: the ring is free when this returns
 
     def __iter__(self) -> Iterator[Batch]:
         for raw in self.raw_batches():
             yield finish_batch(raw, self.spec, self.device, self.channels_last)
+
+    def close(self) -> None:
+        """Stop the loader threads (they are daemons: the process may also just exit)."""
+        if getattr(self, "threaded", None) is not None:
+            self.threaded.close()
+
+    def __del__(self) -> None:
+        self.close()

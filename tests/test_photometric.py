@@ -158,3 +158,30 @@ def test_hue_sign_is_a_fraction_of_a_turn():
     assert torch.allclose(torch.linalg.matrix_power(m, 4), torch.eye(3, dtype=torch.float64), atol=1e-9)
     assert not torch.allclose(m, torch.eye(3, dtype=torch.float64), atol=0.1)
     assert math.isclose(float(m.sum(1).mean()), 1.0, abs_tol=1e-9)  # grays stay put: rows sum to 1
+
+
+def test_cpu_blur_equals_the_devices_grouped_convolution():
+    """The CPU's shifted-slice blur and the batched convolution other devices run give the same images."""
+    x = torch.rand(5, 3, 20, 23, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.1, 0.4, 1.0, 1.7, 2.0])
+    halves = (ph.blur_window(sigma) // 2).tolist()
+    half = max(halves)
+    coords = torch.arange(-half, half + 1, dtype=torch.float64)
+    k = torch.exp(-(coords**2) / (2 * sigma.double().view(-1, 1) ** 2)) * (coords.abs() <= torch.tensor(halves).view(-1, 1))
+    k = k / k.sum(1, keepdim=True)
+    assert torch.allclose(ph._blur_shifted(x, k, halves), ph._blur_grouped_conv(x, k), atol=1e-5)
+    assert torch.allclose(ph.gaussian_blur(x, sigma), ph._blur_grouped_conv(x, k), atol=1e-5)
+    assert not torch.allclose(ph.gaussian_blur(x, sigma)[3], x[3], atol=1e-2)  # it does blur
+
+
+def test_uint8_ops_in_chunks_equal_the_whole_batch(monkeypatch):
+    spec = AugSpec()
+    x = torch.randint(0, 256, (11, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    p = ph.sample_params(spec, 11, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(ph, "CPU_CHUNK", 4)  # 4 + 4 + 3
+    chunked = ph.apply_strong_uint8(x, p, spec)
+    monkeypatch.setattr(ph, "CPU_CHUNK", 64)
+    whole = ph.apply_strong_uint8(x, p, spec)
+    assert torch.equal(chunked, whole) and not torch.equal(whole, x)
+    in_place = x.clone()
+    assert ph.apply_strong_uint8(in_place, p, spec, out=in_place) is in_place and torch.equal(in_place, whole)

@@ -113,11 +113,12 @@ def test_unreadable_files_are_replaced_and_counted(tmp_path):
     assert batch["bad"] == 2 and batch["labels"].tolist() == [2, 2]
 
 
-def test_no_readable_image_is_one_line_from_the_workers(tmp_path):
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_no_readable_image_is_one_line_from_the_workers(tmp_path, workers):
     (tmp_path / "c" ).mkdir()
     for i in range(4):
         (tmp_path / "c" / f"{i}.jpg").write_bytes(b"not an image")
-    loader = build_loader("torch", str(tmp_path), AugSpec(img_size=32), batch_size=2, num_workers=2)
+    loader = build_loader("torch", str(tmp_path), AugSpec(img_size=32), batch_size=2, num_workers=2, workers=workers)
     loader.set_epoch(0)
     with pytest.raises(UserError) as err:
         next(iter(loader))
@@ -197,3 +198,111 @@ def test_resume_mid_epoch_gives_the_same_batches():
     resumed = [next(it) for _ in range(2)]
     for a, b in zip(full[2:], resumed):
         assert torch.equal(a.view1, b.view1) and torch.equal(a.view2, b.view2) and torch.equal(a.labels, b.labels)
+
+
+def _raw(loader, count):
+    it = loader.raw_batches()
+    out = []
+    for _ in range(count):
+        raw = next(it)
+        out.append((raw.view1.clone(), None if raw.view2 is None else raw.view2.clone(), raw.labels.clone(),
+                    raw.strong_params))
+    it.close()
+    return out
+
+
+@pytest.mark.parametrize("recipe,photometric_on", [("lut", "device"), ("lut", "loader"), ("mae", "device")])
+def test_thread_and_process_workers_make_the_same_batches(recipe, photometric_on):
+    spec = AugSpec(recipe=recipe, img_size=32)
+    made = {}
+    for workers, num in (("threads", 2), ("processes", 2), ("threads", 0)):
+        loader = build_loader("torch", None, spec, batch_size=8, num_workers=num, seed=5,
+                              photometric_on=photometric_on, workers=workers)
+        assert loader.workers == ("main" if num == 0 else workers)
+        loader.set_epoch(2, start_batch=1)
+        made[workers, num] = _raw(loader, 3)
+    ref = made["threads", 0]
+    for key, got in made.items():
+        for a, b in zip(ref, got):
+            for x, y in zip(a, b):
+                assert (x is None and y is None) or torch.equal(x, y), key
+
+
+def test_thread_workers_never_overwrite_a_batch_the_consumer_may_still_hold():
+    """Reused buffers: a raw batch stays intact while the consumer takes the next one, across epochs."""
+    loader = build_loader("torch", None, AugSpec(img_size=32), batch_size=4, num_workers=2, seed=1,
+                          photometric_on="device", workers="threads")
+    ring = loader.threaded.depth
+    held = []
+    for epoch in range(2):
+        loader.set_epoch(epoch, start_batch=len(loader) - ring)  # short epochs: the ring wraps at the boundary
+        for raw in loader.raw_batches():
+            held.append((raw, raw.view1.clone(), raw.view2.clone()))
+            if len(held) >= 2:  # the previous batch, while this one is out
+                prev, v1, v2 = held[-2]
+                assert torch.equal(prev.view1, v1) and torch.equal(prev.view2, v2)
+    buffers = {raw.view1.untyped_storage().data_ptr() for raw, _, _ in held}
+    assert len(buffers) == ring  # the ring is reused, not reallocated
+
+
+def test_leaving_mid_epoch_stops_the_threads_writing():
+    """A consumer that stops early (stop signal, break) leaves no job behind to write into the next epoch's batches."""
+    loader = build_loader("torch", None, AugSpec(img_size=32), batch_size=4, num_workers=2, seed=3,
+                          photometric_on="device", workers="threads")
+    loader.set_epoch(0)
+    it = loader.raw_batches()
+    next(it)
+    it.close()  # the generator waits for the jobs already running
+    loader.set_epoch(0, start_batch=1)
+    again = _raw(loader, 2)
+    loader.set_epoch(0)
+    fresh = _raw(loader, 3)[1:]
+    for a, b in zip(again, fresh):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    threads = loader.threaded.pool._threads
+    assert all(t.daemon for t in threads)  # never hold up the interpreter's exit
+    loader.close()
+    for t in threads:
+        t.join(timeout=10)
+        assert not t.is_alive()
+
+
+def test_worker_kind_is_checked():
+    with pytest.raises(UserError, match="torch_workers must be one of"):
+        build_loader("torch", None, AugSpec(img_size=32), batch_size=4, num_workers=2, workers="fibres")
+    assert tb.resolve_worker_kind("auto", 2) == "threads"
+    assert tb.resolve_worker_kind("auto", tb.AUTO_THREADS_MAX + 1) == "processes"
+
+
+def test_exit_with_thread_workers_busy_is_clean():
+    """The interpreter leaves while the threads are mid-batch (a run stopped mid-epoch): exit 0, nothing on stderr."""
+    import subprocess
+    import sys
+
+    script = (
+        "from lut_fast.pipelines import build_loader\n"
+        "from lut_fast.pipelines.spec import AugSpec\n"
+        "loader = build_loader('torch', None, AugSpec(img_size=64), 16, num_workers=2, photometric_on='loader',"
+        " workers='threads')\n"
+        "loader.set_epoch(0)\n"
+        "it = iter(loader)\n"
+        "next(it)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+
+
+def test_loader_threads_leave_the_trainers_torch_threads_alone():
+    import threading
+
+    before = torch.get_num_threads()
+    loader = build_loader("torch", None, AugSpec(img_size=32), batch_size=4, num_workers=2, workers="threads")
+    loader.set_epoch(0)
+    next(iter(loader.raw_batches()))
+    seen = []
+    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+    assert torch.get_num_threads() == before and seen == [before]  # this thread and threads started later
+    assert loader.threaded.pool.submit(torch.get_num_threads).result() == 1  # the loader's own: one each
+    loader.close()
