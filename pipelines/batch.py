@@ -5,8 +5,8 @@ A loader's work is split where the bytes cross to the training device:
 * ``RawBatch``: what the CPU side hands over. Views are uint8 (a quarter of
   the bytes of float32 over PCIe and through worker IPC). When the target
   view's photometric ops are left to the device, ``strong_params`` carries
-  their per-sample parameters (``photometric.sample_params``), drawn by the
-  loader from its own seeded generator, so the augmentation stream does not
+  their per-sample parameters (``photometric.sample_params`` / ``params_from_uniforms``),
+  drawn by the loader from its own seeded randomness, so the augmentation stream does not
   depend on where the ops run.
 * ``finish_batch``: the device stage, identical for every backend: copy,
   photometric ops (when still to do), normalisation, memory format.

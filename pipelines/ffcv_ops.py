@@ -23,10 +23,13 @@ or blur. Every operation here reads its input and writes only buffers it
 declared itself (``AllocationQuery``); ``TakeView`` writes nothing at all
 (it returns a strided view of the decoder's output, which no one modifies).
 
-Semantics follow ``photometric.py`` (the torch reference): torchvision's
-ColorJitter with the four ops in a random order and clamping after each,
-hue as a rotation of YIQ's chroma plane (linear, as DALI's ``fn.hsv``), ITU-R 601 luma, solarize at ``threshold`` on 0..255, a separable
-Gaussian of ``spec.blur_kernel_size`` taps with reflect padding. Pixels are
+Semantics follow ``photometric.py`` (the torch reference) with the same
+factors and the same YIQ-rotation hue (linear, as DALI's ``fn.hsv``); the
+kernels apply the four jitter ops one by one in a random order, clamping
+after each (torchvision's rule; the reference composes them and clamps
+once). ITU-R 601 luma, solarize at ``threshold`` on 0..255, a separable
+Gaussian of 2*ceil(3 sigma)+1 taps per image (at most
+``spec.blur_kernel_size``) with reflect padding. Pixels are
 floats on the 0..255 scale inside the kernels.
 
 The one deviation: shrinking to the shorter side S uses OpenCV's INTER_AREA

@@ -46,7 +46,6 @@ import weakref
 import warnings
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np

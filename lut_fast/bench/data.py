@@ -68,8 +68,24 @@ def synthetic_jpegs(n: int = 256, size: tuple[int, int] = (500, 375), quality: i
 
     root = root or cache_root()
     final = root / f"bench-synthetic-{n}-{size[0]}x{size[1]}-q{quality}"
-    if (final / "train").is_dir() and sum(1 for _ in (final / "train").rglob("*.jpg")) == n:
-        return final
+
+    def write(tmp: Path) -> None:
+        w, h = size
+        for i in range(n):
+            rng = np.random.default_rng([7, i])
+            folder = tmp / "train" / f"c{i % 10}"
+            folder.mkdir(parents=True, exist_ok=True)
+            coarse = torch.from_numpy(rng.uniform(0, 255, size=(1, 3, 6, 8)).astype(np.float32))
+            img = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
+            yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+            freq = rng.uniform(0.02, 0.15, size=2)
+            pattern = 40 * np.sin(freq[0] * xx + freq[1] * yy + rng.uniform(0, 6.3))
+            arr = img.numpy().transpose(1, 2, 0) + pattern[..., None] + rng.normal(0, 12, size=(h, w, 3))
+            _save_jpeg(np.clip(arr, 0, 255).astype(np.uint8), folder / f"img_{i:05d}.jpg", quality)
+
+    from lut_fast.bench.photos import cached_jpeg_tree
+
+    return cached_jpeg_tree(final, n, write)
     import shutil
     import tempfile
 
