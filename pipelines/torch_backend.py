@@ -482,23 +482,28 @@ class _DaemonPool:
                 future.set_exception(e)
 
     def close(self, join_s: float | None = None) -> None:
-        """Cancel what is queued, let each thread finish its job and end (waiting ``join_s`` for it)."""
-        if self._stopping:  # already closed (at exit, before the loader's own close)
-            return
-        self._stopping = True
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except self._EMPTY:
-                break
-            if job is not None:
-                job[0].cancel()
-        for _ in self._threads:
-            self._jobs.put(None)
+        """Cancel what is queued, let each thread finish its job and end (waiting ``join_s`` for it).
+
+        The pool stays in ``_LIVE_POOLS`` until its threads have ended: a loader
+        closed without waiting (leaving an epoch early) may still have a thread
+        inside a torch op, and the exit must wait for it (``_close_all``).
+        """
+        if not self._stopping:
+            self._stopping = True
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except self._EMPTY:
+                    break
+                if job is not None:
+                    job[0].cancel()
+            for _ in self._threads:
+                self._jobs.put(None)
         if join_s is not None:
             for t in self._threads:
                 t.join(join_s)
-        _LIVE_POOLS.discard(self)
+        if not any(t.is_alive() for t in self._threads):
+            _LIVE_POOLS.discard(self)
 
 
 _LIVE_POOLS: "weakref.WeakSet[_DaemonPool]" = weakref.WeakSet()
