@@ -59,6 +59,7 @@ class RawBatch:
     labels: torch.Tensor
     strong_params: torch.Tensor | None = None  # (B, photometric.NUM_PARAMS): view 2's ops still to apply
     bad_images: int = 0  # unreadable files replaced while building this batch
+    bad_paths: tuple[str, ...] = ()  # their paths, where the backend knows them (torch; converters report theirs)
 
     @property
     def size(self) -> int:
@@ -78,6 +79,7 @@ class Batch:
     view2: torch.Tensor | None
     labels: torch.Tensor
     bad_images: int = 0  # unreadable files replaced while building this batch
+    bad_paths: tuple[str, ...] = ()  # their paths, where the backend knows them (torch; converters report theirs)
 
     @property
     def size(self) -> int:
@@ -135,4 +137,5 @@ def finish_batch(raw: RawBatch, spec: AugSpec, device: torch.device | str, chann
         view2=None if raw.view2 is None else finish_view(raw.view2, spec, device, channels_last, raw.strong_params),
         labels=raw.labels.to(device, non_blocking=True),
         bad_images=raw.bad_images,
+        bad_paths=raw.bad_paths,
     )

@@ -223,15 +223,15 @@ class DualViewDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[torch.Tensor, int, int]:
-        """Image, label and how many bad files were skipped to find it."""
-        bad = 0
+    def load(self, index: int) -> tuple[torch.Tensor, int, list[str]]:
+        """Image, label and the bad files skipped to find it (the run names them at the end)."""
+        bad: list[str] = []
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
                 return load_rgb(path), label, bad
             except Exception:  # noqa: BLE001 - any decode failure means "bad file"
-                bad += 1
+                bad.append(path)
         raise UserError("no readable image in the dataset")
 
     def __getitem__(self, key: tuple[int, int]) -> RawBatch:
@@ -262,7 +262,7 @@ class DualViewDataset(torch.utils.data.Dataset):
             views = _new_batch(self.batch_shape(n))
         view1, view2 = views[0], (views[1] if lut else None)
         labels = np.empty(n, dtype=np.int64)
-        bad = 0
+        bad: list[str] = []
         for i, index in enumerate(indices):
             img, labels[i], skipped = self.load(index)
             bad += skipped
@@ -301,7 +301,8 @@ def unpack_batch(raw: dict) -> RawBatch:
     params = raw["params"]
     return RawBatch(view1=views[0], view2=views[1] if views.shape[0] > 1 else None,
                     labels=torch.from_numpy(raw["labels"]),
-                    strong_params=None if params is None else torch.from_numpy(params), bad_images=raw["bad"])
+                    strong_params=None if params is None else torch.from_numpy(params), bad_images=len(raw["bad"]),
+                    bad_paths=tuple(raw["bad"]))
 
 
 def _whole_batch(batch: dict) -> dict:

@@ -235,6 +235,10 @@ def test_symlink_loops_and_broken_links_in_an_imagefolder_tree(tmp_path, small_f
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "unreadable image(s) were skipped" in proc.stderr
+    # the run names them: the first few on stderr, all of them in the run folder
+    named = (tmp_path / "o" / "bad_images.txt").read_text().splitlines()
+    assert named and {Path(p).name for p in named} <= {"dangling.jpg", "self.jpg"}, named
+    assert any(Path(p).name in proc.stderr for p in named)
 
 
 def test_a_class_folder_that_cannot_be_read_is_an_error_naming_it(tmp_path, small_folder, monkeypatch):
