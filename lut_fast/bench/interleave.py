@@ -277,4 +277,9 @@ def run_interleaved(subjects: list[Subject], windows: int, window_batches: int, 
                 s.close()
             except Exception:  # noqa: BLE001 - closing is best effort; the figures are already taken
                 pass
+        # Free the closed loaders' native pipelines (DALI's, FFCV's threads) now, while the interpreter is
+        # whole: torn down during its exit instead, they intermittently aborted the process (exit 134).
+        import gc
+
+        gc.collect()
     return out
