@@ -86,30 +86,6 @@ def synthetic_jpegs(n: int = 256, size: tuple[int, int] = (500, 375), quality: i
     from lut_fast.bench.photos import cached_jpeg_tree
 
     return cached_jpeg_tree(final, n, write)
-    import shutil
-    import tempfile
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".bench-synthetic-", dir=root))
-    try:
-        w, h = size
-        for i in range(n):
-            rng = np.random.default_rng([7, i])
-            folder = tmp / "train" / f"c{i % 10}"
-            folder.mkdir(parents=True, exist_ok=True)
-            coarse = torch.from_numpy(rng.uniform(0, 255, size=(1, 3, 6, 8)).astype(np.float32))
-            img = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
-            yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-            freq = rng.uniform(0.02, 0.15, size=2)
-            pattern = 40 * np.sin(freq[0] * xx + freq[1] * yy + rng.uniform(0, 6.3))
-            arr = img.numpy().transpose(1, 2, 0) + pattern[..., None] + rng.normal(0, 12, size=(h, w, 3))
-            _save_jpeg(np.clip(arr, 0, 255).astype(np.uint8), folder / f"img_{i:05d}.jpg", quality)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _save_jpeg(arr: np.ndarray, path: Path, quality: int) -> None:
@@ -123,6 +99,15 @@ def _save_jpeg(arr: np.ndarray, path: Path, quality: int) -> None:
         write_file(str(path), encode_jpeg(torch.from_numpy(arr).permute(2, 0, 1).contiguous(), quality=quality))
 
 
+def _image_count(data: str, default: int) -> int:
+    """N of ``synthetic:N`` / ``photos:N`` (``default`` without one)."""
+    name, _, n = data.partition(":")
+    try:
+        return int(n) if n else default
+    except ValueError:
+        raise UserError(f"--data {name}:N takes a number of images, got {data!r}") from None
+
+
 def resolve_data(data: str | None) -> tuple[str, str]:
     """(ImageFolder path, description) for ``--data``: a path, ``builtin``, ``synthetic[:N]`` or ``photos[:N]``."""
     if data in (None, "", "builtin"):
@@ -130,20 +115,12 @@ def resolve_data(data: str | None) -> tuple[str, str]:
 
         return str(builtin_path()), "builtin"
     if data.startswith("synthetic"):
-        _, _, n = data.partition(":")
-        try:
-            count = int(n) if n else 256
-        except ValueError:
-            raise UserError(f"--data synthetic:N takes a number of images, got {data!r}") from None
+        count = _image_count(data, 256)
         return str(synthetic_jpegs(count)), f"synthetic:{count} (500x375 JPEG q90)"
     if data.startswith("photos"):
         from lut_fast.bench.photos import photo_jpegs, source_photos
 
-        _, _, n = data.partition(":")
-        try:
-            count = int(n) if n else 1024
-        except ValueError:
-            raise UserError(f"--data photos:N takes a number of images, got {data!r}") from None
+        count = _image_count(data, 1024)
         folder = photo_jpegs(count)
         return str(folder), f"photos:{count} (crops of {len(source_photos())} photographs, shorter side 300-500, JPEG q85-90)"
     if not Path(data).expanduser().exists():

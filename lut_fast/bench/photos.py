@@ -106,33 +106,6 @@ def photo_jpegs(n: int, root: Path | None = None) -> Path:
             out.save(folder / f"img_{i:05d}.jpg", quality=int(rng.integers(QUALITY[0], QUALITY[1] + 1)))
 
     return cached_jpeg_tree(final, n, write)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".bench-photos-", dir=root))
-    try:
-        images = []
-        for p in sources:
-            with Image.open(p) as img:
-                images.append(img.convert("RGB"))
-        for i in range(n):
-            rng = np.random.default_rng([11, VERSION, i])
-            k = i % len(images)
-            img = images[k]
-            crop = img.crop(_crop_box(*img.size, rng))
-            side = int(rng.integers(SHORTER_SIDE[0], SHORTER_SIDE[1] + 1))
-            scale = side / min(crop.size)
-            size = (max(side, round(crop.size[0] * scale)), max(side, round(crop.size[1] * scale)))
-            out = crop.resize(size, Image.BICUBIC)
-            if rng.uniform() < 0.5:
-                out = out.transpose(Image.FLIP_LEFT_RIGHT)
-            folder = tmp / "train" / sources[k].stem
-            folder.mkdir(parents=True, exist_ok=True)
-            out.save(folder / f"img_{i:05d}.jpg", quality=int(rng.integers(QUALITY[0], QUALITY[1] + 1)))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def cached_jpeg_tree(final: Path, n: int, write) -> Path:
