@@ -503,8 +503,9 @@ class _DaemonPool:
         if join_s is not None:
             for t in self._threads:
                 t.join(join_s)
-        if not any(t.is_alive() for t in self._threads):
-            _LIVE_POOLS.discard(self)
+        live = _LIVE_POOLS  # None once the interpreter has torn this module down (a __del__ at exit)
+        if live is not None and not any(t.is_alive() for t in self._threads):
+            live.discard(self)
 
 
 _LIVE_POOLS: "weakref.WeakSet[_DaemonPool]" = weakref.WeakSet()
