@@ -151,11 +151,6 @@ def resume_checkpoint(ckpt_dir: Path) -> tuple[dict | None, list[str]]:
     return None, []
 
 
-def latest_checkpoint(ckpt_dir: Path) -> dict | None:
-    """The newest readable checkpoint (see ``resume_checkpoint``), or None when there is none."""
-    return resume_checkpoint(ckpt_dir)[0]
-
-
 def _describe(path: Path) -> str:
     return f"{path.name} -> {os.readlink(path)}" if path.is_symlink() else path.name
 
