@@ -191,11 +191,20 @@ def export_timm_encoder(
 def export_timm_state(
     ckpt_path: str | os.PathLike, out: str | os.PathLike, use_ema: bool = False, overwrite: bool = False,
 ) -> tuple[Path, dict]:
-    """Write the encoder as a timm state dict; returns the file and its architecture (``infer_encoder_arch``).
+    """Write the encoder as a timm state dict; returns the file and its architecture (``infer_encoder_arch``)."""
+    state, arch = encoder_for_export(ckpt_path, out, use_ema=use_ema, overwrite=overwrite)
+    atomic_torch_save(state, Path(out))
+    return Path(out), arch
+
+
+def encoder_for_export(
+    ckpt_path: str | os.PathLike, out: str | os.PathLike, use_ema: bool = False, overwrite: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The encoder weights (timm key names) and architecture that an export writes to ``out``.
 
     Refuses (before reading anything large) an output that is a folder, or
     an existing file without ``overwrite``; refuses a checkpoint without ViT
-    encoder weights rather than writing a file timm cannot load.
+    encoder weights rather than writing a file a toolkit cannot load.
     """
     if not Path(ckpt_path).exists():
         raise UserError(f"checkpoint not found: {ckpt_path}")
@@ -214,8 +223,7 @@ def export_timm_state(
         arch = infer_encoder_arch(state, ckpt.get("config") if "format" in ckpt else None)
     except UserError as e:
         raise UserError(f"{ckpt_path}: cannot export: {e}") from None
-    atomic_torch_save(state, out_path)
-    return out_path, arch
+    return state, arch
 
 
 _TIMM_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
