@@ -147,6 +147,25 @@ def export_timm(
     typer.echo(f'  model.load_state_dict(torch.load("{path}", map_location="cpu"), strict=True)')
 
 
+@export_app.command("mmseg")
+def export_mmseg(
+    ckpt: Path = typer.Argument(..., help="A lut-fast checkpoint (.pt), a `lut-fast export timm` file or an MAE-style file."),
+    out: Path = typer.Argument(..., help="Output .pth; the command prints the mmseg config lines that load it."),
+    img_size: int = typer.Option(512, "--img-size", help="Segmentation crop size in pixels; pos_embed is resized (bicubic) to its grid."),
+    layout: str = typer.Option("mmseg-mae", help="mmseg-mae (mmseg's MAE backbone) | mmseg-vit (its VisionTransformer) | "
+                               "mae (MAE's released-checkpoint layout, {'model': ...})."),
+    use_ema: bool = typer.Option(False, "--use-ema", help="Export the momentum (target) encoder instead of the online one."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Export the encoder for semantic segmentation (mmsegmentation; README: "Segmentation (ADE20K)")."""
+    from lut_fast.export_seg import backbone_config, export_segmentation
+
+    result = export_segmentation(ckpt, out, layout=layout, img_size=img_size, use_ema=use_ema, overwrite=overwrite)
+    typer.echo(f"wrote {result.path} ({result.layout}; pos_embed {result.source_grid}x{result.source_grid} -> "
+               f"{result.grid}x{result.grid})")
+    typer.echo(backbone_config(result))
+
+
 @app.command()
 def plot(
     runs: list[Path] = typer.Argument(..., help="Run folders (each with metrics.jsonl); several share one figure."),
