@@ -23,7 +23,7 @@ from lut_fast.distributed import DistInfo, all_reduce_mean, barrier
 from lut_fast.errors import UserError
 from lut_fast.fileio import append_line, read_jsonl, write_text_atomic
 from lut_fast.monitor import KnnMonitor, MetricSinks, knn_due
-from lut_fast.progress import TrainProgress, peak_tflops, training_flops_per_image
+from lut_fast.progress import TrainProgress, peak_tflops
 from lut_fast.step import TrainingDiverged
 
 
@@ -49,7 +49,7 @@ class MetricsLog:
 
 class RunLog:
     def __init__(self, cfg: TrainConfig, schedule, batches_per_epoch: int, device: torch.device, dist_info: DistInfo,
-                 amp_dtype, start_step: int):
+                 amp_dtype, start_step: int, flops_per_image: float):
         self.cfg, self.schedule, self.bpe, self.device, self.dist = cfg, schedule, batches_per_epoch, device, dist_info
         main = dist_info.is_main
         self.metrics = MetricsLog(cfg.out_dir / "metrics.jsonl", enabled=main)
@@ -58,7 +58,7 @@ class RunLog:
         self.sinks = MetricSinks.from_config(cfg, cfg.out_dir, start_step, enabled=main)
         self.progress = TrainProgress(
             enabled=main, use_bar=cfg.run.progress, total=schedule.total_steps, start=start_step,
-            flops_per_image=training_flops_per_image(cfg), peak_per_device=peak_tflops(device, amp_dtype),
+            flops_per_image=flops_per_image, peak_per_device=peak_tflops(device, amp_dtype),
             world_size=dist_info.world_size,
         )
         self.bad_images = 0

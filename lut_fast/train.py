@@ -162,7 +162,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
     if checkpoint is not None:
         state.load_state_dict(checkpoint)
     start_step, accum = state.step, cfg.optim.accum_steps
-    log = RunLog(cfg, sched, len(loader), device, dist_info, amp_dtype, start_step)
+    log = RunLog(cfg, sched, len(loader), device, dist_info, amp_dtype, start_step, task.training_flops_per_image(cfg))
     log.open_files(start_step, start.branch_metrics)
     if main:
         _print_header(cfg, sched, device, amp_dtype, dist_info, start_step, changes)

@@ -44,7 +44,12 @@ def test_lambda_zero_is_decided_by_the_lut_task(tmp_path):
     assert zero.replicated_tensors() == []
     one = build_task(tiny_config(tmp_path, "lut.lam=1.0"))
     assert one.target is not None and not one.find_unused_parameters and one.replicated_tensors()
-    assert not MAETask.from_config(tiny_config(tmp_path, method="mae")).find_unused_parameters
+    mae = MAETask.from_config(tiny_config(tmp_path, method="mae"))
+    assert not mae.find_unused_parameters
+    # TFLOP/s and MFU count what runs: with lambda = 0 that is MAE's step, no target pass
+    mae_flops = mae.training_flops_per_image(tiny_config(tmp_path, method="mae"))
+    assert zero.training_flops_per_image(tiny_config(tmp_path, "lut.lam=0")) == mae_flops
+    assert one.training_flops_per_image(tiny_config(tmp_path, "lut.lam=1.0")) > 2 * mae_flops
 
 
 def test_the_loop_step_and_bench_never_ask_which_method_they_run():

@@ -90,6 +90,12 @@ class Task:
 
         return init_weights_from(self.model, path)
 
+    def training_flops_per_image(self, cfg) -> float:
+        """Forward + backward FLOPs per image of this task's step (``lut_fast/flops.py``), for TFLOP/s and MFU."""
+        from lut_fast.flops import flops_per_image
+
+        return float(flops_per_image(cfg).total)
+
     # ------------------------------------------------------------------ checkpoints and replicas
     def extra_state(self) -> dict:
         return {}

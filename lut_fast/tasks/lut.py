@@ -56,6 +56,13 @@ class LUTTask(Task):
         if self.target is not None:
             self.target.compile()  # in place: the target's full-image passes are a large share of LUT's FLOPs
 
+    def training_flops_per_image(self, cfg) -> float:
+        if self.target is None:  # lambda = 0: the student's forward is MAE's, and there is no target pass
+            from lut_fast.flops import ArchDims, training_flops
+
+            return float(training_flops(ArchDims.from_config(cfg), "mae").total)
+        return super().training_flops_per_image(cfg)
+
     def init_weights(self, path: str) -> str:
         line = super().init_weights(path)
         if self.target is not None:  # the target starts as a copy of the (new) student, as in a fresh run
