@@ -19,6 +19,8 @@ between MAE, LUT and a future method lives behind this small interface.
 * ``extra_state()`` / ``load_extra_state(checkpoint)``: what a checkpoint holds
   besides model, optimizer and scaler; ``replicated_tensors()``: what besides the
   student must be identical on every rank.
+* ``training_flops_per_image(cfg)``: what one step costs per image, for the
+  TFLOP/s and MFU a run prints.
 """
 
 from __future__ import annotations
