@@ -69,16 +69,6 @@ def peak_tflops(device: torch.device, amp_dtype: Optional[torch.dtype]) -> Optio
     return peak
 
 
-def training_flops_per_image(cfg) -> float:
-    """Forward + backward FLOPs per image of this run's model and method (``lut_fast/flops.py``)."""
-    from lut_fast.flops import flops_per_image
-
-    counted = flops_per_image(cfg)
-    if cfg.method == "lut" and cfg.lut.resolved_lam(cfg.model.name) == 0:
-        return 3 * counted.student_forward  # no momentum target is built when lambda = 0
-    return float(counted.total)
-
-
 class EtaEstimate:
     """Seconds left from an exponential moving average of the step rate."""
 
