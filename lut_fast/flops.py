@@ -22,6 +22,11 @@ Convention (the one that reproduces docs/METHOD.md's ViT-B figures (section 12),
   The momentum target runs forward only (no_grad): in symmetric mode on the
   full L + 1 tokens of both views, in one-way mode on view 2 only.
 
+* SimMIM keeps every patch in the encoder: a student view runs on L + 1 tokens,
+  and its linear head maps the L patch tokens to p*p*3 pixels (view 1 only, the
+  one reconstructed). LUT on SimMIM adds the heads and the target exactly as LUT
+  does (symmetric: both views through the student; one-way: view 1 only).
+
 ``torch.utils.flop_counter.FlopCounterMode`` on a real forward + backward
 agrees within about 0.5 % (it does not charge the patch embedding's input
 gradient, which is never computed): see ``tests/test_flops.py``.
@@ -117,7 +122,7 @@ def head_flops(d: ArchDims) -> int:
 class TrainingFlops:
     """Per image. ``student_forward`` is charged 3x (forward + backward), ``target_forward`` 1x."""
 
-    method: str  # mae | lut_symmetric | lut_one_way
+    method: str  # mae | lut_symmetric | lut_one_way | simmim | lut_simmim_symmetric | lut_simmim_one_way
     student_forward: int
     target_forward: int
 
@@ -133,8 +138,32 @@ class TrainingFlops:
         return {**asdict(self), "total": self.total, "gflops": round(self.gflops, 4)}
 
 
+def simmim_head_flops(d: ArchDims) -> int:
+    """SimMIM's linear prediction head on the L patch tokens."""
+    return linear_flops(d.num_patches, d.embed_dim, 3 * d.patch_size**2)
+
+
+def simmim_training_flops(d: ArchDims, method: str = "simmim", direction: str = "symmetric") -> TrainingFlops:
+    """SimMIM (all L patches through the encoder, linear head) and LUT on SimMIM, per image."""
+    student_view = encoder_flops(d, d.num_patches + 1)
+    target_view = encoder_flops(d, d.num_patches + 1) + head_flops(d)
+    if method == "simmim":
+        return TrainingFlops("simmim", student_view + simmim_head_flops(d), 0)
+    if method != "lut_simmim":
+        raise ValueError(f"method must be simmim or lut_simmim, got {method!r}")
+    if direction == "symmetric":
+        student = 2 * student_view + simmim_head_flops(d) + 2 * 2 * head_flops(d)
+        return TrainingFlops("lut_simmim_symmetric", student, 2 * target_view)
+    if direction == "one_way":
+        student = student_view + simmim_head_flops(d) + 2 * head_flops(d)
+        return TrainingFlops("lut_simmim_one_way", student, target_view)
+    raise ValueError(f"direction must be symmetric or one_way, got {direction!r}")
+
+
 def training_flops(d: ArchDims, method: str = "mae", direction: str = "symmetric") -> TrainingFlops:
-    """Training FLOPs per image (forward + backward) of one MAE or LUT step."""
+    """Training FLOPs per image (forward + backward) of one MAE, LUT, SimMIM or LUT-on-SimMIM step."""
+    if method in ("simmim", "lut_simmim"):
+        return simmim_training_flops(d, method, direction)
     student_view = encoder_flops(d, d.num_visible + 1)
     target_view = encoder_flops(d, d.num_patches + 1) + head_flops(d)  # encoder + projector
     if method == "mae":

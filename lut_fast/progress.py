@@ -74,7 +74,7 @@ def training_flops_per_image(cfg) -> float:
     from lut_fast.flops import flops_per_image
 
     counted = flops_per_image(cfg)
-    if cfg.method == "lut" and cfg.lut.resolved_lam(cfg.model.name) == 0:
+    if cfg.method in ("lut", "lut_simmim") and cfg.lut.resolved_lam(cfg.model.name) == 0:
         return 3 * counted.student_forward  # no momentum target is built when lambda = 0
     return float(counted.total)
 
@@ -139,7 +139,8 @@ class TrainProgress:
         parts = [f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)"]
         loss = f"loss {record['loss']:.4f}"
         if "bc_loss" in record:
-            loss += f" (mae {record['mae_loss']:.4f}, bc {record['bc_loss']:.4f})"
+            reconstruction = "simmim" if "simmim_loss" in record else "mae"
+            loss += f" ({reconstruction} {record[reconstruction + '_loss']:.4f}, bc {record['bc_loss']:.4f})"
         parts.append(loss)
         parts.append(f"lr {record['lr']:.2e}")
         speed = f"{record['images_per_sec']:.1f} img/s {record.get('tflops', 0.0):.2f} TFLOP/s"

@@ -147,3 +147,16 @@ class LUTSimMIM(SimMIM):
         if self.symmetric:
             bc = (bc + bc_loss(self.online(tokens2, mask2), targets[1])) / 2
         return {"loss": rec + self.lam * bc, "simmim_loss": rec.detach(), "bc_loss": bc.detach()}
+
+
+def build_simmim(cfg) -> SimMIM:
+    """SimMIM or LUTSimMIM from a ``TrainConfig`` (method simmim / lut_simmim)."""
+    from lut_fast.models.vit import build_encoder
+
+    m = cfg.model
+    encoder = build_encoder(m.name, m.img_size, m.patch_size, depth=m.depth, embed_dim=m.embed_dim, num_heads=m.num_heads)
+    kwargs = dict(mask_patch_size=m.resolved_mask_patch_size(), mask_ratio=m.mask_ratio)
+    if cfg.method == "simmim":
+        return SimMIM(encoder, **kwargs)
+    return LUTSimMIM(encoder, head_hidden_dim=m.head_hidden_dim, lam=cfg.lut.resolved_lam(m.name),
+                     direction=cfg.lut.direction, **kwargs)

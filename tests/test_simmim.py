@@ -1,0 +1,276 @@
+"""SimMIM and LUT on SimMIM: block masking, the L1 loss, the mask-token encoder, lambda = 0, FLOPs, configs.
+
+Tiny models on the CPU; every test runs in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lut_fast.config import load_config
+from lut_fast.ema import TargetNetwork
+from lut_fast.errors import UserError
+from lut_fast.flops import ArchDims, flops_per_image, patch_embed_flops, training_flops
+from lut_fast.masking import block_mask, make_noise, mask_grid, num_masked_blocks
+from lut_fast.models.simmim import LUTSimMIM, SimMIM, build_simmim, pool_unmasked, simmim_pixel_loss
+from lut_fast.models.vit import build_encoder
+
+TINY = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.head_hidden_dim=48"]
+
+
+def tiny_encoder(seed: int = 0, img: int = 32, patch: int = 8):
+    torch.manual_seed(seed)
+    return build_encoder("vit_tiny", img, patch, depth=2, embed_dim=32, num_heads=2)
+
+
+# ---------------------------------------------------------------- masking
+
+
+def test_block_mask_ratio_and_block_structure_at_the_imagenet_recipe():
+    """224 px, patch 16, blocks of 32 px: 7 x 7 blocks, 30 masked (ceil 29.4), each covering 2 x 2 patches."""
+    per_side, scale = mask_grid(224, 16, 32)
+    assert (per_side, scale) == (7, 2)
+    masked = num_masked_blocks(per_side**2, 0.6)
+    assert masked == 30
+    noise = make_noise(8, 49, seed=3, micro_step=5, rank=0, device="cpu")
+    for view in (0, 1):
+        mask = block_mask(noise, per_side, scale, masked, view)
+        assert mask.shape == (8, 196)
+        assert (mask.sum(dim=1) == 30 * 4).all()  # 120 of 196 patches, ratio 0.612
+        grid = mask.view(8, 7, 2, 7, 2)  # (block row, patch row in block, block col, patch col in block)
+        assert (grid == grid[:, :, :1, :, :1]).all(), "a block's patches are masked together"
+    visible0 = block_mask(noise, per_side, scale, masked, 0) == 0
+    visible1 = block_mask(noise, per_side, scale, masked, 1) == 0
+    assert not (visible0 & visible1).any(), "the two LUT views see disjoint blocks"
+    # view 0 keeps the lowest-noise blocks visible, as MAE keeps ids[:K]
+    lowest = torch.argsort(noise, dim=1)[:, : 49 - masked]
+    assert (block_mask(noise, 7, 1, masked, 0).gather(1, lowest) == 0).all()
+
+
+def test_block_masks_are_reproducible_from_the_seed_and_global_rows_slice_per_rank():
+    """(seed, micro-step) fix the masks; a rank's slice of the global draw masks its rows like one process does."""
+    draw = lambda seed, step: make_noise(8, 16, seed, step, 0, "cpu")  # noqa: E731 - the tasks' draw, rank 0 = global
+    same = block_mask(draw(1, 7), 4, 1, 10)
+    assert torch.equal(same, block_mask(draw(1, 7), 4, 1, 10))
+    assert not torch.equal(same, block_mask(draw(1, 8), 4, 1, 10))
+    assert not torch.equal(same, block_mask(draw(2, 7), 4, 1, 10))
+    world = 4
+    rows = 8 // world
+    for rank in range(world):
+        mine = draw(1, 7)[rank * rows : (rank + 1) * rows]
+        assert torch.equal(block_mask(mine, 4, 1, 10), same[rank * rows : (rank + 1) * rows])
+
+
+def test_mask_grid_refuses_blocks_that_do_not_tile():
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        mask_grid(224, 16, 24)
+    with pytest.raises(ValueError, match="divide the image size"):
+        mask_grid(224, 16, 48)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def test_l1_loss_counts_masked_pixels_only_and_averages_over_channels():
+    images = torch.zeros(1, 3, 4, 4)
+    pred = torch.full((1, 3, 4, 4), 100.0)  # far off everywhere ...
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1  # ... but only the top 8 pixels count
+    pred[:, 0, :2, :], pred[:, 1, :2, :], pred[:, 2, :2, :] = 1.0, -2.0, 3.0
+    # sum |pred - x| over masked pixels and channels = 8 * (1 + 2 + 3) = 48; / (8 + 1e-5) / 3
+    assert simmim_pixel_loss(images, pred, mask).item() == pytest.approx(48 / (8 + 1e-5) / 3)
+
+
+def test_reconstruction_maps_each_token_to_its_own_pixels():
+    """Head output (3, p, p) per token lands on that patch (SimMIM's 1x1 conv + PixelShuffle layout)."""
+    model = SimMIM(tiny_encoder(), mask_patch_size=16, mask_ratio=0.6)
+    p, g = 8, 4
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.arange(3.0).repeat_interleave(p * p))  # channel c predicts c
+    tokens = torch.randn(2, 1 + g * g, 32)
+    pred = model.predict(tokens)
+    assert pred.shape == (2, 3, 32, 32)
+    assert torch.equal(pred[:, 1], torch.ones(2, 32, 32))
+    # all patches masked, images 0: the L1 is the channel mean of |0|, |1|, |2| = 1
+    mask = torch.ones(2, g * g)
+    assert model.reconstruction(torch.zeros(2, 3, 32, 32), tokens, mask).item() == pytest.approx(1.0, rel=1e-6)
+    # patch (row 1, col 2) masked alone: only its pixels count
+    images = torch.zeros(2, 3, 32, 32)
+    images[:, :, 8:16, 16:24] = torch.tensor([0.0, 1.0, 2.0]).view(1, 3, 1, 1)  # matches the prediction there
+    one = torch.zeros(2, g * g)
+    one[:, 1 * g + 2] = 1
+    assert model.reconstruction(images, tokens, one).item() == pytest.approx(0.0, abs=1e-6)
+    assert model.reconstruction(images, tokens, 1 - one).item() == pytest.approx(1.0, rel=1e-4)
+
+
+# ---------------------------------------------------------------- encoder with mask tokens
+
+
+def test_masked_patches_are_hidden_from_the_encoder_and_visible_ones_are_not():
+    model = SimMIM(tiny_encoder(), mask_patch_size=16, mask_ratio=0.6)
+    images = torch.randn(2, 3, 32, 32)
+    mask = model.masks(torch.rand(2, model.num_blocks))
+    changed = images.clone()
+    pixel_mask = mask.view(2, 1, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3).bool().expand_as(images)
+    changed[pixel_mask] = torch.randn(int(pixel_mask.sum()))
+    assert torch.equal(model.encode(images, mask), model.encode(changed, mask))
+    changed[~pixel_mask] += 1.0
+    assert not torch.allclose(model.encode(images, mask), model.encode(changed, mask))
+    # no patch masked: exactly the plain encoder (the MAE / LUT path is unchanged)
+    assert torch.equal(model.encode(images, torch.zeros(2, 16)), model.encoder(images))
+    # the mask token is the model's, so the encoder's state dict is still timm's
+    assert "mask_token" in dict(model.named_parameters())
+    assert not any("mask_token" in k for k in model.encoder.state_dict())
+
+
+def test_pool_over_unmasked_tokens_by_hand():
+    tokens = torch.tensor([[[9.0], [1.0], [2.0], [30.0], [40.0]]])  # cls, then 4 patches
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    assert pool_unmasked(tokens, mask).item() == pytest.approx(1.5)
+
+
+# ---------------------------------------------------------------- LUT on SimMIM
+
+
+def test_lut_simmim_with_lambda_zero_equals_simmim_in_init_losses_and_gradients():
+    simmim = SimMIM(tiny_encoder(seed=4), mask_patch_size=16, mask_ratio=0.6)
+    lut = LUTSimMIM(tiny_encoder(seed=4), head_hidden_dim=16, lam=0.0, mask_patch_size=16, mask_ratio=0.6)
+    shared = simmim.state_dict()
+    assert all(torch.equal(v, lut.state_dict()[k]) for k, v in shared.items()), "same init from the same seed"
+    view1, view2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    noise = torch.rand(4, simmim.num_blocks)
+    some_targets = (torch.randn(4, 32), torch.randn(4, 32))  # given, but lambda = 0 must ignore them
+    out_s, out_l = simmim(view1, None, noise), lut(view1, view2, noise, some_targets)
+    assert torch.equal(out_s["loss"], out_l["loss"]) and "bc_loss" not in out_l
+    out_s["loss"].backward()
+    out_l["loss"].backward()
+    grads_l = {n: p.grad for n, p in lut.named_parameters()}
+    for name, p in simmim.named_parameters():
+        if p.requires_grad:  # (the sin-cos positions are fixed)
+            assert torch.equal(p.grad, grads_l[name]), name
+    assert all(grads_l[n] is None for n in grads_l if n.startswith(("projector", "predictor")))
+
+
+@pytest.mark.parametrize("direction", ["symmetric", "one_way"])
+def test_lut_simmim_adds_lambda_times_the_cross_view_bc_term(direction):
+    from lut_fast.losses import bc_loss
+
+    model = LUTSimMIM(tiny_encoder(seed=2), head_hidden_dim=16, lam=0.5, direction=direction,
+                      mask_patch_size=16, mask_ratio=0.6)
+    model.eval()  # fixed BatchNorm statistics, so the hand computation below sees the same heads
+    target = TargetNetwork(model)
+    view1, view2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    noise = torch.rand(4, model.num_blocks)
+    targets = target.targets(view1, view2, model.symmetric)
+    out = model(view1, view2, noise, targets)
+    m1, m2 = model.masks(noise, 0), model.masks(noise, 1)
+    tokens1, tokens2 = model.encode(view1, m1), model.encode(view2, m2)
+    rec = model.reconstruction(view1, tokens1, m1)
+    bc = bc_loss(model.online(tokens1, m1), target(view2))
+    if direction == "symmetric":
+        bc = (bc + bc_loss(model.online(tokens2, m2), target(view1))) / 2
+    assert out["simmim_loss"].item() == pytest.approx(rec.item(), rel=1e-5)
+    assert out["bc_loss"].item() == pytest.approx(bc.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(rec.item() + 0.5 * bc.item(), rel=1e-5)
+
+
+def test_symmetric_lut_simmim_refuses_a_ratio_without_two_disjoint_visible_sets():
+    with pytest.raises(ValueError, match="disjoint"):
+        LUTSimMIM(tiny_encoder(), head_hidden_dim=16, mask_patch_size=8, mask_ratio=0.3)
+    LUTSimMIM(tiny_encoder(), head_hidden_dim=16, direction="one_way", mask_patch_size=8, mask_ratio=0.3)
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def counted_flops_per_image(cfg, batch: int = 2) -> float:
+    """FlopCounterMode over one step's forward + backward (target forward only), meta tensors, per image."""
+    model = build_simmim(cfg)
+    target = TargetNetwork(model) if isinstance(model, LUTSimMIM) else None
+    model = model.to("meta")
+    target = target.to("meta") if target is not None else None
+    s = cfg.model.img_size
+    v1, v2 = torch.randn(batch, 3, s, s, device="meta"), torch.randn(batch, 3, s, s, device="meta")
+    noise = torch.rand(batch, model.num_blocks, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        targets = target.targets(v1, v2, model.symmetric) if target is not None else None
+        model(v1, v2, noise, targets)["loss"].backward()
+    return counter.get_total_flops() / batch
+
+
+@pytest.mark.parametrize("method,direction,name", [
+    ("simmim", "symmetric", "simmim"),
+    ("lut_simmim", "symmetric", "lut_simmim_symmetric"),
+    ("lut_simmim", "one_way", "lut_simmim_one_way"),
+])
+def test_analytic_flops_agree_with_flop_counter_mode(method, direction, name):
+    cfg = load_config(None, {"method": method, "model.img_size": 64, "model.patch_size": 8, "lut.direction": direction,
+                             "lut.lam": 1.0}, TINY)
+    analytic = flops_per_image(cfg)
+    assert analytic.method == name
+    assert (analytic.target_forward > 0) == (method == "lut_simmim")
+    # as in tests/test_flops.py: the counter does not charge the patch embedding's input gradient
+    student_views = 2 if name == "lut_simmim_symmetric" else 1
+    uncharged = student_views * patch_embed_flops(ArchDims.from_config(cfg))
+    assert counted_flops_per_image(cfg) == pytest.approx(analytic.total - uncharged, rel=1e-3)
+
+
+def test_vit_b_simmim_costs_more_than_mae_as_it_encodes_every_patch():
+    d = ArchDims()
+    simmim = training_flops(d, "simmim").gflops
+    assert 100 < simmim < 110  # 106.1 GF: 197 tokens through ViT-B, forward + backward
+    assert simmim > training_flops(d, "mae").gflops
+    assert training_flops(d, "lut_simmim", "symmetric").gflops > 2 * simmim
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_simmim_methods_get_simmims_recipe_and_the_user_still_wins():
+    simmim = load_config(None, {"method": "simmim", "model.name": "vit_base"})
+    assert simmim.model.mask_ratio == 0.6 and simmim.model.resolved_mask_patch_size() == 32
+    assert (simmim.optim.lr_scaling, simmim.optim.blr, simmim.optim.betas) == ("linear", 5e-5, (0.9, 0.999))
+    assert (simmim.optim.warmup_epochs, simmim.optim.clip_grad) == (10, 5.0)
+    assert (simmim.aug.recipe, simmim.aug.rrc_scale, simmim.aug.two_views) == ("mae", (0.67, 1.0), False)
+    assert simmim.source("optim.blr") == "default of method simmim"
+    lut = load_config(None, {"method": "lut_simmim", "model.name": "vit_base"})
+    assert (lut.model.mask_ratio, lut.optim.blr, lut.optim.betas, lut.aug.recipe) == (0.6, 5e-5, (0.9, 0.999), "lut")
+    assert lut.lut.resolved_lam("vit_base") == 0.25
+    # 1e-4 per 512 images, as SimMIM's script scales it: 4e-4 at its batch of 2048
+    from lut_fast.optim import scaled_lr
+
+    assert scaled_lr(lut.optim.blr, 2048, lut.optim.lr_scaling) == pytest.approx(4e-4)
+    mine = load_config(None, {"method": "simmim"}, ["model.mask_ratio=0.5", "optim.betas=[0.9, 0.95]"])
+    assert mine.model.mask_ratio == 0.5 and mine.optim.betas == (0.9, 0.95)
+    # the small CPU recipe keeps its 2 warm-up epochs of 20
+    cpu = load_config(None, {"method": "simmim", "run.device": "cpu"}, [], cpu_recipe=True)
+    assert (cpu.optim.warmup_epochs, cpu.model.resolved_mask_patch_size()) == (2, 16)
+
+
+@pytest.mark.parametrize("method,sets,message", [
+    ("simmim", ["model.mask_patch_size=24"], "multiple of the patch size"),
+    ("lut_simmim", ["model.mask_ratio=0.3"], "two disjoint visible sets"),
+    ("lut_simmim", ["aug.recipe=mae"], "LUT needs two"),
+    ("simmim", ["model.mask_ratio=0.99"], "masks all"),
+])
+def test_config_mistakes_are_one_line_errors(method, sets, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, {"method": method}, sets)
+    # a MAE or LUT run ignores the block size (its masks are per patch)
+    if "mask_patch_size" in sets[0]:
+        load_config(None, {"method": "lut"}, sets)
+
+
+def test_build_simmim_follows_the_config():
+    cfg = load_config(None, {"method": "lut_simmim", "model.img_size": 64, "model.patch_size": 8,
+                             "lut.direction": "one_way"}, TINY)
+    model = build_simmim(cfg)
+    assert isinstance(model, LUTSimMIM) and model.direction == "one_way" and model.lam == 1.0
+    assert (model.blocks_per_side, model.block_scale, model.num_masked) == (4, 2, 10)
+    assert type(build_simmim(dataclasses.replace(cfg, method="simmim"))) is SimMIM
