@@ -311,3 +311,25 @@ def load_encoder(path: str | os.PathLike, use_ema: bool = False, num_heads: int 
         **arch,
     }
     return encoder.eval(), info
+
+
+def checkpoint_all_ranks(state, ckpt_dir: Path, keep: int, distributed: bool, is_main: bool) -> Path | None:
+    """Rank 0 saves ``state`` (a ``step.TrainState``) while every rank waits; returns the file on rank 0.
+
+    Replicas should be bit-identical (same reduced gradients, same EMA); if one drifted, rank 0's state
+    (the one saved) is copied to all, so the run continues from what the checkpoint holds.
+    """
+    import sys
+
+    from lut_fast.distributed import barrier, broadcast_from_main, replicas_in_sync
+
+    if distributed:
+        replicated = state.replicated_tensors()
+        if not replicas_in_sync(replicated, state.device):
+            if is_main:
+                print(f"lut-fast: warning: model replicas differed at step {state.step}; re-synchronised from rank 0",
+                      file=sys.stderr)
+            broadcast_from_main(replicated, state.device)
+    path = save_checkpoint(state.state_dict(), ckpt_dir, state.step, keep) if is_main else None
+    barrier()
+    return path

@@ -231,3 +231,60 @@ def init_weights_from(model: torch.nn.Module, path: str) -> str:
         + (f"; not used: {', '.join(ignored)}" if ignored else "")
         + "; optimizer and schedule start at step 0"
     )
+
+
+# ---------------------------------------------------------------- resume or start
+
+
+@dataclasses.dataclass
+class Start:
+    """Where a run starts: the recipe it trains, and the checkpoint it continues (None: a new run)."""
+
+    cfg: TrainConfig
+    checkpoint: Optional[dict]
+    changes: list[str]  # settings changed on resume (printed in the header)
+    warnings: list[str]  # skipped unreadable checkpoints
+    branch_metrics: Optional[Path]  # --resume-from in another run: its metrics.jsonl, copied up to the step
+
+
+def resolve_start(cfg: TrainConfig, resume: bool, resume_from, ckpt_dir: Path, device, world_size: int,
+                  given_keys: Optional[Iterable[str]]) -> Start:
+    """Resume or start, agreed by every rank: the checkpoint to continue and the recipe that wins.
+
+    Every rank reads the checkpoint itself; all must see the same one, and all must stop together
+    (one rank raising alone would leave the others waiting in a collective).
+    """
+    from lut_fast.checkpoint import resume_checkpoint
+    from lut_fast.distributed import all_same, restart_count
+
+    if not resume and restart_count() > 0:
+        resume = True  # torchrun --max-restarts restarted the group after a failure: continue the run
+    branch_metrics, warnings = None, []
+    if resume_from is not None and not (restart_count() > 0 and (ckpt_dir / "last.pt").exists()):
+        checkpoint = load_resume_file(Path(resume_from))
+        branch_metrics = check_branch(Path(resume_from), ckpt_dir, checkpoint["step"])
+        resume = True
+    else:  # a restarted group continues from its own newest checkpoint, also when it began with --resume-from
+        checkpoint, warnings = resume_checkpoint(ckpt_dir) if resume else (None, [])
+    found_step = checkpoint["step"] if checkpoint is not None else -1
+    occupied = int(not resume and (ckpt_dir / "last.pt").exists())
+    if not (all_same(found_step, device) and all_same(occupied, device)):
+        raise UserError(
+            f"the processes see different checkpoints in {ckpt_dir}: "
+            "the output folder must be on a filesystem that every node shares"
+        )
+    changes: list[str] = []
+    if checkpoint is not None:
+        # The saved recipe wins; settings given now may change only where this module allows (else: refused).
+        cfg, changes = settings_on_resume(from_dict(TrainConfig, checkpoint["config"]), cfg, given_keys)
+        o = cfg.optim
+        saved_world = checkpoint.get("world_size") or checkpoint["schedule"]["eff_batch"] // (o.batch_size * o.accum_steps)
+        if saved_world != world_size:
+            raise UserError(
+                f"the checkpoint in {ckpt_dir} was trained by {saved_world} process(es), this run has "
+                f"{world_size}: the effective batch, lr and data order would change; "
+                f"resume with {saved_world} processes"
+            )
+    elif occupied:
+        raise UserError(f"{cfg.out_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    return Start(cfg, checkpoint, changes, warnings, branch_metrics)

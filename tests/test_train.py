@@ -91,18 +91,19 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
 
     import lut_fast.train as tr
 
-    original = tr.build_model
+    original = tr.build_task
 
     def capture(c):
-        holder["model"] = original(c)
-        return holder["model"]
+        task = original(c)
+        holder["model"] = task.model
+        return task
 
-    tr.build_model = capture
+    tr.build_task = capture
     try:
         with pytest.raises(UserError, match="loss became nan at step 4"):
             train(cfg, on_step=poison)
     finally:
-        tr.build_model = original
+        tr.build_task = original
     ckpt = load_file(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ckpt["step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
