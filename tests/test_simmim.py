@@ -274,3 +274,121 @@ def test_build_simmim_follows_the_config():
     assert isinstance(model, LUTSimMIM) and model.direction == "one_way" and model.lam == 1.0
     assert (model.blocks_per_side, model.block_scale, model.num_masked) == (4, 2, 10)
     assert type(build_simmim(dataclasses.replace(cfg, method="simmim"))) is SimMIM
+
+
+# ---------------------------------------------------------------- training: tasks, backends, resume, DDP
+
+
+def _losses(out_dir) -> dict[int, dict]:
+    import json
+
+    return {r["step"]: r for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_task_noise_is_per_block_from_seed_and_micro_step_only():
+    from lut_fast.tasks import LUTSimMIMTask, SimMIMTask, build_task
+
+    from helpers import tiny_config
+
+    for method, cls in (("simmim", SimMIMTask), ("lut_simmim", LUTSimMIMTask)):
+        task = build_task(tiny_config("unused", method=method))
+        assert type(task) is cls and task.views == (2 if method == "lut_simmim" else 1)
+        noise = task.noise(12, seed=3, micro_step=9)
+        assert noise.shape == (12, task.model.num_blocks) and noise.device.type == "cpu"
+        assert torch.equal(noise, task.noise(12, 3, 9)) and not torch.equal(noise, task.noise(12, 3, 10))
+        assert torch.equal(noise[4:8], task.noise(12, 3, 9)[4:8])  # what rank 1 of 3 keeps
+    lut_task = build_task(tiny_config("unused", "lut.lam=0", method="lut_simmim"))
+    assert lut_task.target is None and lut_task.find_unused_parameters  # lambda = 0: SimMIM, heads unused
+
+
+@pytest.mark.parametrize("method", ["simmim", "lut_simmim"])
+def test_cli_trains_on_the_built_in_data_with_the_torch_backend(tmp_path, method):
+    from helpers import TINY_FLAGS, run_cli
+
+    out = tmp_path / method
+    proc = run_cli("train", "--method", method, "--device", "cpu", "--max-steps", "2", "--batch-size", "8",
+                   "--out", str(out), *TINY_FLAGS, "--set", "data.num_workers=0", "--set", "run.log_every=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"default of method {method}: model.mask_ratio=0.6" in proc.stderr
+    last = _losses(out)[2]
+    assert last["simmim_loss"] > 0 and ("bc_loss" in last) == (method == "lut_simmim")
+    from lut_fast.checkpoint import load_file
+
+    ckpt = load_file(out / "checkpoints" / "last.pt")
+    assert "mask_token" in ckpt["model"] and (ckpt["target"] is not None) == (method == "lut_simmim")
+
+
+def test_lut_simmim_with_lambda_zero_trains_exactly_as_simmim(tmp_path):
+    """Same seed, same views (LUT's view 1 for both): the same losses and encoder, step by step."""
+    from lut_fast.checkpoint import load_file
+    from lut_fast.train import train
+
+    from helpers import tiny_config
+
+    runs = {}
+    for method, sets in (("simmim", ["aug.recipe=lut"]), ("lut_simmim", ["lut.lam=0"])):
+        cfg = tiny_config(tmp_path / method, "run.log_every=1", *sets, method=method, max_steps=3)
+        train(cfg)
+        runs[method] = (_losses(tmp_path / method), load_file(tmp_path / method / "checkpoints" / "last.pt"))
+    (la, ca), (lb, cb) = runs["simmim"], runs["lut_simmim"]
+    for step in (1, 2, 3):
+        assert la[step]["loss"] == lb[step]["loss"] and "bc_loss" not in lb[step]
+    for key, value in ca["model"].items():
+        assert torch.equal(value, cb["model"][key]), key
+
+
+def test_resume_reproduces_the_uninterrupted_lut_simmim_losses(tmp_path):
+    from lut_fast.train import train
+
+    from helpers import tiny_config
+
+    full = tiny_config(tmp_path / "full", "run.log_every=1", "run.ckpt_every=2", method="lut_simmim", max_steps=6)
+    train(full)
+    cut = tiny_config(tmp_path / "cut", "run.log_every=1", "run.ckpt_every=2", method="lut_simmim", max_steps=6)
+
+    def crash(step, record):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cut, on_step=crash)
+    assert train(cut, resume=True).steps == 6
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 7))
+    for step in range(1, 7):
+        for key in ("loss", "simmim_loss", "bc_loss"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+@pytest.fixture(scope="module")
+def small_stores(tmp_path_factory):
+    """16 built-in images per class, as an FFCV .beton and DALI shards (small, so the conversion takes seconds)."""
+    import shutil
+
+    from lut_fast.datasets.builtin import builtin_path
+    from lut_fast.datasets.dali_writer import write_shards
+    from lut_fast.datasets.ffcv_writer import write_beton
+
+    root = tmp_path_factory.mktemp("small")
+    for cls_dir in sorted((builtin_path() / "train").iterdir()):
+        (root / "train" / cls_dir.name).mkdir(parents=True)
+        for src in sorted(cls_dir.glob("*.jpg"))[:16]:
+            shutil.copy(src, root / "train" / cls_dir.name / src.name)
+    return {
+        "ffcv": write_beton(root, root / "small.beton", workers=1, max_resolution=64).output,
+        "dali": write_shards(root, root / "shards", workers=1, shard_size=64, max_resolution=64).output,
+    }
+
+
+# The loaders do not know the method, only the views it asks for (tests/test_backends.py checks both recipes
+# on every backend): one method per backend shows both tasks train from the stored formats.
+@pytest.mark.parametrize("backend,method", [("ffcv", "simmim"), ("dali", "lut_simmim")])
+def test_training_runs_through_ffcv_and_dali(small_stores, tmp_path, backend, method):
+    from lut_fast.train import train
+
+    from helpers import tiny_config
+
+    cfg = tiny_config(tmp_path / "run", "run.log_every=1", method=method, data__backend=backend,
+                      data__path=str(small_stores[backend]), max_steps=2, optim__batch_size=8)
+    result = train(cfg)
+    assert result.steps == 2 and result.final_metrics["simmim_loss"] > 0
