@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lut_fast.bench.cli import bench_app
@@ -534,3 +535,25 @@ def test_gpu_check_script_is_clean_shell():
     for path in (script, bench_cpu):
         res = subprocess.run([shellcheck, str(path)], capture_output=True, text=True)
         assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.parametrize("method", ["lut", "mae"])
+def test_bench_train_steps_the_way_lut_fast_train_does(tmp_path, method):
+    """`bench train` times the trainer's own step: fed the trainer's batches, it gives its losses bit for bit."""
+    from helpers import tiny_config
+
+    from lut_fast.bench.train_step import Variant, build_step
+    from lut_fast.distributed import DistInfo
+    from lut_fast.train import build_train_loader, make_schedule, train
+
+    cfg = tiny_config(tmp_path / "run", "run.log_every=1", method=method, max_steps=3)
+    train(cfg)
+    trained = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    loader = build_train_loader(cfg, torch.device("cpu"), DistInfo())
+    step = build_step(cfg, torch.device("cpu"), Variant(), cfg.optim.batch_size,
+                      schedule=make_schedule(cfg, len(loader), world_size=1))
+    loader.set_epoch(0, 0)
+    batches = iter(loader)
+    benched = [step(next(batches)).item() for _ in range(3)]
+    assert len(trained) == 3 and benched == trained

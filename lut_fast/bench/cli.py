@@ -23,7 +23,7 @@ JSON_HELP = "Write every figure, the machine and the settings to this JSON file 
 
 
 def _device(name: str):
-    from lut_fast.train import resolve_device
+    from lut_fast.runtime import resolve_device
 
     return resolve_device(name)
 

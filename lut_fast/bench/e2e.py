@@ -95,7 +95,7 @@ def run_e2e(method: str, model: str, backend: str, data: str | None, batch_size:
     finally:
         if not keep_out:
             shutil.rmtree(out_dir, ignore_errors=True)
-    from lut_fast.train import resolve_device
+    from lut_fast.runtime import resolve_device
 
     dev = resolve_device(device).type
     s = summarise(records, batch_size * cfg.optim.accum_steps, warmup)

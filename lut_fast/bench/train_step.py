@@ -1,10 +1,12 @@
 """``bench train``: one optimizer step of MAE, LUT (symmetric) and LUT (one-way) on synthetic inputs.
 
-Inputs (two normalised views and the masking noise) are made once on the
-device, so data loading is excluded. A step is what the train loop does per
-optimizer step: target outputs under no_grad (LUT), the student's forward
-under autocast, backward (through a GradScaler for fp16), AdamW, zero_grad and
-the EMA update of the target.
+Inputs (two normalised views) are made once on the device, so data loading
+is excluded. A step is ``lut_fast.step.train_step``, the very function
+``lut-fast train`` runs per optimizer step (one micro-batch): the masking
+noise, the task's losses under autocast (LUT: target outputs under no_grad,
+then the student), backward through the GradScaler, lr, AdamW, zero_grad and
+the task's hook (LUT: the EMA update). The lr stays near 1e-4 and the EMA
+momentum near its start value (a schedule far longer than the bench).
 
 Interleaved: for each variant every method is built at once on the same
 inputs and the steps are timed in turn (MAE, LUT, MAE, LUT, ...), one step
@@ -14,7 +16,8 @@ LUT/MAE ratio stays meaningful. Each row's figure is the median window of
 
 Variants: eager vs ``torch.compile``, fp32 / bf16 / fp16 autocast, the SDPA
 kernel (``torch.nn.attention.sdpa_kernel``: flash, efficient, math, cudnn or
-auto = PyTorch's choice), channels-last inputs and patch-embedding weights.
+auto = PyTorch's choice), channels-last inputs (what the loader gives training
+with ``data.channels_last`` on a GPU; the weights stay as training keeps them).
 A variant that cannot run here is a ``skipped`` row with the reason.
 """
 
@@ -79,11 +82,11 @@ def _split(text: str) -> list[str]:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    """A variant's precision name: ``auto`` follows the trainer's rule (``lut_fast/runtime.py``); the others
+    are kept as asked, so one this device cannot run becomes a ``skipped`` row rather than an error."""
+    from lut_fast.runtime import precision_name, resolve_precision as training_precision
+
+    return precision_name(training_precision("auto", device)) if name == "auto" else name
 
 
 def make_variants(device: torch.device, compile: str = "off", precision: str = "auto", sdpa: str = "auto",
@@ -130,6 +133,8 @@ def sdpa_context(name: str):
 
 def check_runnable(v: Variant, device: torch.device) -> None:
     """Raise ``Skip`` for variants known not to run (or not to mean anything) on this device."""
+    if device.type != "cuda" and v.channels_last:
+        raise Skip("training uses channels-last inputs only on a GPU (data.channels_last), so there is nothing to compare here")
     if device.type == "cpu" and v.precision == "fp16":
         raise Skip("fp16 autocast is a GPU setting (V100, with loss scaling); on CPU use fp32 or bf16")
     if device.type == "cuda" and v.precision == "bf16" and not torch.cuda.is_bf16_supported():
@@ -151,53 +156,43 @@ def _amp_dtype(p: str):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
 
-def make_inputs(device: torch.device, batch_size: int, img_size: int, num_patches: int, seed: int = 0) -> dict:
-    """Two normalised-looking views and the masking noise, made once and shared by every method's step."""
+def make_inputs(device: torch.device, batch_size: int, img_size: int, seed: int = 0) -> dict:
+    """Two normalised-looking views, made once and shared by every method's step."""
     g = torch.Generator().manual_seed(seed)
     shape = (batch_size, 3, img_size, img_size)
-    return {"view1": torch.randn(shape, generator=g).to(device), "view2": torch.randn(shape, generator=g).to(device),
-            "noise": torch.rand(batch_size, num_patches, generator=g).to(device)}
+    return {"view1": torch.randn(shape, generator=g).to(device), "view2": torch.randn(shape, generator=g).to(device)}
 
 
-def build_step(cfg, device: torch.device, v: Variant, batch_size: int, inputs: dict | None = None) -> Callable[[], torch.Tensor]:
-    """A closure running one optimizer step on fixed synthetic inputs (``inputs``, or its own); returns the loss."""
-    from lut_fast.ema import TargetNetwork
-    from lut_fast.models import LUT, build_model
-    from lut_fast.optim import build_optimizer
-    from lut_fast.train import autocast
+def build_step(cfg, device: torch.device, v: Variant, batch_size: int, inputs: dict | None = None,
+               schedule=None) -> Callable[..., torch.Tensor]:
+    """A closure running one optimizer step of the trainer's ``train_step``; returns the loss (on the device).
 
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    target = TargetNetwork(model).to(device) if isinstance(model, LUT) and model.lam > 0 else None
-    fmt = torch.channels_last if v.channels_last else torch.contiguous_format
-    if v.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        if target is not None:
-            target = target.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), fused=device.type == "cuda")
-    amp = _amp_dtype(v.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    forward = torch.compile(model) if v.compile else model
-    if v.compile and target is not None:
-        target.compile()  # as the trainer does (lut_fast/train.py)
+    It steps on fixed synthetic ``inputs`` (or its own), or on the ``Batch`` it is given. ``schedule``:
+    the lr / momentum schedule (default: one far longer than any bench, so lr ~ 1e-4 throughout).
+    """
+    import copy
+
+    from lut_fast.pipelines.batch import Batch
+    from lut_fast.step import Schedule, build_train_state, seed_everything, train_step
+    from lut_fast.tasks import build_task
+
+    cfg = copy.deepcopy(cfg)
+    cfg.run.compile, cfg.optim.accum_steps, cfg.optim.batch_size = v.compile, 1, batch_size
+    seed_everything(cfg.run.seed)
+    task = build_task(cfg)
+    if schedule is None:
+        schedule = Schedule(steps_per_epoch=1, total_steps=10**9, warmup_steps=0, peak_lr=1e-4, eff_batch=batch_size)
+    state = build_train_state(cfg, task, schedule, device, _amp_dtype(v.precision))
     if inputs is None:
-        inputs = make_inputs(device, batch_size, cfg.model.img_size, model.encoder.num_patches)
-    view1 = inputs["view1"].contiguous(memory_format=fmt)
-    view2 = inputs["view2"].contiguous(memory_format=fmt) if target is not None else None
-    noise = inputs["noise"]
+        inputs = make_inputs(device, batch_size, cfg.model.img_size)
+    fmt = torch.channels_last if v.channels_last else torch.contiguous_format
+    fixed = Batch(inputs["view1"].contiguous(memory_format=fmt),
+                  inputs["view2"].contiguous(memory_format=fmt) if task.views == 2 else None,
+                  torch.zeros(batch_size, dtype=torch.long))
 
-    def step() -> torch.Tensor:
+    def step(batch: Batch | None = None) -> torch.Tensor:
         with sdpa_context(v.sdpa):
-            with autocast(device, amp):
-                targets = target.targets(view1, view2, model.symmetric) if target is not None else None
-                out = forward(view1, view2, noise, targets)
-            scaler.scale(out["loss"]).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if target is not None:
-            target.update(model, 0.996)
-        return out["loss"].detach()
+            return train_step(state, [batch if batch is not None else fixed])["loss"]
 
     return step
 
@@ -273,10 +268,7 @@ def bench_variant_methods(cfgs: dict, flops: dict, v: Variant, device: torch.dev
                 check_runnable(v, device)
                 m.mem_before = current_memory_mb(device)
                 if inputs is None:
-                    from lut_fast.models import build_model
-
-                    patches = build_model(m.cfg).encoder.num_patches
-                    inputs = make_inputs(device, batch_size, m.cfg.model.img_size, patches)
+                    inputs = make_inputs(device, batch_size, m.cfg.model.img_size)
                 m.step = build_step(m.cfg, device, v, batch_size, inputs)
                 t0 = time.perf_counter()
                 loss = m.step()

@@ -9,7 +9,7 @@
   patch tokens after the final norm), with a rich progress bar, and
   ``cached_features`` which stores them on disk keyed by everything that
   changes them, so a second epoch or a second command does not re-encode.
-* ``write_json``: atomic JSON results; ``resolve_device``, ``progress``.
+* ``write_json``: atomic JSON results; ``progress``. Device and autocast rules: ``lut_fast/runtime.py``.
 """
 
 from __future__ import annotations
@@ -29,28 +29,13 @@ from PIL import Image
 from lut_fast.errors import UserError
 from lut_fast.fileio import write_json_atomic
 from lut_fast.pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
+# One home for device and precision rules (lut_fast/runtime.py); evaluation autocasts as inference does.
+from lut_fast.runtime import inference_autocast as autocast, resolve_device  # noqa: F401 - re-exported
 
 POOLS = ("mean", "cls")
 
 
 # ---------------------------------------------------------------- small utilities
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on GPUs that have it (features are returned in fp32); nothing on CPU."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:

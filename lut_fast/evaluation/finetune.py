@@ -51,6 +51,9 @@ from lut_fast.errors import UserError
 from lut_fast.evaluation.common import (
     POOLS, autocast, image_loader, normalize, progress, resolve_device, resolve_splits, topk_accuracy, write_json,
 )
+from lut_fast.optim import lr_at
+from lut_fast import runtime
+from lut_fast.step import apply_update
 from lut_fast.pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, AugSpec
 
 # Table D, by encoder width (ViT-Ti is not in the table: it takes ViT-S's values).
@@ -93,14 +96,6 @@ def classifier_from_encoder(encoder: nn.Module, info: dict, num_classes: int, po
         nn.init.trunc_normal_(model.head.weight, std=2e-5)
         nn.init.zeros_(model.head.bias)
     return model
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> float:
-    """MAE's schedule: linear warm-up, then half-cycle cosine to ``min_lr``."""
-    if step < warmup:
-        return peak * step / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
 def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -289,7 +284,7 @@ def run_finetune(
     log_path = Path(out) / "finetune_log.jsonl" if out is not None else None
     state_path = Path(out) / STATE_FILE if out is not None else None
     history: list[dict] = []
-    step, epoch, micro, running = 0, 0, 0, []
+    step, epoch, running = 0, 0, []
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         changed = [k for k in recipe_record if state["recipe"].get(k) != recipe_record[k]]
@@ -308,6 +303,12 @@ def run_finetune(
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))  # fresh, or the resumed run's epochs
+    # The pre-training step's machinery (lut_fast/step.py): accumulation, the GradScaler (active only
+    # under fp16; fine-tuning autocasts as evaluation does: bf16 where the GPU has it, else fp32), and
+    # one host sync per optimizer step, not per micro-batch.
+    amp_dtype = runtime.inference_precision(dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    micro_losses: list[torch.Tensor] = []
     with progress(show_progress) as bar, contextlib.ExitStack() as stack:
         if rand_aug is not None:
             stack.callback(rand_aug.close)
@@ -324,23 +325,20 @@ def run_finetune(
                     x = erasing(x)
                 if mixup_fn is not None:
                     x, y = mixup_fn(x, y)
-                with autocast(dev):
+                with runtime.autocast(dev, amp_dtype):
                     loss = criterion(model(x), y)
-                if not math.isfinite(loss.item()):
-                    raise UserError(f"fine-tuning loss became {loss.item()} at step {step}: lower the lr")
-                (loss / accum).backward()
-                running.append(loss.item())
-                micro += 1
-                if micro < accum:
+                scaler.scale(loss / accum).backward()
+                micro_losses.append(loss.detach().float())
+                if len(micro_losses) < accum:
                     continue
-                micro = 0
+                step_losses = torch.stack(micro_losses).tolist()  # the step's one host sync
+                micro_losses.clear()
+                bad = next((v for v in step_losses if not math.isfinite(v)), None)
+                if bad is not None:
+                    raise UserError(f"fine-tuning loss became {bad} at step {step}: lower the lr")
+                running += step_losses
                 lr_now = lr_at(step, total, warmup, peak, min_lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr_now * g.get("lr_scale", 1.0)
-                if clip_grad:
-                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                apply_update(optimizer, scaler, lr_now, clip_grad, model.parameters(), step + 1)
                 step += 1
                 if bar is not None:
                     bar.update(task, completed=step, info=f"epoch {epoch + 1} loss {np.mean(running[-20:]):.3f} lr {lr_now:.2e}")
