@@ -392,3 +392,27 @@ def test_training_runs_through_ffcv_and_dali(small_stores, tmp_path, backend, me
                       data__path=str(small_stores[backend]), max_steps=2, optim__batch_size=8)
     result = train(cfg)
     assert result.steps == 2 and result.final_metrics["simmim_loss"] > 0
+
+
+def test_bench_train_rows_for_simmim_with_flops_and_the_ratio_to_simmim(tmp_path):
+    import json
+
+    from test_bench import TINY, invoke
+
+    from lut_fast.flops import flops_per_image
+
+    out = tmp_path / "train.json"
+    invoke("train", "--methods", "simmim,lut_simmim_sym,lut_simmim_one_way", "--img-size", "32", "--patch-size", "8",
+           *TINY, "--batch-size", "4", "--threads", "1", "--warmup", "1", "--windows", "1", "--steps-per-window", "1",
+           "--json", str(out))
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"simmim", "lut_simmim_sym", "lut_simmim_one_way"}
+    assert all(r["status"] == "ok" and r["ms_per_step"] > 0 for r in rows.values())
+    sets = [s.replace("--set ", "") for s in TINY if s != "--set"]
+    for label, (method, direction) in (("simmim", ("simmim", "symmetric")), ("lut_simmim_sym", ("lut_simmim", "symmetric")),
+                                       ("lut_simmim_one_way", ("lut_simmim", "one_way"))):
+        cfg = load_config(None, {"method": method, "model.img_size": 32, "model.patch_size": 8, "lut.direction": direction}, sets)
+        assert rows[label]["gflops_per_image"] == pytest.approx(flops_per_image(cfg).total / 1e9, rel=1e-4)
+    assert "lut_simmim_time_ratio" not in rows["simmim"] and "lut_mae_time_ratio" not in rows["lut_simmim_sym"]
+    assert rows["lut_simmim_sym"]["lut_simmim_flop_ratio"] > rows["lut_simmim_one_way"]["lut_simmim_flop_ratio"] > 1
+    assert rows["lut_simmim_sym"]["lut_simmim_time_ratio"] > 0
