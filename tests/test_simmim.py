@@ -416,3 +416,27 @@ def test_bench_train_rows_for_simmim_with_flops_and_the_ratio_to_simmim(tmp_path
     assert "lut_simmim_time_ratio" not in rows["simmim"] and "lut_mae_time_ratio" not in rows["lut_simmim_sym"]
     assert rows["lut_simmim_sym"]["lut_simmim_flop_ratio"] > rows["lut_simmim_one_way"]["lut_simmim_flop_ratio"] > 1
     assert rows["lut_simmim_sym"]["lut_simmim_time_ratio"] > 0
+
+
+def test_two_process_ddp_lut_simmim_equals_one_process_with_the_global_batch(tmp_path):
+    """Block noise drawn for the global batch and sliced per rank, SyncBN in the heads: 2 x 4 images == 1 x 8."""
+    import subprocess
+
+    from test_distributed import BIN, ENV, TINY as DDP_TINY, assert_same_training_state, metrics, torchrun
+
+    from lut_fast.checkpoint import load_file
+
+    args = ["--method", "lut_simmim", "--accum", "2", "--max-steps", "2", *DDP_TINY]
+    single = subprocess.run([str(BIN / "lut-fast"), "train", "--batch-size", "8", "--out", str(tmp_path / "one"), *args],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run(torchrun(2, "--batch-size", "4", "--out", str(tmp_path / "two"), *args),
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    assert "replicas differed" not in ddp.stderr
+    a, b = load_file(tmp_path / "one" / "checkpoints" / "last.pt"), load_file(tmp_path / "two" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 2 and b["world_size"] == 2
+    assert_same_training_state(a, b)
+    for ra, rb in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        for key in ("loss", "simmim_loss", "bc_loss"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
