@@ -316,6 +316,17 @@ def test_cli_trains_on_the_built_in_data_with_the_torch_backend(tmp_path, method
 
     ckpt = load_file(out / "checkpoints" / "last.pt")
     assert "mask_token" in ckpt["model"] and (ckpt["target"] is not None) == (method == "lut_simmim")
+    # the encoder exports to timm like MAE's and LUT's (the mask token and head stay behind) ...
+    import timm
+
+    ema = ["--use-ema"] if method == "lut_simmim" else []
+    proc = run_cli("export", "timm", str(out / "checkpoints" / "last.pt"), str(tmp_path / "enc.pth"), *ema)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2)
+    vit.load_state_dict(torch.load(tmp_path / "enc.pth", map_location="cpu"), strict=True)
+    if method == "simmim":  # ... and has no momentum encoder to export, which is said in one line
+        proc = run_cli("export", "timm", str(out / "checkpoints" / "last.pt"), str(tmp_path / "ema.pth"), "--use-ema")
+        assert proc.returncode == 2 and "no target (momentum) encoder" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_lut_simmim_with_lambda_zero_trains_exactly_as_simmim(tmp_path):
