@@ -143,40 +143,28 @@ def simmim_head_flops(d: ArchDims) -> int:
     return linear_flops(d.num_patches, d.embed_dim, 3 * d.patch_size**2)
 
 
-def simmim_training_flops(d: ArchDims, method: str = "simmim", direction: str = "symmetric") -> TrainingFlops:
-    """SimMIM (all L patches through the encoder, linear head) and LUT on SimMIM, per image."""
-    student_view = encoder_flops(d, d.num_patches + 1)
+def with_broader_context(label: str, d: ArchDims, student_view: int, reconstruction: int, direction: str) -> TrainingFlops:
+    """A masked-image student plus LUT's term: projector + predictor per student view, and the target
+    (encoder on all L + 1 tokens + projector) once per view; symmetric: both views, one-way: view 1."""
+    views = {"symmetric": 2, "one_way": 1}.get(direction)
+    if views is None:
+        raise ValueError(f"direction must be symmetric or one_way, got {direction!r}")
     target_view = encoder_flops(d, d.num_patches + 1) + head_flops(d)
-    if method == "simmim":
-        return TrainingFlops("simmim", student_view + simmim_head_flops(d), 0)
-    if method != "lut_simmim":
-        raise ValueError(f"method must be simmim or lut_simmim, got {method!r}")
-    if direction == "symmetric":
-        student = 2 * student_view + simmim_head_flops(d) + 2 * 2 * head_flops(d)
-        return TrainingFlops("lut_simmim_symmetric", student, 2 * target_view)
-    if direction == "one_way":
-        student = student_view + simmim_head_flops(d) + 2 * head_flops(d)
-        return TrainingFlops("lut_simmim_one_way", student, target_view)
-    raise ValueError(f"direction must be symmetric or one_way, got {direction!r}")
+    student = views * student_view + reconstruction + views * 2 * head_flops(d)
+    return TrainingFlops(f"{label}_{direction}", student, views * target_view)
 
 
 def training_flops(d: ArchDims, method: str = "mae", direction: str = "symmetric") -> TrainingFlops:
     """Training FLOPs per image (forward + backward) of one MAE, LUT, SimMIM or LUT-on-SimMIM step."""
-    if method in ("simmim", "lut_simmim"):
-        return simmim_training_flops(d, method, direction)
-    student_view = encoder_flops(d, d.num_visible + 1)
-    target_view = encoder_flops(d, d.num_patches + 1) + head_flops(d)  # encoder + projector
-    if method == "mae":
-        return TrainingFlops("mae", student_view + decoder_flops(d), 0)
-    if method != "lut":
-        raise ValueError(f"method must be mae or lut, got {method!r}")
-    if direction == "symmetric":
-        student = 2 * student_view + decoder_flops(d) + 2 * 2 * head_flops(d)
-        return TrainingFlops("lut_symmetric", student, 2 * target_view)
-    if direction == "one_way":
-        student = student_view + decoder_flops(d) + 2 * head_flops(d)
-        return TrainingFlops("lut_one_way", student, target_view)
-    raise ValueError(f"direction must be symmetric or one_way, got {direction!r}")
+    if method in ("mae", "lut"):  # the student encodes the K visible patches (+ cls); the decoder reconstructs
+        student_view, reconstruction = encoder_flops(d, d.num_visible + 1), decoder_flops(d)
+    elif method in ("simmim", "lut_simmim"):  # all L patches (+ cls); the linear head reconstructs
+        student_view, reconstruction = encoder_flops(d, d.num_patches + 1), simmim_head_flops(d)
+    else:
+        raise ValueError(f"method must be mae, lut, simmim or lut_simmim, got {method!r}")
+    if method in ("mae", "simmim"):
+        return TrainingFlops(method, student_view + reconstruction, 0)
+    return with_broader_context(method, d, student_view, reconstruction, direction)
 
 
 def flops_per_image(cfg) -> TrainingFlops:

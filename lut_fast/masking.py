@@ -64,7 +64,7 @@ def mask_grid(img_size: int, patch_size: int, mask_patch_size: int) -> tuple[int
 
 def num_masked_blocks(num_blocks: int, mask_ratio: float) -> int:
     """SimMIM's count, ceil(blocks * r): 30 of 49 blocks at r = 0.6 (its code rounds up, MAE's K rounds down)."""
-    return int(math.ceil(num_blocks * mask_ratio))
+    return math.ceil(num_blocks * mask_ratio)
 
 
 def block_mask(noise: torch.Tensor, blocks_per_side: int, scale: int, num_masked: int, view: int = 0) -> torch.Tensor:

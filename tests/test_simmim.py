@@ -53,7 +53,9 @@ def test_block_mask_ratio_and_block_structure_at_the_imagenet_recipe():
 
 def test_block_masks_are_reproducible_from_the_seed_and_global_rows_slice_per_rank():
     """(seed, micro-step) fix the masks; a rank's slice of the global draw masks its rows like one process does."""
-    draw = lambda seed, step: make_noise(8, 16, seed, step, 0, "cpu")  # noqa: E731 - the tasks' draw, rank 0 = global
+    def draw(seed: int, step: int) -> torch.Tensor:  # the tasks' draw: rank 0's generator, for the global batch
+        return make_noise(8, 16, seed, step, 0, "cpu")
+
     same = block_mask(draw(1, 7), 4, 1, 10)
     assert torch.equal(same, block_mask(draw(1, 7), 4, 1, 10))
     assert not torch.equal(same, block_mask(draw(1, 8), 4, 1, 10))
@@ -189,18 +191,16 @@ def test_symmetric_lut_simmim_refuses_a_ratio_without_two_disjoint_visible_sets(
 
 
 def counted_flops_per_image(cfg, batch: int = 2) -> float:
-    """FlopCounterMode over one step's forward + backward (target forward only), meta tensors, per image."""
-    model = build_simmim(cfg)
-    target = TargetNetwork(model) if isinstance(model, LUTSimMIM) else None
-    model = model.to("meta")
-    target = target.to("meta") if target is not None else None
-    s = cfg.model.img_size
-    v1, v2 = torch.randn(batch, 3, s, s, device="meta"), torch.randn(batch, 3, s, s, device="meta")
-    noise = torch.rand(batch, model.num_blocks, device="meta")
+    """FlopCounterMode over the task's losses + backward (its target forward only), on meta tensors, per image."""
+    from lut_fast.tasks import build_task
+
+    task = build_task(cfg)
+    noise = task.noise(batch, cfg.run.seed, 0)
+    task.to(torch.device("meta"))
+    views = [torch.randn(batch, 3, cfg.model.img_size, cfg.model.img_size, device="meta") for _ in range(2)]
     counter = FlopCounterMode(display=False)
     with counter:
-        targets = target.targets(v1, v2, model.symmetric) if target is not None else None
-        model(v1, v2, noise, targets)["loss"].backward()
+        task.losses(task.model, views[0], views[1], noise.to("meta"))["loss"].backward()
     return counter.get_total_flops() / batch
 
 

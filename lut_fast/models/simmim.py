@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from lut_fast.losses import bc_loss
 from lut_fast.masking import block_mask, mask_grid, num_masked_blocks
-from lut_fast.models.lut import mlp_head
-from lut_fast.models.vit import ViTEncoder, init_weights
+from lut_fast.models.lut import BroaderContext
+from lut_fast.models.vit import ViTEncoder
 
 
 def simmim_pixel_loss(images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ class SimMIM(nn.Module):
         return {"loss": loss, "simmim_loss": loss.detach()}
 
 
-class LUTSimMIM(SimMIM):
+class LUTSimMIM(BroaderContext, SimMIM):
     def __init__(
         self,
         encoder: ViTEncoder,
@@ -110,20 +110,9 @@ class LUTSimMIM(SimMIM):
         **simmim_kwargs,
     ):
         super().__init__(encoder, **simmim_kwargs)  # first, so SimMIM's parameters draw the same init
-        if direction not in ("symmetric", "one_way"):
-            raise ValueError(f"direction must be symmetric or one_way, got {direction!r}")
-        if direction == "symmetric" and 2 * (self.num_blocks - self.num_masked) > self.num_blocks:
+        self.add_broader_context(encoder.embed_dim, head_hidden_dim, lam, direction)
+        if self.symmetric and 2 * (self.num_blocks - self.num_masked) > self.num_blocks:
             raise ValueError(f"two disjoint visible sets need mask ratio >= 0.5, got {self.mask_ratio}")
-        self.lam = lam
-        self.direction = direction
-        self.projector = mlp_head(encoder.embed_dim, head_hidden_dim)
-        self.predictor = mlp_head(encoder.embed_dim, head_hidden_dim)
-        self.projector.apply(init_weights)  # as LUT's heads (models/lut.py)
-        self.predictor.apply(init_weights)
-
-    @property
-    def symmetric(self) -> bool:
-        return self.direction == "symmetric"
 
     def online(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q = predictor(projector(mean of the unmasked patch tokens))."""
