@@ -84,7 +84,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike, labels:
         for term in terms:
             ax_loss.plot(*series(records, term), TERM_STYLES.get(term, "-."), color=c, label=f"{label}: {term}")
         ax_sched.plot(*series(records, "lr"), "-", color=c, label=f"{label}: lr")
-        if run_method(run_dirs[i]) != "mae":  # MAE has no momentum encoder (its lines log the unused schedule)
+        if run_method(run_dirs[i]) != "mae":  # MAE has no momentum encoder (older MAE runs logged the unused schedule)
             ax_mom.plot(*series(records, "momentum"), "--", color=c, label=f"{label}: momentum")
         ax_speed.plot(*series(records, "images_per_sec"), "-", color=c, label=f"{label}: images/s")
         ax_wait.plot(*series(records, "data_wait_frac"), ":", color=c, label=f"{label}: data wait")
