@@ -186,12 +186,12 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, dist_info: Dist
                 on_step(step, log.last_record)
             if ckpt_now:
                 last_ckpt = save() or last_ckpt
-            stopped = agreed_stop(stop, log.over_time(), device, dist_info.enabled)
-            if stopped and step < sched.total_steps:
+            stop_now = agreed_stop(stop, log.over_time(), device, dist_info.enabled)  # a collective: every step
+            if stop_now and step < sched.total_steps:
+                stopped = stop_now
                 if not ckpt_now:
                     last_ckpt = save() or last_ckpt
                 break
-            stopped = ""
 
     if main and cfg.run.curves:
         from lut_fast.plot import write_training_curves
