@@ -169,7 +169,7 @@ def encoder_state(ckpt: dict, use_ema: bool = False) -> dict[str, torch.Tensor]:
     if "format" in ckpt:
         src = ckpt.get("target") if use_ema else ckpt["model"]
         if src is None:
-            raise UserError("this checkpoint has no target (momentum) encoder: it was trained with --method mae")
+            raise UserError("this checkpoint has no target (momentum) encoder: its method (mae or simmim) has none")
     elif use_ema:
         raise UserError("--use-ema needs a lut-fast checkpoint (it holds the momentum encoder)")
     else:

@@ -43,7 +43,7 @@ def _default(key: str) -> str:
 @app.command()
 def train(
     config: Optional[Path] = typer.Argument(None, help="YAML config; flags below override it."),
-    method: Optional[str] = typer.Option(None, help="lut | mae " + _default("method")),
+    method: Optional[str] = typer.Option(None, help="lut | mae | simmim | lut_simmim " + _default("method")),
     model: Optional[str] = typer.Option(None, help="vit_tiny | vit_small | vit_base | vit_large " + _default("model.name")),
     img_size: Optional[int] = typer.Option(None, help="Input size in pixels " + _default("model.img_size")),
     patch_size: Optional[int] = typer.Option(None, help="Patch size " + _default("model.patch_size")),

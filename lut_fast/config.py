@@ -27,7 +27,8 @@ from lut_fast.errors import UserError
 from lut_fast.pipelines.batch import PHOTOMETRIC_PLACES
 from lut_fast.pipelines.spec import STRONG_OPS, AugSpec
 
-METHODS = ("lut", "mae")
+METHODS = ("lut", "mae", "simmim", "lut_simmim")
+SIMMIM_METHODS = ("simmim", "lut_simmim")  # block-wise masking, mask tokens in the encoder
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 DIRECTIONS = ("symmetric", "one_way")
@@ -49,9 +50,13 @@ class ModelConfig:
     decoder_embed_dim: int = 512  # MAE decoder width
     decoder_depth: int = 8  # MAE decoder blocks
     decoder_num_heads: int = 16  # MAE decoder heads
-    mask_ratio: float = 0.75  # K = int(L * (1 - r)) visible patches per view
+    mask_ratio: float = 0.75  # K = int(L * (1 - r)) visible patches per view (SimMIM methods: ceil(blocks * r) masked blocks)
     norm_pix_loss: bool = True  # per-patch normalised pixel targets
     head_hidden_dim: int = 4096  # LUT projector / predictor hidden width
+    mask_patch_size: Optional[int] = None  # simmim / lut_simmim: side in pixels of a masked block; None = 2 x patch_size (32 px at patch 16, as SimMIM's ViT)
+
+    def resolved_mask_patch_size(self) -> int:
+        return self.mask_patch_size if self.mask_patch_size is not None else 2 * self.patch_size
 
 
 @dataclass
@@ -129,7 +134,7 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "lut"  # lut | mae
+    method: str = "lut"  # lut | mae | simmim | lut_simmim
     model: ModelConfig = field(default_factory=ModelConfig)
     lut: LUTConfig = field(default_factory=LUTConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -380,6 +385,29 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "optim.lr_scaling": "linear",  # lr = blr * eff_batch / 256
         "aug.recipe": "mae",  # one view: RandomResizedCrop(scale 0.2..1) + flip
     },
+    # SimMIM's ViT-B pre-training recipe: its official config for ViT-B at 224 px
+    # (simmim_pretrain__vit_base__img224__800ep.yaml) and the defaults of its config.py.
+    # docs/METHOD.md, "LUT on SimMIM", lists what is kept, what differs and why.
+    "simmim": {
+        "model.mask_ratio": 0.6,  # DATA.MASK_RATIO; blocks of 32 px (model.mask_patch_size)
+        "optim.lr_scaling": "linear",  # its main script scales BASE_LR by total batch / 512 ...
+        "optim.blr": 5.0e-5,  # ... with BASE_LR 1e-4: 1e-4 per 512 images = 5e-5 per 256
+        "optim.betas": (0.9, 0.999),  # TRAIN.OPTIMIZER.BETAS
+        "optim.warmup_epochs": 10,  # TRAIN.WARMUP_EPOCHS
+        "optim.clip_grad": 5.0,  # TRAIN.CLIP_GRAD
+        "aug.recipe": "mae",  # one RandomResizedCrop view + flip ...
+        "aug.rrc_scale": (0.67, 1.0),  # ... at SimMIM's scale 0.67..1 (ratio 3/4..4/3, as MAE's)
+    },
+    # LUT on SimMIM: SimMIM's masking and optimisation (so lambda = 0 is the simmim run), LUT's two views.
+    "lut_simmim": {
+        "model.mask_ratio": 0.6,
+        "optim.lr_scaling": "linear",
+        "optim.blr": 5.0e-5,
+        "optim.betas": (0.9, 0.999),
+        "optim.warmup_epochs": 10,
+        "optim.clip_grad": 5.0,
+        "aug.recipe": "lut",  # view 1 SRC, view 2 SRC + LUT's jitter and one of 3 ops (the target's view)
+    },
 }
 
 SOURCE_DEFAULT = "default"  # the dataclass default
@@ -424,7 +452,8 @@ def apply_method_defaults(tree: dict, sources: dict[str, str]) -> None:
         return  # a section replaced by a non-mapping: from_dict reports it in one line
     method = tree.get("method")
     for key, value in (METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {}).items():
-        if not is_user_source(sources.get(key, SOURCE_DEFAULT)):
+        # The small CPU recipe (e.g. its 2 warm-up epochs of 20) is kept like a user's value.
+        if not is_user_source(sources.get(key, SOURCE_DEFAULT)) and sources.get(key) != CPU_RECIPE_SOURCE:
             section, name = key.split(".")
             tree[section][name] = value
             sources[key] = method_source(method)
@@ -550,7 +579,7 @@ def format_resolved(cfg: TrainConfig, world_size: int = 1) -> str:
     lines.append(f"# derived, at {world_size} process(es): effective batch {eff_batch}, {lr_description(cfg, eff_batch, peak)}")
     out_src = cfg.source("run.out_dir") if cfg.run.out_dir else "from method and model"
     lines.append(f"# derived: output folder {cfg.out_dir} ({out_src})")
-    if cfg.method == "lut":
+    if cfg.method in ("lut", "lut_simmim"):
         lam_src = cfg.source("lut.lam") if cfg.lut.lam is not None else f"by model size ({cfg.model.name})"
         lines.append(f"# derived: lambda {cfg.lut.resolved_lam(cfg.model.name):g} ({lam_src})")
     return "\n".join(lines) + "\n"
@@ -617,6 +646,25 @@ def validate_aug(a: AugSpec, where: str = "aug") -> None:
             _number(f"{where}.{name} values", v, 0 if name == "std" else None, low_open=True)
 
 
+def _check_mask_blocks(cfg: TrainConfig) -> None:
+    """SimMIM's blocks tile the image, hold whole patches and leave some visible (two disjoint sets for LUT)."""
+    from lut_fast.masking import num_masked_blocks
+
+    m = cfg.model
+    side = m.resolved_mask_patch_size()
+    _check(
+        side % m.patch_size == 0 and m.img_size % side == 0,
+        f"model.mask_patch_size {side} must be a multiple of the patch size {m.patch_size} and divide the image size "
+        f"{m.img_size} (e.g. {2 * m.patch_size})",
+    )
+    blocks = (m.img_size // side) ** 2
+    visible = blocks - num_masked_blocks(blocks, m.mask_ratio)
+    _check(visible >= 1, f"mask ratio {m.mask_ratio} masks all {blocks} blocks of {side} px")
+    if cfg.method == "lut_simmim" and cfg.lut.direction == "symmetric":
+        _check(2 * visible <= blocks,
+               f"LUT needs two disjoint visible sets: mask ratio {m.mask_ratio} must be >= 0.5 ({visible} of {blocks} blocks visible)")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Every field's type (checked by ``from_dict``), length and range, before anything runs: one line per mistake."""
     from lut_fast.models.vit import PRESETS
@@ -626,7 +674,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("model", m.name, tuple(PRESETS))
     check = _check
     check(
-        cfg.method != "lut" or cfg.aug.two_views,
+        cfg.method not in ("lut", "lut_simmim") or cfg.aug.two_views,
         f"aug.recipe={cfg.aug.recipe} makes one view, LUT needs two: leave aug.recipe to follow the method",
     )
     check(m.img_size > 0 and m.patch_size > 0, "image size and patch size must be positive")
@@ -642,6 +690,9 @@ def validate(cfg: TrainConfig) -> None:
     check(keep >= 1, f"mask ratio {m.mask_ratio} leaves no visible patch out of {num_patches}")
     if cfg.method == "lut":
         check(2 * keep <= num_patches, f"LUT needs two disjoint visible sets: mask ratio {m.mask_ratio} must be >= 0.5")
+    _number("model.mask_patch_size", m.mask_patch_size, 1, optional=True)
+    if cfg.method in SIMMIM_METHODS and m.img_size % m.patch_size == 0:
+        _check_mask_blocks(cfg)
     for name in ("knn_every", "knn_bank", "knn_val"):
         _number(f"run.{name}", getattr(cfg.run, name), 0)
     _choice("data.torch_workers", cfg.data.torch_workers, ("auto", "threads", "processes"))

@@ -22,6 +22,11 @@ Convention (the one that reproduces docs/METHOD.md's ViT-B figures (section 12),
   The momentum target runs forward only (no_grad): in symmetric mode on the
   full L + 1 tokens of both views, in one-way mode on view 2 only.
 
+* SimMIM keeps every patch in the encoder: a student view runs on L + 1 tokens,
+  and its linear head maps the L patch tokens to p*p*3 pixels (view 1 only, the
+  one reconstructed). LUT on SimMIM adds the heads and the target exactly as LUT
+  does (symmetric: both views through the student; one-way: view 1 only).
+
 ``torch.utils.flop_counter.FlopCounterMode`` on a real forward + backward
 agrees within about 0.5 % (it does not charge the patch embedding's input
 gradient, which is never computed): see ``tests/test_flops.py``.
@@ -117,7 +122,7 @@ def head_flops(d: ArchDims) -> int:
 class TrainingFlops:
     """Per image. ``student_forward`` is charged 3x (forward + backward), ``target_forward`` 1x."""
 
-    method: str  # mae | lut_symmetric | lut_one_way
+    method: str  # mae | lut_symmetric | lut_one_way | simmim | lut_simmim_symmetric | lut_simmim_one_way
     student_forward: int
     target_forward: int
 
@@ -133,21 +138,33 @@ class TrainingFlops:
         return {**asdict(self), "total": self.total, "gflops": round(self.gflops, 4)}
 
 
+def simmim_head_flops(d: ArchDims) -> int:
+    """SimMIM's linear prediction head on the L patch tokens."""
+    return linear_flops(d.num_patches, d.embed_dim, 3 * d.patch_size**2)
+
+
+def with_broader_context(label: str, d: ArchDims, student_view: int, reconstruction: int, direction: str) -> TrainingFlops:
+    """A masked-image student plus LUT's term: projector + predictor per student view, and the target
+    (encoder on all L + 1 tokens + projector) once per view; symmetric: both views, one-way: view 1."""
+    views = {"symmetric": 2, "one_way": 1}.get(direction)
+    if views is None:
+        raise ValueError(f"direction must be symmetric or one_way, got {direction!r}")
+    target_view = encoder_flops(d, d.num_patches + 1) + head_flops(d)
+    student = views * student_view + reconstruction + views * 2 * head_flops(d)
+    return TrainingFlops(f"{label}_{direction}", student, views * target_view)
+
+
 def training_flops(d: ArchDims, method: str = "mae", direction: str = "symmetric") -> TrainingFlops:
-    """Training FLOPs per image (forward + backward) of one MAE or LUT step."""
-    student_view = encoder_flops(d, d.num_visible + 1)
-    target_view = encoder_flops(d, d.num_patches + 1) + head_flops(d)  # encoder + projector
-    if method == "mae":
-        return TrainingFlops("mae", student_view + decoder_flops(d), 0)
-    if method != "lut":
-        raise ValueError(f"method must be mae or lut, got {method!r}")
-    if direction == "symmetric":
-        student = 2 * student_view + decoder_flops(d) + 2 * 2 * head_flops(d)
-        return TrainingFlops("lut_symmetric", student, 2 * target_view)
-    if direction == "one_way":
-        student = student_view + decoder_flops(d) + 2 * head_flops(d)
-        return TrainingFlops("lut_one_way", student, target_view)
-    raise ValueError(f"direction must be symmetric or one_way, got {direction!r}")
+    """Training FLOPs per image (forward + backward) of one MAE, LUT, SimMIM or LUT-on-SimMIM step."""
+    if method in ("mae", "lut"):  # the student encodes the K visible patches (+ cls); the decoder reconstructs
+        student_view, reconstruction = encoder_flops(d, d.num_visible + 1), decoder_flops(d)
+    elif method in ("simmim", "lut_simmim"):  # all L patches (+ cls); the linear head reconstructs
+        student_view, reconstruction = encoder_flops(d, d.num_patches + 1), simmim_head_flops(d)
+    else:
+        raise ValueError(f"method must be mae, lut, simmim or lut_simmim, got {method!r}")
+    if method in ("mae", "simmim"):
+        return TrainingFlops(method, student_view + reconstruction, 0)
+    return with_broader_context(method, d, student_view, reconstruction, direction)
 
 
 def flops_per_image(cfg) -> TrainingFlops:

@@ -129,7 +129,8 @@ class TrainProgress:
         parts = [f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)"]
         loss = f"loss {record['loss']:.4f}"
         if "bc_loss" in record:
-            loss += f" (mae {record['mae_loss']:.4f}, bc {record['bc_loss']:.4f})"
+            reconstruction = "simmim" if "simmim_loss" in record else "mae"
+            loss += f" ({reconstruction} {record[reconstruction + '_loss']:.4f}, bc {record['bc_loss']:.4f})"
         parts.append(loss)
         parts.append(f"lr {record['lr']:.2e}")
         speed = f"{record['images_per_sec']:.1f} img/s {record.get('tflops', 0.0):.2f} TFLOP/s"

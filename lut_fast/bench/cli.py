@@ -128,7 +128,7 @@ TRAIN_DEFAULTS = {"batch_size": (32, 8), "img_size": (224, 96), "warmup": (2, 1)
 @bench_app.command("train")
 def train_cmd(
     model: str = typer.Option("vit_tiny", help="vit_tiny | vit_small | vit_base | vit_large"),
-    methods: str = typer.Option("mae,lut_sym,lut_one_way", help="Any of mae, lut_sym, lut_one_way."),
+    methods: str = typer.Option("mae,lut_sym,lut_one_way", help="Any of mae, lut_sym, lut_one_way, simmim, lut_simmim_sym, lut_simmim_one_way."),
     batch_size: Optional[int] = typer.Option(None, help="Images per step.  [default: 32; on CPU 8]"),
     img_size: Optional[int] = typer.Option(None, help="[default: 224; on CPU 96]"),
     patch_size: int = typer.Option(16),

@@ -38,6 +38,7 @@ COLUMNS = {
         ("achieved_tflops", "TFLOP/s", "{:.3g}", True),
         ("mfu", "MFU", "{:.1%}", True),
         ("lut_mae_time_ratio", "vs MAE", "{:.2f}x", False),
+        ("lut_simmim_time_ratio", "vs SimMIM", "{:.2f}x", False),
     ],
     "e2e": [
         ("images_per_sec", "img/s", "{:.1f}", True),

@@ -40,7 +40,11 @@ METHODS = {  # label -> (config method, LUT direction)
     "mae": ("mae", "symmetric"),
     "lut_sym": ("lut", "symmetric"),
     "lut_one_way": ("lut", "one_way"),
+    "simmim": ("simmim", "symmetric"),
+    "lut_simmim_sym": ("lut_simmim", "symmetric"),
+    "lut_simmim_one_way": ("lut_simmim", "one_way"),
 }
+BASELINE = {"lut": "mae", "lut_simmim": "simmim"}  # config method -> the method its time ratio is taken against
 PRECISIONS = ("fp32", "bf16", "fp16")
 SDPA = ("auto", "flash", "efficient", "math", "cudnn")
 ALL_VARIANTS = {"compile": "off,on", "precision": "fp32,bf16,fp16", "sdpa": "auto,flash,efficient,math", "channels_last": "off,on"}
@@ -320,17 +324,19 @@ def bench_variant_methods(cfgs: dict, flops: dict, v: Variant, device: torch.dev
 
 def add_time_ratios(results: list[dict]) -> None:
     """LUT/MAE step-time ratio for each LUT row against the MAE row of the same model, batch and variant
-    (paper: 1.18 for ViT-B)."""
+    (paper: 1.18 for ViT-B); for LUT on SimMIM, the same against the SimMIM row (``lut_simmim_time_ratio``)."""
     def same(r: dict) -> tuple:
         return r.get("model"), r.get("batch_size"), tuple(sorted(r.get("variant", {}).items()))
 
-    mae = {same(r): r for r in results if r.get("bench") == "train" and r.get("method") == "mae" and r["status"] == "ok"}
-    for r in results:
-        if r.get("bench") == "train" and r.get("method", "").startswith("lut") and r["status"] == "ok":
-            base = mae.get(same(r))
-            if base is not None:
-                r["lut_mae_time_ratio"] = round_sig(r["ms_per_step"] / base["ms_per_step"])
-                r["lut_mae_flop_ratio"] = round_sig(r["gflops_per_image"] / base["gflops_per_image"])
+    ok = [r for r in results if r.get("bench") == "train" and r["status"] == "ok"]
+    base_rows = {(r.get("method"), same(r)): r for r in ok if r.get("method") in BASELINE.values()}
+    for r in ok:
+        kind = METHODS.get(r.get("method"), ("", ""))[0]
+        base = base_rows.get((BASELINE.get(kind), same(r)))
+        if base is not None:
+            prefix = "lut_mae" if kind == "lut" else "lut_simmim"
+            r[f"{prefix}_time_ratio"] = round_sig(r["ms_per_step"] / base["ms_per_step"])
+            r[f"{prefix}_flop_ratio"] = round_sig(r["gflops_per_image"] / base["gflops_per_image"])
 
 
 def run_train_bench(model: str, methods: list[str], variants: list[Variant], device: torch.device, batch_size: int,

@@ -8,7 +8,11 @@ from lut_fast.models.vit import PRESETS, ViTEncoder, build_encoder
 
 
 def build_model(cfg) -> MaskedAutoencoder:
-    """MAE or LUT from a ``TrainConfig``."""
+    """MAE, LUT, SimMIM or LUT on SimMIM from a ``TrainConfig``."""
+    if cfg.method in ("simmim", "lut_simmim"):
+        from lut_fast.models.simmim import build_simmim
+
+        return build_simmim(cfg)
     m = cfg.model
     encoder = build_encoder(m.name, m.img_size, m.patch_size, depth=m.depth, embed_dim=m.embed_dim, num_heads=m.num_heads)
     mae_kwargs = dict(

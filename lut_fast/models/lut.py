@@ -33,22 +33,17 @@ def mlp_head(dim: int, hidden: int) -> nn.Sequential:
     )
 
 
-class LUT(MaskedAutoencoder):
-    def __init__(
-        self,
-        encoder: ViTEncoder,
-        head_hidden_dim: int = 4096,
-        lam: float = 0.25,
-        direction: str = "symmetric",
-        **mae_kwargs,
-    ):
-        super().__init__(encoder, **mae_kwargs)
+class BroaderContext:
+    """What LUT adds to a masked-image model (MAE here, SimMIM in ``models/simmim.py``): lambda, the
+    direction of the bc term, and the projector and predictor heads."""
+
+    def add_broader_context(self, dim: int, head_hidden_dim: int, lam: float, direction: str) -> None:
         if direction not in ("symmetric", "one_way"):
             raise ValueError(f"direction must be symmetric or one_way, got {direction!r}")
         self.lam = lam
         self.direction = direction
-        self.projector = mlp_head(encoder.embed_dim, head_hidden_dim)
-        self.predictor = mlp_head(encoder.embed_dim, head_hidden_dim)
+        self.projector = mlp_head(dim, head_hidden_dim)
+        self.predictor = mlp_head(dim, head_hidden_dim)
         # The official model runs its weight-init pass after building the heads, so they are
         # xavier-uniform too (PyTorch's default would start the second layer about 2x smaller
         # at ViT-B); BatchNorm keeps weight 1, bias 0.
@@ -58,6 +53,19 @@ class LUT(MaskedAutoencoder):
     @property
     def symmetric(self) -> bool:
         return self.direction == "symmetric"
+
+
+class LUT(BroaderContext, MaskedAutoencoder):
+    def __init__(
+        self,
+        encoder: ViTEncoder,
+        head_hidden_dim: int = 4096,
+        lam: float = 0.25,
+        direction: str = "symmetric",
+        **mae_kwargs,
+    ):
+        super().__init__(encoder, **mae_kwargs)
+        self.add_broader_context(encoder.embed_dim, head_hidden_dim, lam, direction)
 
     def online(self, latent: torch.Tensor) -> torch.Tensor:
         """q = predictor(projector(mean of visible patch tokens))."""

@@ -6,7 +6,10 @@ so an exported encoder loads into timm with strict=True.
 
 ``forward(x, ids_keep)`` encodes only the patches listed in ``ids_keep``
 (MAE/LUT students see the visible tokens); ``ids_keep=None`` encodes all
-(the LUT target and evaluation).
+(the LUT target and evaluation). ``forward(x, mask=m, mask_token=t)`` keeps all
+patches but replaces the embedding of each masked one by ``t`` before the
+positions are added (SimMIM's student; ``t`` lives in the SimMIM model, so this
+state dict stays timm's).
 """
 
 from __future__ import annotations
@@ -84,17 +87,25 @@ class ViTEncoder(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def tokens(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch embedding + positions (+ selection of ``ids_keep``) + cls token, before the blocks."""
-        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
+    def tokens(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding (masked patches -> ``mask_token``) + positions (+ selection of ``ids_keep``) + cls token.
+
+        ``mask``: (B, L), 1 = replace that patch's embedding by ``mask_token`` (1, 1, D).
+        """
+        x = self.patch_embed(x)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1).bool(), mask_token, x)
+        x = x + self.pos_embed[:, 1:, :]
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """Encoded tokens after the final LayerNorm, (B, 1 + K, D) with the cls token first."""
-        x = self.tokens(x, ids_keep)
+        x = self.tokens(x, ids_keep, mask, mask_token)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)

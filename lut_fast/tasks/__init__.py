@@ -10,8 +10,9 @@ from lut_fast.errors import UserError
 from lut_fast.tasks.base import Task
 from lut_fast.tasks.lut import LUTTask
 from lut_fast.tasks.mae import MAETask
+from lut_fast.tasks.simmim import LUTSimMIMTask, SimMIMTask
 
-TASKS: dict[str, type[Task]] = {"mae": MAETask, "lut": LUTTask}
+TASKS: dict[str, type[Task]] = {"mae": MAETask, "lut": LUTTask, "simmim": SimMIMTask, "lut_simmim": LUTSimMIMTask}
 
 
 def build_task(cfg) -> Task:
@@ -21,4 +22,4 @@ def build_task(cfg) -> Task:
     return TASKS[cfg.method].from_config(cfg)
 
 
-__all__ = ["TASKS", "LUTTask", "MAETask", "Task", "build_task"]
+__all__ = ["TASKS", "LUTSimMIMTask", "LUTTask", "MAETask", "SimMIMTask", "Task", "build_task"]

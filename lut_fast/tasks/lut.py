@@ -21,6 +21,7 @@ from lut_fast.tasks.base import Task
 class LUTTask(Task):
     name = "lut"
     views = 2
+    baseline = "mae"  # what lambda = 0 trains
     sync_batchnorm = True  # BatchNorm in the heads over the global batch (docs/METHOD.md, "7. BatchNorm in the heads")
 
     def __init__(self, model: LUT, momentum_start: float = 0.996, momentum_end: float = 1.0):
@@ -57,10 +58,10 @@ class LUTTask(Task):
             self.target.compile()  # in place: the target's full-image passes are a large share of LUT's FLOPs
 
     def training_flops_per_image(self, cfg) -> float:
-        if self.target is None:  # lambda = 0: the student's forward is MAE's, and there is no target pass
+        if self.target is None:  # lambda = 0: the student's forward is its baseline's, and there is no target pass
             from lut_fast.flops import ArchDims, training_flops
 
-            return float(training_flops(ArchDims.from_config(cfg), "mae").total)
+            return float(training_flops(ArchDims.from_config(cfg), self.baseline).total)
         return super().training_flops_per_image(cfg)
 
     def init_weights(self, path: str) -> str:
