@@ -52,6 +52,12 @@ def test_lambda_zero_is_decided_by_the_lut_task(tmp_path):
     assert one.training_flops_per_image(tiny_config(tmp_path, "lut.lam=1.0")) > 2 * mae_flops
 
 
+def test_lambda_zero_flops_are_the_baselines_for_lut_on_simmim_too(tmp_path):
+    simmim = tiny_config(tmp_path, method="simmim")
+    zero = tiny_config(tmp_path, "lut.lam=0", method="lut_simmim")
+    assert build_task(zero).training_flops_per_image(zero) == build_task(simmim).training_flops_per_image(simmim)
+
+
 def test_the_loop_step_and_bench_never_ask_which_method_they_run():
     asks = []
     for path in (REPO / "lut_fast").rglob("*.py"):
