@@ -129,6 +129,8 @@ def normalize_into(out: torch.Tensor, x: torch.Tensor, spec: AugSpec) -> torch.T
     scale, shift = normalize_constants(spec, out.device)
     if out.device.type != "cpu":
         return torch.addcmul(shift, x, scale, out=out)
+    if x.dtype == torch.float32:  # (the same two roundings, one pass less)
+        return torch.mul(x, scale, out=out).add_(shift)
     return out.copy_(x).mul_(scale).add_(shift)
 
 
