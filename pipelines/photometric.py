@@ -350,16 +350,33 @@ def apply_strong_uint8(x: torch.Tensor, params: torch.Tensor, spec: AugSpec,
 
     ``out`` (uint8, may be ``x`` itself) receives the result: the rounding
     and the conversion back to uint8 are then one pass. On a CPU the batch
-    goes through ``CPU_CHUNK`` images at a time: every float temporary is then
-    a few MB, which the allocator hands back for reuse, where a whole batch's
-    (20 MB at 32 x 224 px) is returned to the OS and faulted in afresh each
-    time; that, and the passes staying in cache, made the ops ~1.5x cheaper.
-    Each image's result is the same either way (the ops are per image).
+    goes through ``CPU_CHUNK`` images at a time (``apply_strong_rounded``).
     """
     if out is None:
         out = torch.empty_like(x)
+
+    def write(start: int, stop: int, y: torch.Tensor) -> None:
+        out[start:stop].copy_(y)
+
+    apply_strong_rounded(x, params, spec, write)
+    return out
+
+
+def apply_strong_rounded(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, write) -> None:
+    """The ops on uint8 ``x`` (0..255), rounded; ``write(start, stop, y)`` receives images start..stop-1.
+
+    ``y`` is float, whole numbers in [0, 255] (what the uint8 result would
+    hold), valid only during the call: the caller converts it (to uint8, or
+    normalised float in the CPU-only loader, with no uint8 round trip). On a
+    CPU the batch goes through ``CPU_CHUNK`` images at a time: every float
+    temporary is then a few MB, which the allocator hands back for reuse,
+    where a whole batch's (20 MB at 32 x 224 px) is returned to the OS and
+    faulted in afresh each time; that, and the passes staying in cache, made
+    the ops ~1.5x cheaper. Each image's result is the same either way (the
+    ops are per image).
+    """
     step = CPU_CHUNK if x.device.type == "cpu" else x.shape[0]
     for i in range(0, x.shape[0], step):
-        y = apply_strong_(x[i : i + step].float(), params[i : i + step], spec, value_range=255.0).round_()
-        out[i : i + step].copy_(y)
-    return out
+        stop = min(i + step, x.shape[0])
+        y = apply_strong_(x[i:stop].float(), params[i:stop], spec, value_range=255.0).round_()
+        write(i, stop, y)

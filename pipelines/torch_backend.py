@@ -15,7 +15,10 @@ A DataLoader whose workers each build whole batches (``__getitems__``):
   resize here), reflect-pad once, then each view is an S x S window of the
   padded image, mirrored with probability flip_p, copied straight into the
   batch. MAE: RandomResizedCrop (torchvision's rule) as one resize of the box.
-* Batches are uint8 NCHW, built whole by one worker. Workers are threads
+* Batches are uint8, built whole by one worker: NHWC memory when handed
+  over for the device stage (windows of the HWC image are row copies; the
+  device writes the model's layout), NCHW when view 2's ops still run here
+  (``DualViewDataset.channels_last_views``). Workers are threads
   of the training process by default (``workers="threads"``, config
   ``data.torch_workers``): the decoders and torch's ops release the GIL, and
   each batch is written into a ring of reused buffers (pinned on CUDA), so
@@ -26,8 +29,12 @@ A DataLoader whose workers each build whole batches (``__getitems__``):
 * View 2's photometric ops (``photometric.py``, batched) run in the worker,
   on its whole batch (``photometric_on=loader``: with thread workers that
   measured cheaper than running them in the consumer, and they overlap the
-  training step), or after the copy to the training device (``device``);
-  normalisation is always in ``batch.finish_batch``.
+  training step), or after the copy to the training device (``device``).
+  Normalisation is ``batch.finish_batch``'s, except in CPU-only training with
+  thread workers: there the threads write the normalised float32 views into
+  a second ring of reused buffers (``_ThreadedBatches``), off the consumer's
+  thread and out of fresh memory; the values are the same.
+* Freed memory is kept for reuse (``malloc.keep_freed_memory``, glibc).
 
 Randomness: every random number of sample ``i`` in epoch ``e`` is a hash of
 (seed, e, i) and a draw counter (splitmix64, vectorised over the batch), so
@@ -54,8 +61,8 @@ import torch.nn.functional as F
 
 from lut_fast.errors import UserError
 
-from . import photometric
-from .batch import Batch, RawBatch, finish_batch, resolve_photometric_on
+from . import malloc, photometric
+from .batch import Batch, RawBatch, finish_batch, normalize_into, resolve_photometric_on
 from .spec import AugSpec
 
 try:  # optional: the `jpeg` extra (libjpeg-turbo, ~10 % faster than torchvision's decode_jpeg)
@@ -134,21 +141,36 @@ def load_rgb(path: str) -> torch.Tensor:
             return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
 
 
-def _resize(img: torch.Tensor, height: int, width: int, interpolation: str) -> torch.Tensor:
-    """uint8 (3, h, w) -> (1, 3, height, width); bilinear/bicubic antialiased like PIL's filters."""
-    x = img.unsqueeze(0)
+def _batch_of_one(img: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """(3, H, W) -> (1, 3, H, W); ``channels_last``: with strides that say so when the memory is HWC.
+
+    The fast decoders give HWC memory. Told so, torch's uint8 resize reads and
+    writes HWC (measured 20 % cheaper than writing planar output); a plain
+    ``unsqueeze`` leaves the batch stride ambiguous and the output planar.
+    """
+    if channels_last:
+        return img.permute(1, 2, 0).unsqueeze(0).permute(0, 3, 1, 2)
+    return img.unsqueeze(0)
+
+
+def _resize(img: torch.Tensor, height: int, width: int, interpolation: str, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (3, h, w) -> (1, 3, height, width); bilinear/bicubic antialiased like PIL's filters.
+
+    ``channels_last``: HWC memory in and out where the input is HWC (``_batch_of_one``); the pixels are the same.
+    """
+    x = _batch_of_one(img, channels_last)
     if interpolation == "nearest":
         return F.interpolate(x, size=(height, width), mode="nearest-exact")
     return F.interpolate(x, size=(height, width), mode=interpolation, antialias=True)
 
 
-def resize_shorter(img: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
-    """(3, H, W) -> (1, 3, h, w) with min(h, w) == size; no resize when it already is."""
+def resize_shorter(img: torch.Tensor, size: int, interpolation: str, channels_last: bool = False) -> torch.Tensor:
+    """(3, H, W) -> (1, 3, h, w) with min(h, w) == size; no resize when it already is. ``channels_last``: see ``_resize``."""
     h, w = img.shape[1:]
     if min(h, w) == size:
-        return img.unsqueeze(0)
+        return _batch_of_one(img, channels_last)
     scale = size / min(h, w)
-    return _resize(img, max(size, round(h * scale)), max(size, round(w * scale)), interpolation)
+    return _resize(img, max(size, round(h * scale)), max(size, round(w * scale)), interpolation, channels_last)
 
 
 def rrc_box_from_uniforms(width: int, height: int, spec: AugSpec, u) -> tuple[int, int, int, int]:
@@ -198,6 +220,34 @@ def _new_batch(shape: tuple[int, ...]) -> torch.Tensor:
 _PAD_MODES = {"reflect": "reflect", "edge": "replicate", "constant": "constant"}
 
 
+def pad_hwc(img: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
+    """(H, W, C) -> (H + 2 pad, W + 2 pad, C), HWC memory, as ``F.pad`` pads (3, H, W) in ``_PAD_MODES[mode]``.
+
+    A few slice copies: torch's reflection padding of channels-last uint8
+    memory was 15x dearer than of planar memory here, and the windows are
+    cheap to cut from HWC memory into NHWC batches.
+    """
+    h, w, c = img.shape
+    out = img.new_empty((h + 2 * pad, w + 2 * pad, c))
+    out[pad : pad + h, pad : pad + w] = img
+    if mode == "reflect":  # mirror about the edge pixel, which is not repeated (numpy's "reflect")
+        out[pad : pad + h, :pad] = img[:, 1 : pad + 1].flip(1)
+        out[pad : pad + h, pad + w :] = img[:, w - pad - 1 : w - 1].flip(1)
+        out[:pad] = out[pad + 1 : 2 * pad + 1].flip(0)
+        out[pad + h :] = out[h - 1 : h + pad - 1].flip(0)
+    elif mode == "edge":
+        out[pad : pad + h, :pad] = img[:, :1]
+        out[pad : pad + h, pad + w :] = img[:, w - 1 :]
+        out[:pad] = out[pad : pad + 1]
+        out[pad + h :] = out[pad + h - 1 : pad + h]
+    else:  # constant: zeros
+        out[:pad] = 0
+        out[pad + h :] = 0
+        out[pad : pad + h, :pad] = 0
+        out[pad : pad + h, pad + w :] = 0
+    return out
+
+
 def _put(out: torch.Tensor, window: torch.Tensor, flip: bool) -> None:
     out.copy_(window.flip(-1) if flip else window)
 
@@ -238,10 +288,16 @@ class DualViewDataset(torch.utils.data.Dataset):
         """One sample as a batch of one (the DataLoader uses ``__getitems__``)."""
         return unpack_batch(self.__getitems__([key]))
 
-    def __getitems__(self, keys: Sequence[tuple[int, int]], views: torch.Tensor | None = None) -> dict:
-        """The batch of ``keys``; ``views`` (uint8, ``batch_shape(len(keys))``): where to write the views."""
+    def __getitems__(self, keys: Sequence[tuple[int, int]], views: torch.Tensor | None = None,
+                     normalised: torch.Tensor | None = None) -> dict:
+        """The batch of ``keys``; ``views`` (uint8, ``batch_shape(len(keys))``): where to write the views.
+
+        ``normalised`` (float32, the same shape, any memory format): also
+        normalise the views into it, and return it as the views (CPU-only
+        training with thread workers; needs view 2's ops in the loader).
+        """
         try:
-            return self._build(keys, views)
+            return self._build(keys, views, normalised)
         except UserError as e:  # sent as data: raised in the main process as a one-line error
             return {"error": str(e)}
 
@@ -249,7 +305,32 @@ class DualViewDataset(torch.utils.data.Dataset):
         """(views, n, 3, S, S): both views of a batch in one buffer."""
         return (2 if self.spec.recipe == "lut" else 1, n, 3, self.spec.img_size, self.spec.img_size)
 
-    def _build(self, keys: Sequence[tuple[int, int]], views: torch.Tensor | None = None) -> dict:
+    @property
+    def channels_last_views(self) -> bool:
+        """Whether the uint8 views are written channels-last (NHWC memory, ``batch_shape`` as the logical shape).
+
+        The decoders give HWC images and the resize keeps that layout, so an
+        NHWC window is a copy of whole pixel rows, where an NCHW one is a
+        transposing copy (measured 4-10x dearer per view). Views handed over
+        for the device stage are NHWC (the device converts, and writes the
+        layout the model asks for); views this loader still works on (view 2's
+        photometric ops, which want planar memory) stay NCHW.
+        """
+        return not self.photometric_in_loader
+
+    def new_views(self, n: int, alloc=None) -> torch.Tensor:
+        """An uninitialised uint8 views buffer, logical shape ``batch_shape(n)``, in this loader's layout.
+
+        ``alloc(shape)`` makes the memory (default: ``torch.empty`` uint8).
+        """
+        alloc = alloc or (lambda shape: torch.empty(shape, dtype=torch.uint8))
+        v, n, c, s, _ = self.batch_shape(n)
+        if self.channels_last_views:
+            return alloc((v, n, s, s, c)).permute(0, 1, 4, 2, 3)
+        return alloc((v, n, c, s, s))
+
+    def _build(self, keys: Sequence[tuple[int, int]], views: torch.Tensor | None = None,
+               normalised: torch.Tensor | None = None) -> dict:
         spec, s = self.spec, self.spec.img_size
         n = len(keys)
         epochs = [k[0] for k in keys]
@@ -259,7 +340,7 @@ class DualViewDataset(torch.utils.data.Dataset):
         # Both views in one buffer: one shared-memory file per batch to hand over (each costs the main
         # process a file-descriptor transfer); labels and parameters are small and travel pickled.
         if views is None:
-            views = _new_batch(self.batch_shape(n))
+            views = self.new_views(n, _new_batch)
         view1, view2 = views[0], (views[1] if lut else None)
         labels = np.empty(n, dtype=np.int64)
         bad: list[str] = []
@@ -271,23 +352,39 @@ class DualViewDataset(torch.utils.data.Dataset):
                 self._src_views(img, ui, view1[i], view2[i])
             else:
                 left, top, w, h = rrc_box_from_uniforms(img.shape[2], img.shape[1], spec, ui)
-                crop = _resize(img[:, top : top + h, left : left + w], s, s, spec.interpolation)[0]
+                crop = _resize(img[:, top : top + h, left : left + w], s, s, spec.interpolation,
+                               self.channels_last_views)[0]
                 _put(view1[i], crop, ui[2 * RRC_ATTEMPTS + 2] < spec.flip_p)
         params = None
         if lut:
             params = photometric.params_from_uniforms(spec, u[:, LUT_PHOTOMETRIC])
             if self.photometric_in_loader:
-                photometric.apply_strong_uint8(view2, params, spec, out=view2)
+                if normalised is None:
+                    photometric.apply_strong_uint8(view2, params, spec, out=view2)
+                else:  # straight from the ops' rounded floats: the same values as through uint8, one pass less
+                    out2 = normalised[1]
+                    photometric.apply_strong_rounded(
+                        view2, params, spec, lambda a, b, y: normalize_into(out2[a:b], y, spec))
                 params = None
+        if normalised is not None:
+            if params is not None:
+                raise ValueError("normalised views need view 2's photometric ops in the loader")
+            for a in range(0, n, photometric.CPU_CHUNK):  # a chunk's uint8 and float32 stay in cache
+                normalize_into(normalised[0][a : a + photometric.CPU_CHUNK], view1[a : a + photometric.CPU_CHUNK], spec)
+            views = normalised
         return {"views": views, "params": None if params is None else params.numpy(), "labels": labels, "bad": bad}
 
     def _src_views(self, img: torch.Tensor, u: list[float], out1: torch.Tensor, out2: torch.Tensor) -> None:
         """Both SRC views of one image: one resize and one padding shared, two windows."""
         spec, s, pad = self.spec, self.spec.img_size, self.spec.src_padding
-        base = resize_shorter(img, s, spec.interpolation)
-        if pad:
-            base = F.pad(base, (pad, pad, pad, pad), mode=_PAD_MODES[spec.src_padding_mode])
-        base = base[0]
+        nhwc = self.channels_last_views  # then HWC memory throughout: resize, padding, windows
+        base = resize_shorter(img, s, spec.interpolation, channels_last=nhwc)
+        if pad and nhwc:
+            base = pad_hwc(base[0].permute(1, 2, 0), pad, spec.src_padding_mode).permute(2, 0, 1)
+        elif pad:
+            base = F.pad(base, (pad, pad, pad, pad), mode=_PAD_MODES[spec.src_padding_mode])[0]
+        else:
+            base = base[0]
         hp, wp = base.shape[1:]
         d = LUT_DRAWS
         for out, top, left, flip in ((out1, d["top1"], d["left1"], d["flip1"]), (out2, d["top2"], d["left2"], d["flip2"])):
@@ -367,6 +464,7 @@ def _worker_init(worker_id: int) -> None:
     import signal
     import threading
 
+    malloc.keep_freed_memory()  # a spawned worker does not inherit the parent's malloc settings
     stop = {signal.SIGTERM, signal.SIGUSR1}
     parent = os.getppid()
     armed = threading.Event()
@@ -517,6 +615,14 @@ def _close_all() -> None:
         pool.close(join_s=60.0)
 
 
+def _storage_use_count(t: torch.Tensor) -> int:
+    """How many tensors (and storage objects) share ``t``'s memory; -1 where torch cannot say (never equal)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:  # pragma: no cover - every torch this project supports has it
+        return -1
+    return count(t.untyped_storage()._cdata)
+
+
 class _ThreadedBatches:
     """Batches built by a pool of threads into a ring of reused buffers (``resolve_worker_kind``).
 
@@ -530,15 +636,30 @@ class _ThreadedBatches:
     stream for the one it had: its non-blocking copies to the device were
     queued before that point, and the thread that next writes into that buffer
     waits for the event first.
+
+    ``normalise`` (CPU-only training: the views stay on the CPU and view 2's
+    ops run here): the threads also write the normalised float32 views, in
+    ``channels_last`` memory if asked, into a second ring, so the consumer
+    gets finished batches. That moves the normalisation off the consumer's
+    thread (where an OpenMP team of its own spin-waited against the loader
+    threads) and out of fresh memory: a float32 batch is 38 MB at 32 x 224 px,
+    which the allocator hands back to the OS and faults in afresh each time.
+    These float views are handed out as they are, and the consumer may keep
+    them: a float buffer still referenced when its slot comes round again is
+    left to its holder and replaced by a new one (``_float_buffer``).
     """
 
-    def __init__(self, dataset: DualViewDataset, batch_size: int, num_threads: int, device: torch.device):
+    def __init__(self, dataset: DualViewDataset, batch_size: int, num_threads: int, device: torch.device,
+                 normalise: bool = False, channels_last: bool = False):
         self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self.normalise, self.channels_last = normalise, channels_last
         self.pin = device.type == "cuda"
         self.num_threads = num_threads
         self.ahead = 2 * num_threads  # queued batches: every thread busy, one batch each in reserve
         self.depth = self.ahead + 2
         self.buffers: list[torch.Tensor | None] = [None] * self.depth
+        self.float_buffers: list[torch.Tensor | None] = [None] * self.depth
+        self.float_holders = [0] * self.depth  # each float buffer's storage use count while only the ring holds it
         self.events: list = [None] * self.depth
         self.made = 0  # batches started so far (across epochs: the slot numbering continues)
         self.pool: _DaemonPool | None = None
@@ -548,16 +669,32 @@ class _ThreadedBatches:
 
     def _buffer(self, slot: int) -> torch.Tensor:
         if self.buffers[slot] is None:
-            self.buffers[slot] = torch.empty(self.dataset.batch_shape(self.batch_size), dtype=torch.uint8,
-                                             pin_memory=self.pin)
+            self.buffers[slot] = self.dataset.new_views(
+                self.batch_size, lambda shape: torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin))
         return self.buffers[slot]
 
-    def _job(self, keys: list, slot: int, event) -> dict:
+    def _float_buffer(self, slot: int) -> torch.Tensor:
+        """The slot's float32 buffer; a new one if the consumer still holds (a view of) the batch last made in it."""
+        buf = self.float_buffers[slot]
+        # (a use count of -1: torch cannot tell, so never reuse)
+        if buf is None or self.float_holders[slot] < 0 or _storage_use_count(buf) != self.float_holders[slot]:
+            views, n, c, s, _ = self.dataset.batch_shape(self.batch_size)
+            if self.channels_last:
+                buf = torch.empty((views, n, s, s, c), dtype=torch.float32).permute(0, 1, 4, 2, 3)
+            else:
+                buf = torch.empty((views, n, c, s, s), dtype=torch.float32)
+            self.float_buffers[slot] = buf
+            self.float_holders[slot] = _storage_use_count(buf)
+        return buf
+
+    def _job(self, keys: list, slot: int, event, normalise: bool) -> dict:
         if event is not None:
             event.synchronize()  # the device copies out of this buffer are done
-        return self.dataset.__getitems__(keys, self._buffer(slot))
+        return self.dataset.__getitems__(keys, self._buffer(slot), self._float_buffer(slot) if normalise else None)
 
-    def batches(self, keys: list) -> Iterator[dict]:
+    def batches(self, keys: list, normalise: bool = False) -> Iterator[dict]:
+        """The batches of ``keys``, in order; ``normalise``: with float32 normalised views (needs ``self.normalise``)."""
+        normalise = normalise and self.normalise
         if self.pool is None:
             self.pool = _DaemonPool(self.num_threads, "lut-fast-loader", self.torch_threads)
         groups = [keys[i : i + self.batch_size] for i in range(0, len(keys) - self.batch_size + 1, self.batch_size)]
@@ -566,7 +703,7 @@ class _ThreadedBatches:
         def queue_next(b: int) -> None:
             slot = self.made % self.depth
             self.made += 1
-            pending.append((self.pool.submit(self._job, groups[b], slot, self.events[slot]), slot))
+            pending.append((self.pool.submit(self._job, groups[b], slot, self.events[slot], normalise), slot))
 
         try:
             for b in range(min(self.ahead, len(groups))):
@@ -620,13 +757,17 @@ class TorchLoader:
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
         self.photometric_on = resolve_photometric_on(photometric_on, self.device)
         self.workers = resolve_worker_kind(workers, num_workers) if num_workers > 0 else "main"
+        malloc.keep_freed_memory()  # the per-image temporaries are reused, not faulted in afresh
         self.dataset = DualViewDataset(samples, spec, seed, photometric_in_loader=self.photometric_on == "loader")
         self.sampler = EpochSampler(len(samples), batch_size, seed, rank, world_size)
         self.batch_size = batch_size
         self.threaded = None
         self.loader = None
         if self.workers == "threads":
-            self.threaded = _ThreadedBatches(self.dataset, batch_size, num_workers, self.device)
+            # CPU-only training: the threads deliver finished (normalised) views too (``_ThreadedBatches``).
+            normalise = self.device.type == "cpu" and self.photometric_on == "loader"
+            self.threaded = _ThreadedBatches(self.dataset, batch_size, num_workers, self.device, normalise=normalise,
+                                             channels_last=channels_last)
             self.prefetch = self.threaded.ahead  # batches made ahead of the consumer (bench's untimed drain)
             return
         self.loader = torch.utils.data.DataLoader(
@@ -654,10 +795,14 @@ class TorchLoader:
         With thread workers the views live in reused buffers: valid until the
         batch after the next one is requested (``_ThreadedBatches``).
         """
+        return self._raw_batches(normalised=False)
+
+    def _raw_batches(self, normalised: bool) -> Iterator[RawBatch]:
+        """``raw_batches``; ``normalised``: float32 views already normalised where the loader threads can do it."""
         if self.threaded is None:
             source = iter(self.loader)
         else:
-            source = self.threaded.batches(list(self.sampler))
+            source = self.threaded.batches(list(self.sampler), normalise=normalised)
         try:
             for raw in source:
                 if "error" in raw:  # raised while building (e.g. no readable image): one line, from here
@@ -668,7 +813,7 @@ class TorchLoader:
                 source.close()  # now, not at garbage collection: the ring is free when this returns
 
     def __iter__(self) -> Iterator[Batch]:
-        for raw in self.raw_batches():
+        for raw in self._raw_batches(normalised=True):
             yield finish_batch(raw, self.spec, self.device, self.channels_last)
 
     def close(self) -> None:

@@ -81,6 +81,38 @@ def test_views_are_windows_of_the_resized_image():
         assert np.abs(got - want).max() <= 2 and (got != want).mean() < 0.05  # torch's vs PIL's rounding
 
 
+@pytest.mark.parametrize("mode", ["reflect", "edge", "constant"])
+def test_hwc_padding_equals_torch_padding(mode):
+    for h, w, pad in ((7, 9, 4), (5, 5, 1), (12, 6, 3)):
+        x = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
+        want = torch.nn.functional.pad(x[None], (pad,) * 4, mode=tb._PAD_MODES[mode])[0]
+        assert torch.equal(tb.pad_hwc(x.permute(1, 2, 0), pad, mode).permute(2, 0, 1), want)
+
+
+@pytest.mark.parametrize("recipe", ["lut", "mae"])
+def test_channels_last_and_planar_views_are_the_same_pixels(recipe):
+    """Views handed over for the device stage are NHWC, those the loader works on NCHW: same pixels either way."""
+    spec = AugSpec(recipe=recipe, img_size=32)
+    samples = scan_image_folder(builtin_path()).samples[:6]
+    nhwc = DualViewDataset(samples, spec, seed=2, photometric_in_loader=False)
+    planar = DualViewDataset(samples, spec, seed=2, photometric_in_loader=True)
+    assert nhwc.channels_last_views and not planar.channels_last_views
+    if recipe == "mae":
+        keys = [(1, i) for i in range(6)]
+        a, b = nhwc.__getitems__(keys)["views"], planar.__getitems__(keys)["views"]
+        assert a[0].is_contiguous(memory_format=torch.channels_last) and b[0].is_contiguous()
+        assert torch.equal(a[0], b[0])
+        return
+    u = tb.sample_uniforms(2, [1] * 6, list(range(6)), tb.LUT_NUM_DRAWS)
+    a, b = nhwc.new_views(6), planar.new_views(6)
+    for i in range(6):  # the windows alone (the planar loader applies view 2's ops afterwards)
+        img = tb.load_rgb(samples[i][0])
+        nhwc._src_views(img, u[i].tolist(), a[0][i], a[1][i])
+        planar._src_views(img, u[i].tolist(), b[0][i], b[1][i])
+    assert a[0].is_contiguous(memory_format=torch.channels_last) and b[0].is_contiguous()
+    assert torch.equal(a, b)
+
+
 def test_stored_at_the_training_size_skips_the_resize(tmp_path):
     arr = np.random.default_rng(0).integers(0, 256, (32, 45, 3), dtype=np.uint8)
     Image.fromarray(arr).save(tmp_path / "a.png")
@@ -247,6 +279,45 @@ def test_thread_workers_never_overwrite_a_batch_the_consumer_may_still_hold():
     assert len(buffers) == ring  # the ring is reused, not reallocated
 
 
+@pytest.mark.parametrize("recipe,channels_last", [("lut", False), ("lut", True), ("mae", False)])
+def test_cpu_only_threads_normalise_as_the_device_stage_does(recipe, channels_last):
+    """CPU-only training: the loader threads hand over normalised float32 views equal to finish_batch's."""
+    spec = AugSpec(recipe=recipe, img_size=32)
+    got = {}
+    for workers, num in (("threads", 2), ("threads", 0)):
+        loader = build_loader("torch", None, spec, batch_size=8, num_workers=num, seed=5, photometric_on="loader",
+                              workers=workers, channels_last=channels_last)
+        loader.set_epoch(1)
+        it = iter(loader)
+        got[num] = [next(it) for _ in range(3)]
+        it.close()
+    assert got[2][0].view1.dtype == torch.float32
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for a, b in zip(got[0], got[2]):  # num_workers=0: uint8 views normalised by finish_batch in the consumer
+        assert b.view1.is_contiguous(memory_format=fmt)
+        assert torch.equal(a.view1, b.view1) and torch.equal(a.labels, b.labels)
+        assert (a.view2 is None and b.view2 is None) or torch.equal(a.view2, b.view2)
+
+
+def test_normalised_batches_the_consumer_keeps_are_never_overwritten():
+    """The float ring reuses a buffer only once nothing refers to it; kept batches get their own memory."""
+    loader = build_loader("torch", None, AugSpec(img_size=32), batch_size=4, num_workers=2, seed=1,
+                          photometric_on="loader", workers="threads")
+    ring = loader.threaded.depth
+    loader.set_epoch(0)
+    kept = [(b, b.view1.clone(), b.view2.clone()) for b in loader]  # every batch held to the end
+    assert len(kept) > ring
+    for b, v1, v2 in kept:
+        assert torch.equal(b.view1, v1) and torch.equal(b.view2, v2)
+    assert len({b.view1.untyped_storage().data_ptr() for b, _, _ in kept}) == len(kept)
+    del kept, b
+    loader.set_epoch(1)
+    seen = set()
+    for b in loader:  # dropped as soon as the next one comes: the ring's buffers are reused
+        seen.add(b.view1.untyped_storage().data_ptr())
+    assert len(seen) <= ring
+
+
 def test_leaving_mid_epoch_stops_the_threads_writing():
     """A consumer that stops early (stop signal, break) leaves no job behind to write into the next epoch's batches."""
     loader = build_loader("torch", None, AugSpec(img_size=32), batch_size=4, num_workers=2, seed=3,
@@ -308,3 +379,21 @@ def test_loader_threads_leave_the_trainers_torch_threads_alone():
     assert torch.get_num_threads() == before and seen == [before]  # this thread and threads started later
     assert loader.threaded.pool.submit(torch.get_num_threads).result() == 1  # the loader's own: one each
     loader.close()
+
+
+def test_malloc_tuning_respects_the_users_choice(monkeypatch):
+    """Freed memory kept for reuse (glibc): not with LUT_FAST_MALLOC_TUNING=0 or the user's own malloc settings."""
+    import platform
+
+    from lut_fast.pipelines import malloc
+
+    monkeypatch.setenv(malloc.OPT_OUT, "0")
+    assert malloc._apply() is False
+    monkeypatch.delenv(malloc.OPT_OUT)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    assert malloc._apply() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    for name in malloc.USER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert malloc._apply() is expected
