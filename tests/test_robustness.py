@@ -104,6 +104,21 @@ def test_every_corruption_is_deterministic_per_image_and_changes_pixels():
     assert torch.equal(first[0], ds[3][0]) and torch.equal(first[1], ds[1][0])  # any order, same pixels
 
 
+@pytest.mark.timeout(180)
+def test_loader_processes_corrupt_after_the_parent_probed_at_full_size():
+    """The probe runs every corruption in the parent at the classifier's size (224 px starts OpenCV's thread
+    pool); forked loader processes must still corrupt (a thread setting in them once waited forever)."""
+    from lut_fast.evaluation.robustness import _loader, probe_corruptions
+
+    usable, skipped = probe_corruptions(list(CORRUPTION_GROUPS["all"]), 224)
+    assert usable == list(CORRUPTION_GROUPS["all"]) and skipped == {}
+    val = scan_set("val", None, 4)
+    for name in ("defocus_blur", "zoom_blur", "frost"):  # OpenCV and scipy filters
+        ds = ConditionImages(val.samples, val.root, 224, 0.875, name, 2, seed=0)
+        batches = list(_loader(ds, 2, 2, torch.device("cpu")))
+        assert torch.equal(torch.cat([x for x, _ in batches]), torch.stack([ds[i][0] for i in range(len(ds))]))
+
+
 # ---------------------------------------------------------------- class mapping
 
 

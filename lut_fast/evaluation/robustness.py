@@ -486,8 +486,10 @@ class Scorer:
 
 
 def _loader(dataset, batch_size: int, workers: int, device: torch.device):
+    # No thread settings in the workers: cv2.setNumThreads in a forked worker waits forever on the parent's
+    # OpenCV thread pool (which the corruption probe started), so the workers keep OpenCV as forked.
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=device.type == "cuda", persistent_workers=False)
+                                       pin_memory=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -659,6 +661,7 @@ def run_robustness(classifier_paths: Sequence[str | os.PathLike], cfg: Robustnes
     val_samples = kept(val)
     passes = batches(len(val_samples)) * (1 + len(usable) * len(severities)) + sum(batches(len(kept(s))) for s in shifts)
     results = [{"label": c.info["label"], "corruptions": {}, "shift": {}} for c in classifiers]
+    seconds: dict[str, float] = {}  # wall time of each pass over a set (loading, corrupting, every classifier)
     with progress(show_progress) as bar:
         task = bar.add_task("robustness", total=passes, info="") if bar is not None else None
 
@@ -667,11 +670,13 @@ def run_robustness(classifier_paths: Sequence[str | os.PathLike], cfg: Robustnes
                 bar.update(task, description=text)
 
         describe("clean + occluded")
+        t_pass = time.perf_counter()
         variants = [lambda x: x]
         if side > 0:
             variants.append(lambda x: occlude_center(x, fraction, cfg.occlusion_fill))
         scores = _score_pass(_loader(ConditionImages(val_samples, val.root, img_size, cfg.crop_pct), cfg.batch_size,
                                      cfg.workers, device), classifiers, mappings["val"], device, bar, task, variants)
+        seconds["clean + occluded"] = round(time.perf_counter() - t_pass, 2)
         for k, r in enumerate(results):
             r["clean_top1"] = scores[0][k]
             if side > 0:
@@ -680,16 +685,20 @@ def run_robustness(classifier_paths: Sequence[str | os.PathLike], cfg: Robustnes
         for name in usable:
             for sev in severities:
                 describe(f"{name} {sev}")
+                t_pass = time.perf_counter()
                 ds = ConditionImages(val_samples, val.root, img_size, cfg.crop_pct, name, sev, cfg.seed)
                 scores = _score_pass(_loader(ds, cfg.batch_size, cfg.workers, device), classifiers, mappings["val"],
                                      device, bar, task, [lambda x: x])
+                seconds[f"{name} {sev}"] = round(time.perf_counter() - t_pass, 2)
                 for k, r in enumerate(results):
                     r["corruptions"].setdefault(name, {})[sev] = scores[0][k]
         for s in shifts:
             describe(s.name)
+            t_pass = time.perf_counter()
             samples = kept(s)
             scores = _score_pass(_loader(ConditionImages(samples, s.root, img_size, cfg.crop_pct), cfg.batch_size,
                                          cfg.workers, device), classifiers, mappings[s.name], device, bar, task, [lambda x: x])
+            seconds[s.name] = round(time.perf_counter() - t_pass, 2)
             for k, (r, c) in enumerate(zip(results, classifiers)):
                 r["shift"][s.name] = {"top1": scores[0][k], "images": len(samples),
                                       **mappings[s.name][k].describe(len(c.classes))}
@@ -725,6 +734,7 @@ def run_robustness(classifier_paths: Sequence[str | os.PathLike], cfg: Robustnes
                           "class_folders": len(s.folders)} for s in [val, *shifts]},
         "settings": asdict(cfg),
         "seconds": round(time.perf_counter() - t0, 2),
+        "seconds_per_pass": seconds,
     }
     out = Path(cfg.out) if cfg.out is not None else None
     if out is not None:
