@@ -250,3 +250,31 @@ def test_cli_writes_table_json_and_plot_for_two_classifiers_with_a_shift_set(cla
     assert proc.stderr.strip().splitlines() == [
         f"lut-fast: error: odd: 1 of its 1 class folders are not classes of the classifier (not-a-class; the classifier's "
         f"are e.g. checker, circle, cross) nor class indices; give a mapping file: --class-map odd=FILE"]
+
+
+def test_a_runs_finetuned_classifier_lands_in_the_runs_eval_folder_and_report_row(tmp_path):
+    """pre-train -> eval finetune -> eval robustness (default --out) -> lut-fast report on the run folder."""
+    from typer.testing import CliRunner
+
+    from lut_fast.evaluation.cli import eval_app
+    from lut_fast.evaluation.finetune import run_finetune
+    from lut_fast.report import collect_rows, to_markdown
+    from lut_fast.train import train
+
+    from helpers import tiny_config
+
+    run = tmp_path / "run"
+    pretrained = train(tiny_config(run, max_steps=2)).last_checkpoint
+    run_finetune(pretrained, out=run / "eval" / "finetune", max_steps=1, batch_size=16, mixup=0, cutmix=0,
+                 randaug="none", reprob=0, **FAST)
+    res = CliRunner().invoke(eval_app, ["robustness", str(run / "eval" / "finetune" / "finetuned.pt"), "--corruptions",
+                                        "pixelate", "--severities", "2", "--max-images", "20", "--workers", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((run / "eval" / "robustness" / "robustness.json").read_text())
+    assert result["classifiers"][0]["source_checkpoint"] == str(pretrained) and result["classifiers"][0]["method"] == "lut"
+    assert result["protocol"]["settings"]["corruptions"] == "pixelate" and result["protocol"]["data"]["source"] == "built-in"
+    rows = collect_rows([run])
+    assert len(rows) == 1 and rows[0].label == "run"  # joined to the run through the pre-training checkpoint
+    assert rows[0].values["occluded"] == result["results"][0]["occluded_top1"]
+    assert rows[0].values["corrupted"] == result["results"][0]["corruption_mean_top1"] == result["results"][0]["corruptions"]["pixelate"]["2"]
+    assert "| center-occluded top-1 | corruption mean top-1 |" in to_markdown(rows).splitlines()[0]
