@@ -294,8 +294,8 @@ def load_classifier(path: str | os.PathLike, label: str | None = None) -> Classi
     if isinstance(ckpt, dict) and "finetuned" in ckpt:
         from timm.models.vision_transformer import VisionTransformer
 
-        kwargs = dict(ckpt["timm_kwargs"])
-        model = VisionTransformer(qkv_bias=True, **kwargs)
+        kwargs = {"qkv_bias": True, **ckpt["timm_kwargs"]}  # qkv_bias: as build_classifier made it
+        model = VisionTransformer(**kwargs)
         model.load_state_dict(ckpt["model"])
         source = ckpt.get("source") or {}
         return Classifier(model.eval(), list(ckpt["classes"]), kwargs["img_size"], kwargs["patch_size"], {
@@ -793,6 +793,7 @@ def plot_robustness(results: Sequence[dict], out: str | os.PathLike) -> Path:
     else:
         for ax in (ax_corr, ax_sev):
             ax.text(0.5, 0.5, "no corruptions run", ha="center", va="center", transform=ax.transAxes)
+        ax_corr.set_xticks([])
     ax_corr.set(title="top-1 per corruption (mean over severities)", ylabel="top-1 (%)")
     ax_sev.set(title="top-1 against severity (0 = clean)", xlabel="severity", ylabel="top-1 (%)")
     ax_sev.set_xticks(range(6))
