@@ -3,7 +3,8 @@
 Each argument is a run folder or a result JSON of ``eval`` / ``analyze``. A
 run folder contributes its method, steps, final loss and last online k-NN
 (``metrics.jsonl``) and the results under ``<run>/eval/`` (k-NN, linear
-probe, fine-tuning). A result JSON is matched to its run through the
+probe, fine-tuning, robustness: center-occluded and corruption-mean top-1,
+mCE; a robustness result's classifiers join the run they were trained from). A result JSON is matched to its run through the
 checkpoint it evaluated (``<run>/checkpoints/*.pt``); results of checkpoints
 outside a run folder get rows of their own. Attention-distance results add
 one column per layer (the mean over heads, as a fraction of the image side).
@@ -19,9 +20,12 @@ from typing import Optional
 
 from lut_fast.errors import UserError
 
-EVAL_FILES = {"knn": "eval/knn/knn.json", "linear": "eval/linear/linear.json", "finetune": "eval/finetune/finetune.json"}
+EVAL_FILES = {"knn": "eval/knn/knn.json", "linear": "eval/linear/linear.json", "finetune": "eval/finetune/finetune.json",
+              "robustness": "eval/robustness/robustness.json"}
 COLUMNS = [("method", "method"), ("steps", "steps"), ("final_loss", "final loss"), ("online_knn", "online k-NN"),
-           ("knn", "k-NN top-1"), ("linear", "linear top-1"), ("finetune", "fine-tune top-1")]
+           ("knn", "k-NN top-1"), ("linear", "linear top-1"), ("finetune", "fine-tune top-1"),
+           ("occluded", "center-occluded top-1"), ("corrupted", "corruption mean top-1"), ("mce", "mCE")]
+PERCENT_COLUMNS = ("knn", "linear", "finetune", "online_knn", "occluded", "corrupted", "mce")
 
 
 @dataclass
@@ -104,6 +108,17 @@ class Table:
             row.values[command] = result["top1"]
             method = (result.get("encoder") or {}).get("method")
             row.values.setdefault("method", method)
+        elif command == "robustness":
+            from lut_fast.evaluation.robustness import report_values
+
+            used: set[int] = set()
+            for classifier, values in report_values(result):  # rows by the pre-training checkpoint each came from
+                row = self.row_for_checkpoint(classifier["source_checkpoint"] or classifier["path"], classifier["label"])
+                if id(row) in used:  # a second classifier of the same encoder (fine-tuned and linear): its own row
+                    row = self.row(os.path.abspath(classifier["path"]), classifier["label"])
+                used.add(id(row))
+                row.values.update(values)
+                row.values.setdefault("method", classifier.get("method"))
         elif command == "attention-distance":
             for entry, ckpt in zip(result["checkpoints"], ckpts):
                 row = self.row_for_checkpoint(ckpt, entry["label"])
@@ -111,7 +126,7 @@ class Table:
                 row.values.setdefault("method", entry["encoder"].get("method"))
         else:
             raise UserError(
-                f"{path} is not a k-NN, linear, fine-tune or attention-distance result (command {command!r})"
+                f"{path} is not a k-NN, linear, fine-tune, robustness or attention-distance result (command {command!r})"
             )
 
 
@@ -139,7 +154,7 @@ def _cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     def fmt(key: str, v) -> str:
         if v is None:
             return "-"
-        if key in ("knn", "linear", "finetune", "online_knn"):
+        if key in PERCENT_COLUMNS:
             return f"{v:.2f}%"
         if key == "final_loss":
             return f"{v:.4f}"

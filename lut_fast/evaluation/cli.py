@@ -18,7 +18,7 @@ from lut_fast.errors import UserError
 from lut_fast.records import record_cli_result
 
 eval_app = typer.Typer(
-    help="Evaluate a pre-trained encoder: k-NN, linear probe, fine-tuning.", no_args_is_help=True, add_completion=False,
+    help="Evaluate a pre-trained encoder: k-NN, linear probe, fine-tuning; robustness of the classifiers they give.", no_args_is_help=True, add_completion=False,
 )
 
 CKPT_HELP = "Checkpoint: lut-fast .pt, an exported timm encoder, or an MAE-style {'model': ...} file."
@@ -181,3 +181,100 @@ def finetune(
     record_cli_result(ctx, out / "finetune.json", "eval finetune", [ckpt], data, train_data=train_data)
     top5 = f", top-5 {r['top5']:.2f}%" if "top5" in r else ""
     _say(f"fine-tuned {r['steps']} steps: top-1 [bold]{r['top1']:.2f}%[/]{top5}  ->  {out / 'finetune.json'}, {out / 'finetuned.pt'}")
+
+
+@eval_app.command("robustness")
+def robustness(
+    ctx: typer.Context,
+    classifiers: list[Path] = typer.Argument(..., help="finetuned.pt of `eval finetune` or linear_head.pt of `eval linear`; several are compared side by side."),
+    data: Optional[str] = typer.Option(None, help="Val split: ROOT/val or ROOT's class folders  (default: the built-in val split)."),
+    out: Optional[Path] = typer.Option(None, help="Results folder  (default: <run>/eval/robustness beside the first classifier)"),
+    occlusion: Optional[float] = typer.Option(None, help="Occluded share of the image area, a centred square  (default: one patch, the paper; 0 = skip)."),
+    occlusion_fill: str = typer.Option("black", help="black (pixels 0) | mean (normalisation mean)."),
+    corruptions: str = typer.Option("common", help="Comma list of corruption names and/or groups: noise, blur, weather, digital, common (the 15 of ImageNet-C), validation, all; none = skip."),
+    severities: str = typer.Option("1,2,3,4,5", help="Comma list of severities (1..5)."),
+    reference_errors: Optional[str] = typer.Option(None, help="Reference errors for mCE: alexnet (ImageNet-C's) or a YAML/JSON file (format in the README)."),
+    shift: Optional[list[str]] = typer.Option(None, help="Distribution-shift set NAME=FOLDER (repeatable): ImageNet-V2 / -R / -A / -Sketch / ObjectNet layouts."),
+    class_map: Optional[list[str]] = typer.Option(None, help="NAME=FILE (repeatable): maps a set's folders to the classifier's classes (ObjectNet)."),
+    max_images: Optional[int] = typer.Option(None, help="Evaluate an evenly spaced subset of this many images per set (quick runs)."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: int = typer.Option(2, help="Data loading and corrupting processes."),
+    crop_pct: float = typer.Option(0.875, help="Center-crop fraction."),
+    seed: int = typer.Option(0, help="Seed of every image's corruption."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Robustness of classifiers: clean vs center-occluded, ImageNet-C corruptions (mCE), distribution-shift sets."""
+    from lut_fast.evaluation.robustness import RobustnessConfig, default_out, parse_pairs, run_robustness
+
+    for c in classifiers:
+        if not c.is_file():
+            raise UserError(f"classifier not found: {c}")
+    if out is None and len(classifiers) > 1:
+        raise UserError("several classifiers: give --out for their shared results")
+    try:
+        sev = [int(s) for s in severities.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--severities is a comma list of integers 1..5, got {severities!r}") from None
+    shifts, maps = parse_pairs(shift, "--shift"), parse_pairs(class_map, "--class-map")
+    out = out if out is not None else default_out(classifiers[0])
+    cfg = RobustnessConfig(
+        data=data, out=str(out), occlusion=occlusion, occlusion_fill=occlusion_fill, corruptions=[corruptions],
+        severities=sev, reference_errors=reference_errors, shift=shifts, class_map=maps, max_images=max_images,
+        batch_size=batch_size, workers=workers, crop_pct=crop_pct, seed=seed, device=device,
+    )
+    r = run_robustness(classifiers, cfg)
+    encoders = [c["source_checkpoint"] for c in r["classifiers"] if c["kind"] == "linear"]
+    record_cli_result(ctx, out / "robustness.json", "eval robustness", [*classifiers, *encoders], data,
+                      **{f"shift_{name}": path for name, path in shifts.items()})
+    from rich.console import Console
+
+    table, notes, needed = robustness_summary(r)
+    # Piped or in a narrow terminal, rich would squeeze the columns and cut the condition names: never.
+    console = Console()
+    console = Console(width=max(console.width, needed))
+    console.print(table)
+    for line in [*notes, f"->  {out / 'robustness.json'}, {r['plot']}"]:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def robustness_summary(r: dict):
+    """What is printed at the end: a table (one row per condition, one column per classifier), notes, and
+    the width the table needs."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    entries = r["results"]
+    table = Table(title="robustness: top-1 (%)")
+    table.add_column("condition")
+    for e in entries:
+        table.add_column(escape(e["label"]), justify="right")
+
+    widths = [len("condition")] + [max(8, len(e["label"])) for e in entries]
+
+    def row(name: str, values) -> None:
+        widths[0] = max(widths[0], len(name))
+        table.add_row(name, *[("-" if v is None else f"{v:.2f}") for v in values])
+
+    row("clean", [e["clean_top1"] for e in entries])
+    if "occluded_top1" in entries[0]:
+        occ = r["occlusion"]
+        row(f"center occluded ({occ['side_px']}x{occ['side_px']} px, {100 * occ['fraction']:.1f}%)", [e["occluded_top1"] for e in entries])
+    for name in r["corruptions_run"]:
+        sevs = ", ".join(f"{s}: " + "/".join(f"{e['corruptions'][name][str(s)]:.1f}" for e in entries) for s in r["severities"])
+        row(escape(f"{name}  ({sevs})") if len(r["severities"]) > 1 and len(entries) == 1 else name, [e["corruption_top1"][name] for e in entries])
+    if r["corruptions_run"]:
+        row("corruption mean", [e["corruption_mean_top1"] for e in entries])
+        if any("mce" in e for e in entries):
+            row(f"mCE vs {entries[0]['mce']['reference']} (lower is better)", [e["mce"]["mce"] for e in entries])
+            if any("relative_mce" in e["mce"] for e in entries):
+                row("relative mCE", [e["mce"].get("relative_mce") for e in entries])
+    for name in entries[0]["shift"]:
+        row(escape(f"{name} ({entries[0]['shift'][name]['images']} images)"), [e["shift"][name]["top1"] for e in entries])
+    notes = [f"skipped corruption {name}: {why}" for name, why in r["corruptions_skipped"].items()]
+    left_out: dict[str, list[str]] = {}  # the same reason holds for every classifier: one line per reason
+    for e in entries:
+        for name, why in (e.get("mce") or {}).get("skipped", {}).items():
+            if name not in left_out.setdefault(why, []):
+                left_out[why].append(name)
+    notes += [f"left out of the mCE ({', '.join(names)}): {why}" for why, names in left_out.items()]
+    return table, notes, sum(widths) + 3 * len(widths) + 1
