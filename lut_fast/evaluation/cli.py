@@ -5,6 +5,9 @@ one with ``--use-ema`` where it applies), ``lut-fast export timm`` files and
 official-MAE-style checkpoints (``{"model": {...}}``, encoder keys only).
 Results are JSON files written atomically into ``--out``, each with its
 full protocol (checkpoint sha256, settings, data fingerprint: ``records.py``).
+
+Settings are typed (``evaluation/config.py``): defaults <- ``--config FILE`` (YAML, or an earlier
+result JSON) <- flags <- ``--set key=value``; ``--print-config`` shows them and where each came from.
 """
 
 from __future__ import annotations
@@ -15,20 +18,39 @@ from typing import Optional
 import typer
 
 from lut_fast.errors import UserError
-from lut_fast.records import record_cli_result
+from lut_fast.evaluation.config import FinetuneConfig, KnnConfig, LinearConfig, format_settings, load_command_config, option
+from lut_fast.records import record_result
 
 eval_app = typer.Typer(
     help="Evaluate a pre-trained encoder: k-NN, linear probe, fine-tuning.", no_args_is_help=True, add_completion=False,
 )
 
 CKPT_HELP = "Checkpoint: lut-fast .pt, an exported timm encoder, or an MAE-style {'model': ...} file."
-DATA_HELP = "ImageFolder root with train/ and val/ (or one class-folder tree, split per class with --seed); default: the built-in dataset."
+CONFIG_HELP = "Settings file: YAML of this command's settings, or an earlier result JSON (its protocol.config)."
+SET_HELP = "Override one setting: key=value (YAML value), repeatable; applied after the flags."
+PRINT_HELP = "Print the resolved settings (and where each came from), then exit."
 
 
-def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
-    if value not in choices:
-        raise UserError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+# The three options every command with typed settings has (functions: a fresh option per command).
+def config_option():
+    return typer.Option(None, "--config", help=CONFIG_HELP)
+
+
+def set_option():
+    return typer.Option(None, "--set", help=SET_HELP)
+
+
+def print_option():
+    return typer.Option(False, "--print-config", help=PRINT_HELP)
+
+
+def resolve_settings(cls, command: str, config: Optional[Path], sets: Optional[list[str]], print_config: bool, **flags):
+    """The command's typed settings; with --print-config, prints them and ends the command (exit 0)."""
+    cfg = load_command_config(cls, config, flags, sets)
+    if print_config:
+        typer.echo(format_settings(cfg, command), nl=False)
+        raise typer.Exit(0)
+    return cfg
 
 
 def _out(out: Optional[Path], ckpt: Path, what: str) -> Path:
@@ -47,35 +69,39 @@ def _say(text: str) -> None:
 
 @eval_app.command("knn")
 def knn(
-    ctx: typer.Context,
     ckpt: Path = typer.Argument(..., help=CKPT_HELP),
-    data: Optional[str] = typer.Option(None, help=DATA_HELP),
     out: Optional[Path] = typer.Option(None, help="Results folder  (default: <run>/eval/knn)"),
-    k: int = typer.Option(20, "--k", help="Neighbours that vote."),
-    temperature: float = typer.Option(0.07, help="Vote weight exp(cosine / T)."),
-    pool: str = typer.Option("cls", help="Feature: the cls token (DINO / MAE protocol) or mean (of the patch tokens, LUT's pooling)."),
-    use_ema: bool = typer.Option(False, "--use-ema", help="Use the momentum (target) encoder of a lut-fast checkpoint."),
-    random_init: bool = typer.Option(False, "--random-init", help="Baseline: the checkpoint's architecture with random weights."),
-    num_heads: Optional[int] = typer.Option(None, help="Attention heads, when the file has no config and the width is not a timm preset."),
-    batch_size: int = typer.Option(128, help="Images per forward pass."),
-    workers: int = typer.Option(2, help="Data loading processes."),
-    crop_pct: float = typer.Option(0.875, help="Center-crop fraction (resize to size / crop_pct, then crop)."),
-    val_fraction: float = typer.Option(0.2, help="Val share per class when --data has no train/ and val/."),
-    seed: int = typer.Option(0, help="Seed of that split."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep features in OUT/cache for later runs."),
+    data: Optional[str] = option(KnnConfig, "data"),
+    k: Optional[int] = option(KnnConfig, "k", "--k"),
+    temperature: Optional[float] = option(KnnConfig, "temperature"),
+    pool: Optional[str] = option(KnnConfig, "pool"),
+    use_ema: Optional[bool] = option(KnnConfig, "use_ema", "--use-ema"),
+    random_init: Optional[bool] = option(KnnConfig, "random_init", "--random-init"),
+    num_heads: Optional[int] = option(KnnConfig, "num_heads"),
+    batch_size: Optional[int] = option(KnnConfig, "batch_size"),
+    workers: Optional[int] = option(KnnConfig, "workers"),
+    crop_pct: Optional[float] = option(KnnConfig, "crop_pct"),
+    val_fraction: Optional[float] = option(KnnConfig, "val_fraction"),
+    seed: Optional[int] = option(KnnConfig, "seed"),
+    device: Optional[str] = option(KnnConfig, "device"),
+    cache: Optional[bool] = option(KnnConfig, "cache", "--cache/--no-cache"),
+    config: Optional[Path] = config_option(),
+    sets: Optional[list[str]] = set_option(),
+    print_config: bool = print_option(),
 ) -> None:
     """Frozen-encoder k-NN accuracy (cosine similarity, temperature-weighted votes)."""
     from lut_fast.evaluation.knn import run_knn
 
-    out = _out(out, ckpt, "knn")
-    r = run_knn(
-        ckpt, data, out, k, temperature, _choice(pool, ("mean", "cls"), "--pool"), use_ema, random_init, num_heads,
-        batch_size, workers, crop_pct, val_fraction, seed, device, cache,
+    cfg = resolve_settings(
+        KnnConfig, "eval knn", config, sets, print_config, data=data, k=k, temperature=temperature, pool=pool,
+        use_ema=use_ema, random_init=random_init, num_heads=num_heads, batch_size=batch_size, workers=workers,
+        crop_pct=crop_pct, val_fraction=val_fraction, seed=seed, device=device, cache=cache,
     )
-    record_cli_result(ctx, out / "knn.json", "eval knn", [ckpt], data)
+    out = _out(out, ckpt, "knn")
+    r = run_knn(ckpt, cfg, out)
+    record_result(out / "knn.json", "eval knn", [ckpt], cfg)
     top5 = f", top-5 {r['top5']:.2f}%" if "top5" in r else ""
-    _say(f"k-NN (k={k}, T={temperature}, {pool}): top-1 [bold]{r['top1']:.2f}%[/]{top5}  ->  {out / 'knn.json'}")
+    _say(f"k-NN (k={cfg.k}, T={cfg.temperature}, {cfg.pool}): top-1 [bold]{r['top1']:.2f}%[/]{top5}  ->  {out / 'knn.json'}")
 
 
 def _refuse_torchrun(command: str) -> None:
@@ -92,92 +118,100 @@ def _refuse_torchrun(command: str) -> None:
 
 @eval_app.command("linear")
 def linear(
-    ctx: typer.Context,
     ckpt: Path = typer.Argument(..., help=CKPT_HELP),
-    data: Optional[str] = typer.Option(None, help=DATA_HELP),
     out: Optional[Path] = typer.Option(None, help="Results folder  (default: <run>/eval/linear)"),
-    epochs: int = typer.Option(90, help="Epochs over the cached features (MAE: 90)."),
-    batch_size: int = typer.Option(256, help="Batch size of the head's training."),
-    optimizer: str = typer.Option("sgd", help="sgd (momentum 0.9) | lars (MAE's ImageNet setting, needs large batches)."),
-    blr: float = typer.Option(0.1, help="Base lr; lr = blr * batch / 256."),
-    weight_decay: float = typer.Option(0.0, help="Weight decay of the head."),
-    warmup_epochs: float = typer.Option(10, help="Linear warm-up epochs, then cosine."),
-    pool: str = typer.Option("cls", help="Feature: the cls token (DINO / MAE protocol) or mean (of the patch tokens, LUT's pooling)."),
-    use_ema: bool = typer.Option(False, "--use-ema", help="Use the momentum (target) encoder of a lut-fast checkpoint."),
-    random_init: bool = typer.Option(False, "--random-init", help="Baseline: the checkpoint's architecture with random weights."),
-    num_heads: Optional[int] = typer.Option(None, help="Attention heads, when the file has no config and the width is not a timm preset."),
-    feature_batch_size: int = typer.Option(128, help="Images per forward pass while computing features."),
-    workers: int = typer.Option(2, help="Data loading processes."),
-    crop_pct: float = typer.Option(0.875, help="Center-crop fraction."),
-    val_fraction: float = typer.Option(0.2, help="Val share per class when --data has no train/ and val/."),
-    seed: int = typer.Option(0, help="Seed of the split, the head's init and the batch order."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep features in OUT/cache for later runs."),
+    data: Optional[str] = option(LinearConfig, "data"),
+    epochs: Optional[int] = option(LinearConfig, "epochs"),
+    batch_size: Optional[int] = option(LinearConfig, "batch_size"),
+    optimizer: Optional[str] = option(LinearConfig, "optimizer"),
+    blr: Optional[float] = option(LinearConfig, "blr"),
+    weight_decay: Optional[float] = option(LinearConfig, "weight_decay"),
+    warmup_epochs: Optional[float] = option(LinearConfig, "warmup_epochs"),
+    pool: Optional[str] = option(LinearConfig, "pool"),
+    use_ema: Optional[bool] = option(LinearConfig, "use_ema", "--use-ema"),
+    random_init: Optional[bool] = option(LinearConfig, "random_init", "--random-init"),
+    num_heads: Optional[int] = option(LinearConfig, "num_heads"),
+    feature_batch_size: Optional[int] = option(LinearConfig, "feature_batch_size"),
+    workers: Optional[int] = option(LinearConfig, "workers"),
+    crop_pct: Optional[float] = option(LinearConfig, "crop_pct"),
+    val_fraction: Optional[float] = option(LinearConfig, "val_fraction"),
+    seed: Optional[int] = option(LinearConfig, "seed", help="seed of the split, the head's init and the batch order"),
+    device: Optional[str] = option(LinearConfig, "device"),
+    cache: Optional[bool] = option(LinearConfig, "cache", "--cache/--no-cache"),
+    config: Optional[Path] = config_option(),
+    sets: Optional[list[str]] = set_option(),
+    print_config: bool = print_option(),
 ) -> None:
     """Linear probe (MAE protocol): frozen encoder, BatchNorm without affine + Linear, on cached features."""
-    from lut_fast.evaluation.linear import OPTIMIZERS, run_linear
+    from lut_fast.evaluation.linear import run_linear
 
+    cfg = resolve_settings(
+        LinearConfig, "eval linear", config, sets, print_config, data=data, epochs=epochs, batch_size=batch_size,
+        optimizer=optimizer, blr=blr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, pool=pool,
+        use_ema=use_ema, random_init=random_init, num_heads=num_heads, feature_batch_size=feature_batch_size,
+        workers=workers, crop_pct=crop_pct, val_fraction=val_fraction, seed=seed, device=device, cache=cache,
+    )
     _refuse_torchrun("linear")
     out = _out(out, ckpt, "linear")
-    r = run_linear(
-        ckpt, data, out, epochs, batch_size, _choice(optimizer, OPTIMIZERS, "--optimizer"), blr, weight_decay,
-        warmup_epochs, _choice(pool, ("mean", "cls"), "--pool"), use_ema, random_init, num_heads, feature_batch_size,
-        workers, crop_pct, val_fraction, seed, device, cache,
-    )
-    record_cli_result(ctx, out / "linear.json", "eval linear", [ckpt], data)
+    r = run_linear(ckpt, cfg, out)
+    record_result(out / "linear.json", "eval linear", [ckpt], cfg)
     top5 = f", top-5 {r['top5']:.2f}%" if "top5" in r else ""
-    _say(f"linear probe ({epochs} epochs, {pool}): top-1 [bold]{r['top1']:.2f}%[/]{top5} (best {r['best_top1']:.2f}%)  ->  {out / 'linear.json'}")
+    _say(f"linear probe ({cfg.epochs} epochs, {cfg.pool}): top-1 [bold]{r['top1']:.2f}%[/]{top5} (best {r['best_top1']:.2f}%)  ->  {out / 'linear.json'}")
 
 
 @eval_app.command("finetune")
 def finetune(
-    ctx: typer.Context,
     ckpt: Path = typer.Argument(..., help=CKPT_HELP),
-    data: Optional[str] = typer.Option(None, help=DATA_HELP),
     out: Optional[Path] = typer.Option(None, help="Results and model folder  (default: <run>/eval/finetune)"),
-    backend: str = typer.Option("torch", help="Training-view pipeline: torch | dali | ffcv."),
-    train_data: Optional[str] = typer.Option(None, help="Training data for the backend (e.g. a converted train split)  (default: --data)"),
-    epochs: Optional[float] = typer.Option(None, help="Epochs  (default: Table D: 300 (Ti/S), 100 (B), 50 (L))"),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (the schedule is compressed to fit)."),
-    batch_size: int = typer.Option(64, help="Batch size per step (Table D: 1024 in total; use --accum)."),
-    accum: int = typer.Option(1, help="Gradient accumulation steps."),
-    blr: Optional[float] = typer.Option(None, help="Base lr  (default: Table D: 5e-4 (Ti/S), 2.5e-4 (B), 1e-3 (L))"),
-    lr: Optional[float] = typer.Option(None, help="Absolute peak lr (overrides --blr)."),
-    lr_scaling: str = typer.Option("sqrt", help="sqrt: blr * sqrt(batch) / 8 (official) | linear: blr * batch / 256 (MAE)."),
-    layer_decay: Optional[float] = typer.Option(None, help="Layer-wise lr decay  (default: 0.75 (Ti/S), 0.65 (B, L))"),
-    weight_decay: float = typer.Option(0.05, help="AdamW weight decay."),
-    min_lr: float = typer.Option(1e-6, help="Final lr of the cosine."),
-    warmup_epochs: float = typer.Option(5, help="Linear warm-up epochs."),
-    drop_path: float = typer.Option(0.1, help="Stochastic depth rate."),
-    smoothing: float = typer.Option(0.1, help="Label smoothing."),
-    mixup: float = typer.Option(0.8, help="Mixup alpha (0 = off)."),
-    cutmix: float = typer.Option(1.0, help="CutMix alpha (0 = off)."),
-    randaug: str = typer.Option("rand-m9-mstd0.5-inc1", help="timm RandAugment config ('none' = off)."),
-    reprob: float = typer.Option(0.25, help="Random erasing probability (official code; 0 = off)."),
-    clip_grad: Optional[float] = typer.Option(None, help="Gradient norm clipping (none by default)."),
-    pool: str = typer.Option("mean", help="Classify the mean of the patch tokens or the cls token."),
-    use_ema: bool = typer.Option(False, "--use-ema", help="Fine-tune the momentum (target) encoder instead of the online one."),
-    num_heads: Optional[int] = typer.Option(None, help="Attention heads, when the file has no config and the width is not a timm preset."),
-    workers: int = typer.Option(2, help="Data loading processes (and RandAugment threads)."),
-    eval_every: int = typer.Option(1, help="Evaluate on val every N epochs (and at the end)."),
-    val_fraction: float = typer.Option(0.2, help="Val share per class when --data has no train/ and val/."),
-    seed: int = typer.Option(0, help="Random seed."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/finetune_state.pt (saved after every epoch; same options)."),
+    data: Optional[str] = option(FinetuneConfig, "data"),
+    backend: Optional[str] = option(FinetuneConfig, "backend"),
+    train_data: Optional[str] = option(FinetuneConfig, "train_data"),
+    epochs: Optional[float] = option(FinetuneConfig, "epochs"),
+    max_steps: Optional[int] = option(FinetuneConfig, "max_steps"),
+    batch_size: Optional[int] = option(FinetuneConfig, "batch_size"),
+    accum: Optional[int] = option(FinetuneConfig, "accum"),
+    blr: Optional[float] = option(FinetuneConfig, "blr"),
+    lr: Optional[float] = option(FinetuneConfig, "lr"),
+    lr_scaling: Optional[str] = option(FinetuneConfig, "lr_scaling"),
+    layer_decay: Optional[float] = option(FinetuneConfig, "layer_decay"),
+    weight_decay: Optional[float] = option(FinetuneConfig, "weight_decay"),
+    min_lr: Optional[float] = option(FinetuneConfig, "min_lr"),
+    warmup_epochs: Optional[float] = option(FinetuneConfig, "warmup_epochs"),
+    drop_path: Optional[float] = option(FinetuneConfig, "drop_path"),
+    smoothing: Optional[float] = option(FinetuneConfig, "smoothing"),
+    mixup: Optional[float] = option(FinetuneConfig, "mixup"),
+    cutmix: Optional[float] = option(FinetuneConfig, "cutmix"),
+    randaug: Optional[str] = option(FinetuneConfig, "randaug"),
+    reprob: Optional[float] = option(FinetuneConfig, "reprob"),
+    clip_grad: Optional[float] = option(FinetuneConfig, "clip_grad"),
+    pool: Optional[str] = option(FinetuneConfig, "pool"),
+    use_ema: Optional[bool] = option(FinetuneConfig, "use_ema", "--use-ema"),
+    num_heads: Optional[int] = option(FinetuneConfig, "num_heads"),
+    workers: Optional[int] = option(FinetuneConfig, "workers", help="data loading processes (and RandAugment threads)"),
+    eval_every: Optional[int] = option(FinetuneConfig, "eval_every"),
+    crop_pct: Optional[float] = option(FinetuneConfig, "crop_pct"),
+    val_fraction: Optional[float] = option(FinetuneConfig, "val_fraction"),
+    seed: Optional[int] = option(FinetuneConfig, "seed"),
+    device: Optional[str] = option(FinetuneConfig, "device"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/finetune_state.pt (saved after every epoch; same settings)."),
+    config: Optional[Path] = config_option(),
+    sets: Optional[list[str]] = set_option(),
+    print_config: bool = print_option(),
 ) -> None:
     """End-to-end fine-tuning with the paper's Table D recipe; writes the fine-tuned model and top-1/top-5."""
     from lut_fast.evaluation.finetune import run_finetune
 
+    cfg = resolve_settings(
+        FinetuneConfig, "eval finetune", config, sets, print_config, data=data, backend=backend, train_data=train_data,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, accum=accum, blr=blr, lr=lr, lr_scaling=lr_scaling,
+        layer_decay=layer_decay, weight_decay=weight_decay, min_lr=min_lr, warmup_epochs=warmup_epochs,
+        drop_path=drop_path, smoothing=smoothing, mixup=mixup, cutmix=cutmix, randaug=randaug, reprob=reprob,
+        clip_grad=clip_grad, pool=pool, use_ema=use_ema, num_heads=num_heads, workers=workers, eval_every=eval_every,
+        crop_pct=crop_pct, val_fraction=val_fraction, seed=seed, device=device,
+    )
     _refuse_torchrun("finetune")
     out = _out(out, ckpt, "finetune")
-    if eval_every < 1:
-        raise UserError("--eval-every must be >= 1")
-    r = run_finetune(
-        ckpt, data, out, backend, train_data, epochs, max_steps, batch_size, accum, blr, lr,
-        lr_scaling, layer_decay, weight_decay, min_lr, warmup_epochs, drop_path, smoothing, mixup, cutmix, randaug,
-        reprob, clip_grad, _choice(pool, ("mean", "cls"), "--pool"), use_ema, num_heads, workers, eval_every,
-        val_fraction=val_fraction, seed=seed, device=device, resume=resume,
-    )
-    record_cli_result(ctx, out / "finetune.json", "eval finetune", [ckpt], data, train_data=train_data)
+    r = run_finetune(ckpt, cfg, out, resume=resume)
+    record_result(out / "finetune.json", "eval finetune", [ckpt], cfg, {"resume": resume}, train_data=cfg.train_data)
     top5 = f", top-5 {r['top5']:.2f}%" if "top5" in r else ""
     _say(f"fine-tuned {r['steps']} steps: top-1 [bold]{r['top1']:.2f}%[/]{top5}  ->  {out / 'finetune.json'}, {out / 'finetuned.pt'}")

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from lut_fast.errors import UserError
+from lut_fast.evaluation.config import ImageSettings
 from lut_fast.fileio import write_json_atomic
 from lut_fast.pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 
@@ -131,7 +132,7 @@ class Splits:
         return {"source": self.source, "classes": len(self.classes), "train_images": len(self.train), "val_images": len(self.val)}
 
 
-def resolve_splits(data: str | os.PathLike | None, val_fraction: float = 0.2, seed: int = 0) -> Splits:
+def resolve_splits(data: str | os.PathLike | None, val_fraction: float = ImageSettings.val_fraction, seed: int = 0) -> Splits:
     """Train and val image lists.
 
     ``data`` may be a split root (``train/`` and ``val/`` class folders), or a
@@ -179,7 +180,7 @@ def load_rgb(path: str) -> Image.Image:
         raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
-def center_crop(img: Image.Image, img_size: int, crop_pct: float = 0.875) -> Image.Image:
+def center_crop(img: Image.Image, img_size: int, crop_pct: float = ImageSettings.crop_pct) -> Image.Image:
     """Resize the shorter side to ``img_size / crop_pct`` (bicubic), then center-crop ``img_size``."""
     if not 0.0 < crop_pct <= 1.0:
         raise UserError(f"crop fraction must be in (0, 1], got {crop_pct}")
@@ -199,7 +200,7 @@ def to_uint8_chw(img: Image.Image) -> torch.Tensor:
 class EvalImages(torch.utils.data.Dataset):
     """(uint8 CHW image, label), deterministic: the evaluation transform only."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], img_size: int, crop_pct: float = 0.875):
+    def __init__(self, samples: Sequence[tuple[str, int]], img_size: int, crop_pct: float = ImageSettings.crop_pct):
         self.samples, self.img_size, self.crop_pct = list(samples), img_size, crop_pct
 
     def __len__(self) -> int:
@@ -218,7 +219,7 @@ def normalize(x: torch.Tensor, device: torch.device, mean=IMAGENET_MEAN, std=IMA
     return (x - m) / s
 
 
-def image_loader(samples, img_size: int, batch_size: int, workers: int, crop_pct: float = 0.875, device=None):
+def image_loader(samples, img_size: int, batch_size: int, workers: int, crop_pct: float = ImageSettings.crop_pct, device=None):
     if batch_size <= 0:
         raise UserError(f"batch size must be positive, got {batch_size}")
     return torch.utils.data.DataLoader(
@@ -247,7 +248,7 @@ def extract_features(
     device: torch.device | str = "cpu",
     batch_size: int = 128,
     workers: int = 2,
-    crop_pct: float = 0.875,
+    crop_pct: float = ImageSettings.crop_pct,
     bar=None,
     description: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
