@@ -25,6 +25,7 @@ import yaml
 
 from lut_fast.errors import UserError
 from lut_fast.pipelines.batch import PHOTOMETRIC_PLACES
+from lut_fast.pipelines.contract import check_aug_support
 from lut_fast.pipelines.spec import STRONG_OPS, AugSpec
 
 METHODS = ("lut", "mae")
@@ -626,7 +627,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("model", m.name, tuple(PRESETS))
     check = _check
     check(
-        cfg.method != "lut" or cfg.aug.two_views,
+        cfg.method != "lut" or cfg.aug.recipe == "lut",
         f"aug.recipe={cfg.aug.recipe} makes one view, LUT needs two: leave aug.recipe to follow the method",
     )
     check(m.img_size > 0 and m.patch_size > 0, "image size and patch size must be positive")
@@ -677,6 +678,7 @@ def validate(cfg: TrainConfig) -> None:
     _number("data.max_bad_images", d.max_bad_images, 0)
     _choice("data.ffcv_order", d.ffcv_order, FFCV_ORDERS)
     _number("data.dali_shuffle_buffer", d.dali_shuffle_buffer, 1)
+    check_aug_support(d.backend, cfg.aug)  # a value the chosen backend would not honour: say so before any work
 
     _choice("precision", r.precision, PRECISIONS)
     _choice("device", r.device, DEVICES)

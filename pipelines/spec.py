@@ -68,10 +68,6 @@ class AugSpec:
         validate_aug(self)
 
     @property
-    def two_views(self) -> bool:
-        return self.recipe == "lut"
-
-    @property
     def blur_kernel_size(self) -> int:
         """Odd window covering +-3 sigma of the largest blur (13 px for sigma 2): the widest any image gets.
 
