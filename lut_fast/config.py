@@ -72,7 +72,7 @@ class LUTConfig:
 class DataConfig:
     path: Optional[str] = None  # None = the built-in dataset
     backend: str = "torch"  # torch | dali | ffcv
-    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # loader threads (torch by default; see torch_workers), or DALI / FFCV threads
+    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # loader threads (torch: see torch_workers), or DALI / FFCV threads
     photometric_on: str = "auto"  # view 2's jitter + 3-augment: loader (CPU) | device (batched after the copy) | auto (device on CUDA)
     max_bad_images: int = 100  # unreadable images tolerated (skipped, counted) before stopping
     channels_last: bool = True  # channels-last batches on CUDA (faster patch embedding)

@@ -319,7 +319,8 @@ def run_finetune(ckpt: str | Path, cfg: FinetuneConfig | None = None, out: Path 
             epoch += 1
             if step >= total or epoch % eval_every == 0:
                 metrics = evaluate(model, splits.val, dev, 128, workers, crop_pct)
-                record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(running)) if running else None, **{f"val_{k}": v for k, v in metrics.items()}}
+                record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(running)) if running else None,
+                          **{f"val_{k}": v for k, v in metrics.items()}}
                 running = []
                 history.append(record)
                 if log_path is not None:
