@@ -29,7 +29,6 @@ from lut_fast.errors import UserError
 
 POOLS = ("mean", "cls")
 SPLITS = ("train", "val")
-EVAL_DEVICES_HELP = "auto | cpu | cuda (or cuda:N)"
 
 C = TypeVar("C")
 

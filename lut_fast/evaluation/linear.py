@@ -19,10 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lut_fast.evaluation.config import LINEAR_OPTIMIZERS, LinearConfig, with_overrides
+from lut_fast.evaluation.config import LinearConfig, with_overrides
 from lut_fast.evaluation.common import progress, resolve_device, resolve_splits, split_features, topk_accuracy, tracked, write_json
-
-OPTIMIZERS = LINEAR_OPTIMIZERS
 
 
 class LARS(torch.optim.Optimizer):
