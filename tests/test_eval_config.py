@@ -58,7 +58,7 @@ def test_every_field_has_a_default_and_a_comment(cls):
 
 
 def test_mistakes_are_one_line_user_errors(tmp_path):
-    with pytest.raises(UserError, match="unknown setting 'kk' in --set"):
+    with pytest.raises(UserError, match="unknown config field 'kk'; valid: use_ema, "):
         load_command_config(KnnConfig, None, None, ["kk=3"])
     with pytest.raises(UserError, match="k must be a finite number >= 1"):
         load_command_config(KnnConfig, None, {"k": 0})

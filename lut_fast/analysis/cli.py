@@ -7,12 +7,11 @@ Settings are typed as ``lut-fast eval``'s are (``evaluation/config.py``: ``--con
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from lut_fast.evaluation.cli import config_option, print_option, resolve_settings, set_option
-from lut_fast.evaluation.config import AttentionDistanceConfig, AttentionMapsConfig, SpectrumConfig, option
+from lut_fast.evaluation.command import settings_command
+from lut_fast.evaluation.config import AttentionDistanceConfig, AttentionMapsConfig, SpectrumConfig
 from lut_fast.records import record_result
 
 analyze_app = typer.Typer(
@@ -29,25 +28,12 @@ def _say(text: str) -> None:
     Console().print(text)
 
 
-@analyze_app.command("attention-distance")
+@settings_command(analyze_app, "attention-distance", AttentionDistanceConfig, label="analyze attention-distance",
+                  helps={"seed": "seed of the image sample (and of a one-folder split)"})
 def attention_distance(
+    cfg: AttentionDistanceConfig,
     ckpts: list[Path] = typer.Argument(..., help=CKPTS_HELP),
     out: Path = typer.Option(Path("runs/analysis"), help="Output folder (attention_distance.json / .png)."),
-    data: Optional[str] = option(AttentionDistanceConfig, "data"),
-    split: Optional[str] = option(AttentionDistanceConfig, "split"),
-    max_images: Optional[int] = option(AttentionDistanceConfig, "max_images"),
-    labels: Optional[str] = option(AttentionDistanceConfig, "labels"),
-    last: Optional[int] = option(AttentionDistanceConfig, "last"),
-    renormalize: Optional[bool] = option(AttentionDistanceConfig, "renormalize", "--renormalize/--no-renormalize"),
-    use_ema: Optional[bool] = option(AttentionDistanceConfig, "use_ema", "--use-ema"),
-    num_heads: Optional[int] = option(AttentionDistanceConfig, "num_heads"),
-    batch_size: Optional[int] = option(AttentionDistanceConfig, "batch_size"),
-    workers: Optional[int] = option(AttentionDistanceConfig, "workers"),
-    seed: Optional[int] = option(AttentionDistanceConfig, "seed", help="seed of the image sample (and of a one-folder split)"),
-    device: Optional[str] = option(AttentionDistanceConfig, "device"),
-    config: Optional[Path] = config_option(),
-    sets: Optional[list[str]] = set_option(),
-    print_config: bool = print_option(),
 ) -> None:
     """Average attention distance (Eq. 4) per layer and head: table, JSON and a PNG comparing checkpoints."""
     from rich.console import Console
@@ -55,11 +41,6 @@ def attention_distance(
 
     from lut_fast.analysis.attention_distance import run_attention_distance
 
-    cfg = resolve_settings(
-        AttentionDistanceConfig, "analyze attention-distance", config, sets, print_config, data=data, split=split,
-        max_images=max_images, labels=labels, last=last, renormalize=renormalize, use_ema=use_ema, num_heads=num_heads,
-        batch_size=batch_size, workers=workers, seed=seed, device=device,
-    )
     r = run_attention_distance(ckpts, cfg, out)
     record_result(out / "attention_distance.json", "analyze attention-distance", ckpts, cfg)
     from rich.markup import escape
@@ -84,33 +65,15 @@ def attention_distance(
     _say(f"-> {out / 'attention_distance.json'}, {r['png']}")
 
 
-@analyze_app.command("spectrum")
+@settings_command(analyze_app, "spectrum", SpectrumConfig, label="analyze spectrum", helps={"seed": "seed of the image sample (and of a one-folder split)"})
 def spectrum(
+    cfg: SpectrumConfig,
     ckpts: list[Path] = typer.Argument(..., help="One checkpoint, or two to compare (the log-gap is CKPT2 minus CKPT)."),
     out: Path = typer.Option(Path("runs/analysis"), help="Output folder (spectrum.json / .png)."),
-    data: Optional[str] = option(SpectrumConfig, "data"),
-    split: Optional[str] = option(SpectrumConfig, "split"),
-    max_images: Optional[int] = option(SpectrumConfig, "max_images"),
-    pool: Optional[str] = option(SpectrumConfig, "pool"),
-    labels: Optional[str] = option(SpectrumConfig, "labels"),
-    use_ema: Optional[bool] = option(SpectrumConfig, "use_ema", "--use-ema"),
-    num_heads: Optional[int] = option(SpectrumConfig, "num_heads"),
-    batch_size: Optional[int] = option(SpectrumConfig, "batch_size"),
-    workers: Optional[int] = option(SpectrumConfig, "workers"),
-    seed: Optional[int] = option(SpectrumConfig, "seed", help="seed of the image sample (and of a one-folder split)"),
-    device: Optional[str] = option(SpectrumConfig, "device"),
-    config: Optional[Path] = config_option(),
-    sets: Optional[list[str]] = set_option(),
-    print_config: bool = print_option(),
 ) -> None:
     """Singular values of the feature covariance per layer; with two checkpoints, also their log-gap."""
     from lut_fast.analysis.spectrum import run_spectrum
 
-    cfg = resolve_settings(
-        SpectrumConfig, "analyze spectrum", config, sets, print_config, data=data, split=split, max_images=max_images,
-        pool=pool, labels=labels, use_ema=use_ema, num_heads=num_heads, batch_size=batch_size, workers=workers,
-        seed=seed, device=device,
-    )
     r = run_spectrum(ckpts, cfg, out)
     record_result(out / "spectrum.json", "analyze spectrum", ckpts, cfg)
     import math
@@ -124,28 +87,15 @@ def spectrum(
     _say(f"-> {out / 'spectrum.json'}, {r['png']}")
 
 
-@analyze_app.command("attention-maps")
+@settings_command(analyze_app, "attention-maps", AttentionMapsConfig, label="analyze attention-maps")
 def attention_maps(
+    cfg: AttentionMapsConfig,
     ckpts: list[Path] = typer.Argument(..., help=CKPTS_HELP + " Several: one row each."),
     out: Path = typer.Option(Path("runs/analysis"), help="Output folder (attention_maps.png / .json)."),
-    image: Optional[str] = option(AttentionMapsConfig, "image"),
-    query: Optional[str] = option(AttentionMapsConfig, "query"),
-    layer: Optional[int] = option(AttentionMapsConfig, "layer"),
-    labels: Optional[str] = option(AttentionMapsConfig, "labels"),
-    use_ema: Optional[bool] = option(AttentionMapsConfig, "use_ema", "--use-ema"),
-    num_heads: Optional[int] = option(AttentionMapsConfig, "num_heads"),
-    device: Optional[str] = option(AttentionMapsConfig, "device"),
-    config: Optional[Path] = config_option(),
-    sets: Optional[list[str]] = set_option(),
-    print_config: bool = print_option(),
 ) -> None:
     """Each head's attention for one query patch, overlaid on the image; checkpoints side by side (PNG grid)."""
     from lut_fast.analysis.attention_maps import run_attention_maps
 
-    cfg = resolve_settings(
-        AttentionMapsConfig, "analyze attention-maps", config, sets, print_config, image=image, query=query,
-        layer=layer, labels=labels, use_ema=use_ema, num_heads=num_heads, device=device,
-    )
     r = run_attention_maps(ckpts, cfg, out)
     record_result(r["json"], "analyze attention-maps", ckpts, cfg, data_path=cfg.image)
     _say(f"-> {r['png']}, {r['json']}")

@@ -19,13 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-import yaml
-
 from lut_fast.config import (
-    SOURCE_DEFAULT, SOURCE_SET, _check, _choice, _flag_name, _mark, _number, _replace_marks, _scalar, _set_path,
-    from_dict, to_dict,
+    SOURCE_DEFAULT, _check, _choice, _mark, _merge, _number, _scalar, apply_flags_and_sets, from_dict, read_yaml_mapping,
+    to_dict,
 )
-from lut_fast.errors import UserError
 
 POOLS = ("mean", "cls")
 SPLITS = ("train", "val")
@@ -42,7 +39,7 @@ class EncoderSettings:
 
     use_ema: bool = False  # use the momentum (target) encoder of a lut-fast checkpoint
     num_heads: Optional[int] = None  # attention heads, when the file has no config and the width is not a timm preset
-    device: str = "auto"  # auto | cpu | cuda (or cuda:N)
+    device: str = "auto"  # where it runs: auto | cpu | cuda (or cuda:N)
     # Where each value came from (filled by load_command_config); not a setting: never saved or compared.
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False, metadata={"recipe": False})
 
@@ -233,49 +230,16 @@ def load_command_config(
     sources: dict[str, str] = {}
     _mark(sources, "", tree, SOURCE_DEFAULT)
     if path is not None:
-        loaded = _read_settings_file(Path(path))
-        for key, value in loaded.items():
-            if key not in tree:
-                _unknown(cls, key, str(path))
-            _set_path(tree, key, value)
-            _replace_marks(sources, key, value, f"YAML {path}")
-    for key, value in (flags or {}).items():
-        if value is not None:
-            _set_path(tree, key, value)
-            _replace_marks(sources, key, value, f"flag {(flag_names or {}).get(key) or _flag_name(key)}")
-    for item in sets or []:
-        if "=" not in item:
-            raise UserError(f"--set takes key=value, got {item!r}")
-        key, raw = (s.strip() for s in item.split("=", 1))
-        if key not in tree:
-            _unknown(cls, key, "--set")
-        value = yaml.safe_load(raw)
-        _set_path(tree, key, value)
-        _replace_marks(sources, key, value, SOURCE_SET)
+        loaded = read_yaml_mapping(path, "settings file")
+        protocol = loaded.get("protocol")
+        if isinstance(protocol, dict) and isinstance(protocol.get("config"), dict):  # a result JSON
+            loaded = protocol["config"]
+        _merge(tree, loaded, str(path), sources, f"YAML {path}")
+    apply_flags_and_sets(tree, sources, flags, sets, flag_names)
     cfg = from_dict(cls, tree, "settings")
     cfg.sources = sources
     cfg.validate()
     return cfg
-
-
-def _unknown(cls: type, key: str, where: str) -> None:
-    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("recipe", True)]
-    raise UserError(f"unknown setting {key!r} in {where}; valid: {', '.join(names)}")
-
-
-def _read_settings_file(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"settings file not found: {path}")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"settings file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(loaded, dict):
-        raise UserError(f"settings file {path} must hold a mapping")
-    protocol = loaded.get("protocol")
-    if isinstance(protocol, dict) and isinstance(protocol.get("config"), dict):  # a result JSON
-        return protocol["config"]
-    return loaded
 
 
 def with_overrides(cls: type[C], cfg: C | None, overrides: dict[str, Any]) -> C:
