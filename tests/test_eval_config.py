@@ -84,3 +84,24 @@ def test_cli_print_config_shows_yaml_flag_and_set(tmp_path):
     assert res.exit_code == 0, res.output
     assert f"epochs: 12  # YAML {yaml_file}" in res.output
     assert "blr: 0.5  # flag --blr" in res.output and "optimizer: sgd  # --set" in res.output
+
+
+def test_every_setting_is_an_option_of_its_command_with_its_default_in_the_help():
+    from lut_fast.analysis.cli import analyze_app
+    from lut_fast.evaluation.cli import eval_app
+
+    commands = [(eval_app, "knn", KnnConfig), (eval_app, "linear", LinearConfig), (eval_app, "finetune", FinetuneConfig),
+                (analyze_app, "attention-distance", AttentionDistanceConfig), (analyze_app, "spectrum", SpectrumConfig),
+                (analyze_app, "attention-maps", AttentionMapsConfig)]
+    runner = CliRunner()
+    for app, name, cls in commands:
+        res = runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"})
+        assert res.exit_code == 0, res.output
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("recipe", True):
+                assert f"--{f.name.replace('_', '-')}" in res.output, (name, f.name)
+        for flag in ("--config", "--set", "--print-config"):
+            assert flag in res.output
+    res = runner.invoke(eval_app, ["finetune", "--help"], env={"COLUMNS": "400"})
+    assert "Layer-wise lr decay; None = 0.75 (Ti/S), 0.65 (B, L)  (default: none)" in res.output
+    assert "--cache" not in res.output and "--no-cache" in runner.invoke(eval_app, ["knn", "--help"], env={"COLUMNS": "400"}).output

@@ -6,10 +6,12 @@ a YAML file (``--config``) -> the command's flags (a flag left out is None = "no
 ``--print-config`` shows the resolved settings with their sources, and every result JSON holds them
 (``protocol.config``, written by ``records.record_result``), so a result can be re-run from its file.
 
-A new command follows the same pattern: one dataclass here (fields with a default and a comment,
-a ``validate`` method), then in its CLI ``load_command_config(TheConfig, config, flags, sets)`` with
-``option(TheConfig, "field", "help")`` for each flag, and ``record_result(..., cfg)`` for its JSON.
-The pure functions below the CLI (``run_knn`` etc.) take the config, or keyword overrides of it.
+A new command follows the same pattern: one dataclass here (each field with its default and a
+comment, which becomes its ``--help``; a ``validate`` method for ranges and choices); its CLI
+function takes the resolved settings (``@settings_command(app, "name", TheConfig)``, from
+``evaluation/command.py``, makes one option per field) and records them with
+``records.record_result(..., cfg)``; its pure function (``run_knn`` etc.) takes the settings, or
+keyword overrides of the defaults (``with_overrides``).
 """
 
 from __future__ import annotations
