@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lut_fast.analysis.common import analysis_samples, labels_for, require_checkpoints, walk_blocks
+from lut_fast.analysis.common import analysis_samples, labelled_encoders, require_checkpoints, walk_blocks
 from lut_fast.evaluation.config import AttentionDistanceConfig, with_overrides
 from lut_fast.evaluation.common import image_loader, normalize, progress, resolve_device, save_figure, tracked, write_json
 
@@ -89,19 +89,15 @@ def encoder_aad(
 def run_attention_distance(ckpts: Sequence[str | Path], cfg: AttentionDistanceConfig | None = None,
                            out: Path = Path("runs/analysis"), show_progress: bool = True, **overrides) -> dict:
     """AAD per layer and head for each checkpoint; writes attention_distance.{json,png} into ``out``."""
-    from lut_fast.checkpoint import load_encoder
-
     cfg = with_overrides(AttentionDistanceConfig, cfg, overrides)
     require_checkpoints(ckpts)
     t0 = time.perf_counter()
     dev = resolve_device(cfg.device)
     samples, splits = analysis_samples(cfg.data, cfg.split, cfg.max_images, cfg.val_fraction, cfg.seed)
-    names = labels_for(ckpts, cfg.labels, [{"use_ema": cfg.use_ema}] * len(ckpts))
     last_layers = cfg.last
     results = []
     with progress(show_progress) as bar:
-        for name, ckpt in zip(names, ckpts):
-            encoder, info = load_encoder(ckpt, use_ema=cfg.use_ema, num_heads=cfg.num_heads)
+        for name, _, encoder, info in labelled_encoders(ckpts, cfg):
             aad = encoder_aad(encoder, samples, dev, cfg.batch_size, cfg.workers, cfg.crop_pct, cfg.renormalize, bar,
                               f"AAD {name}")
             results.append({

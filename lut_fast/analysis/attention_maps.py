@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lut_fast.analysis.common import labels_for, require_checkpoints, walk_blocks
+from lut_fast.analysis.common import labelled_encoders, require_checkpoints, walk_blocks
 from lut_fast.errors import UserError
 from lut_fast.evaluation.config import AttentionMapsConfig, with_overrides
 from lut_fast.evaluation.common import center_crop, load_rgb, normalize, resolve_device, save_figure, to_uint8_chw, write_json
@@ -57,8 +57,6 @@ def query_attention(encoder, image: torch.Tensor, query_index: int, layer: int =
 def run_attention_maps(ckpts: Sequence[str | Path], cfg: AttentionMapsConfig | None = None,
                        out: Path = Path("runs/analysis"), **overrides) -> dict:
     """Writes attention_maps.{png,json} into ``out``."""
-    from lut_fast.checkpoint import load_encoder
-
     cfg = with_overrides(AttentionMapsConfig, cfg, overrides)
     require_checkpoints(ckpts)
     image, layer = Path(cfg.image), cfg.layer
@@ -68,10 +66,8 @@ def run_attention_maps(ckpts: Sequence[str | Path], cfg: AttentionMapsConfig | N
     q = parse_query(cfg.query)
     dev = resolve_device(cfg.device)
     pil = load_rgb(str(image))
-    names = labels_for(ckpts, cfg.labels, [{"use_ema": cfg.use_ema}] * len(ckpts))
     rows, pos = [], None
-    for name, ckpt in zip(names, ckpts):
-        encoder, info = load_encoder(ckpt, use_ema=cfg.use_ema, num_heads=cfg.num_heads)
+    for name, ckpt, encoder, info in labelled_encoders(ckpts, cfg):
         encoder = encoder.to(dev)
         size, g = info["img_size"], encoder.grid_size
         if pos is None:  # the query as a position in [0, 1)^2, fixed by the first checkpoint's grid

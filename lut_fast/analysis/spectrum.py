@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lut_fast.analysis.common import analysis_samples, labels_for, require_checkpoints, walk_blocks
+from lut_fast.analysis.common import analysis_samples, labelled_encoders, require_checkpoints, walk_blocks
 from lut_fast.errors import UserError
 from lut_fast.evaluation.config import SpectrumConfig, with_overrides
 from lut_fast.evaluation.common import (
@@ -57,8 +57,6 @@ def layer_features(encoder, samples, device, pool: str = "mean", batch_size: int
 def run_spectrum(ckpts: Sequence[str | Path], cfg: SpectrumConfig | None = None, out: Path = Path("runs/analysis"),
                  show_progress: bool = True, **overrides) -> dict:
     """Per-layer covariance spectra of one or two checkpoints; writes spectrum.{json,png} into ``out``."""
-    from lut_fast.checkpoint import load_encoder
-
     cfg = with_overrides(SpectrumConfig, cfg, overrides)
     require_checkpoints(ckpts)
     if len(ckpts) > 2:
@@ -66,11 +64,9 @@ def run_spectrum(ckpts: Sequence[str | Path], cfg: SpectrumConfig | None = None,
     t0 = time.perf_counter()
     dev = resolve_device(cfg.device)
     samples, splits = analysis_samples(cfg.data, cfg.split, cfg.max_images, cfg.val_fraction, cfg.seed)
-    names = labels_for(ckpts, cfg.labels, [{"use_ema": cfg.use_ema}] * len(ckpts))
     results = []
     with progress(show_progress) as bar:
-        for name, ckpt in zip(names, ckpts):
-            encoder, info = load_encoder(ckpt, use_ema=cfg.use_ema, num_heads=cfg.num_heads)
+        for name, _, encoder, info in labelled_encoders(ckpts, cfg):
             feats = layer_features(encoder, samples, dev, cfg.pool, cfg.batch_size, cfg.workers, cfg.crop_pct, bar,
                                    f"spectrum {name}")
             spectra = [covariance_spectrum(f) for f in feats]

@@ -339,6 +339,35 @@ def topk_accuracy(logits_or_scores: torch.Tensor, labels: torch.Tensor, ks: Sequ
     return out
 
 
+@dataclass
+class FrozenFeatures:
+    """Both splits' features of one checkpoint's frozen encoder (``frozen_features``)."""
+
+    device: torch.device
+    encoder: dict  # the encoder's description (``checkpoint.load_encoder``)
+    splits: Splits
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    from_cache: bool  # both splits read from OUT/cache
+
+
+def frozen_features(ckpt, cfg, out: Path | None, batch_size: int, bar, label: str) -> FrozenFeatures:
+    """``ckpt``'s encoder as ``cfg`` asks (``use_ema``, ``random_init``, ``num_heads``, ``device``), the splits of
+    ``cfg.data``, and both splits' ``cfg.pool`` features, through ``OUT/cache`` when ``cfg.cache`` (k-NN, linear probe)."""
+    from lut_fast.checkpoint import load_encoder
+
+    device = resolve_device(cfg.device)
+    encoder, info = load_encoder(ckpt, use_ema=cfg.use_ema, num_heads=cfg.num_heads, random_init=cfg.random_init)
+    splits = resolve_splits(cfg.data, cfg.val_fraction, cfg.seed)
+    cache_dir = (Path(out) / "cache") if (cfg.cache and out is not None) else None
+    xtr, ytr, xva, yva, from_cache = split_features(cache_dir, ckpt, info, encoder, splits, bar, label, pool=cfg.pool,
+                                                    device=device, batch_size=batch_size, workers=cfg.workers,
+                                                    crop_pct=cfg.crop_pct)
+    return FrozenFeatures(device, info, splits, xtr, ytr, xva, yva, from_cache)
+
+
 def split_features(cache_dir, ckpt_path, ckpt_info, encoder, splits, bar, label: str, **options):
     """Frozen features of both splits, through the cache: (x_train, y_train, x_val, y_val, all_from_cache)."""
     xtr, ytr, hit_tr = cached_features(cache_dir, ckpt_path, ckpt_info, encoder, splits.train, bar=bar,

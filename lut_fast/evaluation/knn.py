@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lut_fast.errors import UserError
 from lut_fast.evaluation.config import KnnConfig, with_overrides
-from lut_fast.evaluation.common import progress, resolve_device, resolve_splits, split_features, topk_accuracy, write_json
+from lut_fast.evaluation.common import frozen_features, progress, topk_accuracy, write_json
 
 
 @torch.no_grad()
@@ -53,28 +53,21 @@ def run_knn(ckpt: str | Path, cfg: KnnConfig | None = None, out: Path | None = N
 
     ``cfg``: the settings (default ``KnnConfig()``); keyword ``overrides`` replace single fields of it.
     """
-    from lut_fast.checkpoint import load_encoder
-
     cfg = with_overrides(KnnConfig, cfg, overrides)
     t0 = time.perf_counter()
-    dev = resolve_device(cfg.device)
-    encoder, info = load_encoder(ckpt, use_ema=cfg.use_ema, num_heads=cfg.num_heads, random_init=cfg.random_init)
-    splits = resolve_splits(cfg.data, cfg.val_fraction, cfg.seed)
-    cache_dir = (Path(out) / "cache") if (cfg.cache and out is not None) else None
-    common = dict(pool=cfg.pool, device=dev, batch_size=cfg.batch_size, workers=cfg.workers, crop_pct=cfg.crop_pct)
     with progress(show_progress) as bar:
-        xtr, ytr, xva, yva, from_cache = split_features(cache_dir, ckpt, info, encoder, splits, bar, "k-NN", **common)
-    scores = knn_scores(xtr, ytr, xva, len(splits.classes), cfg.k, cfg.temperature)
+        f = frozen_features(ckpt, cfg, out, cfg.batch_size, bar, "k-NN")
+    scores = knn_scores(f.train_x, f.train_y, f.val_x, len(f.splits.classes), cfg.k, cfg.temperature)
     result = {
         "command": "knn",
-        **topk_accuracy(scores, yva),
+        **topk_accuracy(scores, f.val_y),
         "k": cfg.k,
         "temperature": cfg.temperature,
         "pool": cfg.pool,
         "crop_pct": cfg.crop_pct,
-        "features_from_cache": from_cache,
-        "encoder": info,
-        "data": splits.describe(),
+        "features_from_cache": f.from_cache,
+        "encoder": f.encoder,
+        "data": f.splits.describe(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if out is not None:

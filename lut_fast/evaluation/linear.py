@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from lut_fast.evaluation.config import LinearConfig, with_overrides
-from lut_fast.evaluation.common import progress, resolve_device, resolve_splits, split_features, topk_accuracy, tracked, write_json
+from lut_fast.evaluation.common import frozen_features, progress, topk_accuracy, tracked, write_json
 
 
 class LARS(torch.optim.Optimizer):
@@ -118,22 +118,18 @@ def run_linear(ckpt: str | Path, cfg: LinearConfig | None = None, out: Path | No
 
     ``cfg``: the settings (default ``LinearConfig()``); keyword ``overrides`` replace single fields of it.
     """
-    from lut_fast.checkpoint import atomic_torch_save, load_encoder
+    from lut_fast.checkpoint import atomic_torch_save
 
     cfg = with_overrides(LinearConfig, cfg, overrides)
     t0 = time.perf_counter()
-    dev = resolve_device(cfg.device)
-    encoder, info = load_encoder(ckpt, use_ema=cfg.use_ema, num_heads=cfg.num_heads, random_init=cfg.random_init)
-    splits = resolve_splits(cfg.data, cfg.val_fraction, cfg.seed)
-    cache_dir = (Path(out) / "cache") if (cfg.cache and out is not None) else None
-    common = dict(pool=cfg.pool, device=dev, batch_size=cfg.feature_batch_size, workers=cfg.workers, crop_pct=cfg.crop_pct)
     with progress(show_progress) as bar:
         t_feat = time.perf_counter()
-        xtr, ytr, xva, yva, from_cache = split_features(cache_dir, ckpt, info, encoder, splits, bar, "probe", **common)
+        f = frozen_features(ckpt, cfg, out, cfg.feature_batch_size, bar, "probe")
         t_feat = time.perf_counter() - t_feat
         t_head = time.perf_counter()
-        head, history = train_linear_probe(xtr, ytr, xva, yva, len(splits.classes), cfg, dev, bar)
+        head, history = train_linear_probe(f.train_x, f.train_y, f.val_x, f.val_y, len(f.splits.classes), cfg, f.device, bar)
         t_head = time.perf_counter() - t_head
+    splits, info = f.splits, f.encoder
     final = {k: v for k, v in history[-1].items() if k.startswith("top")}
     result = {
         "command": "linear",
@@ -146,7 +142,7 @@ def run_linear(ckpt: str | Path, cfg: LinearConfig | None = None, out: Path | No
         "weight_decay": cfg.weight_decay,
         "pool": cfg.pool,
         "crop_pct": cfg.crop_pct,
-        "features_from_cache": from_cache,
+        "features_from_cache": f.from_cache,
         "seconds_features": round(t_feat, 2),
         "seconds_head": round(t_head, 2),
         "encoder": info,
