@@ -183,7 +183,6 @@ def test_sigterm_to_torchrun_checkpoints_and_the_same_command_resumes(tmp_path):
     assert steps_logged(out) == list(range(1, total + 1))
 
 
-@pytest.mark.slow
 def test_sigterm_in_a_single_process_checkpoints_and_resume_finishes(tmp_path):
     out = tmp_path / "run"
 
@@ -201,7 +200,6 @@ def test_sigterm_in_a_single_process_checkpoints_and_resume_finishes(tmp_path):
     assert steps_logged(out) == list(range(1, 9))
 
 
-@pytest.mark.slow
 def test_max_hours_ends_cleanly_with_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     result = train(tiny_config(out, "run.ckpt_every=100", "run.max_hours=1e-9", max_steps=50))

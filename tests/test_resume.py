@@ -134,7 +134,6 @@ def test_resume_from_a_chosen_checkpoint_and_init_from_other_weights(tmp_path, d
                     "--init-from", str(mae / "checkpoints" / "last.pt")), "--init-from", "blocks.2")
 
 
-@pytest.mark.slow
 def test_first_ctrl_c_checkpoints_and_exits_cleanly(tmp_path, data_folder):
     out = tmp_path / "run"
     # one DataLoader worker: a terminal's Ctrl-C reaches the whole process group, workers included

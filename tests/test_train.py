@@ -82,6 +82,7 @@ def test_resume_without_checkpoint_starts_fresh_and_existing_run_needs_resume(tm
         train(cfg)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path / "run", "run.log_every=1", "run.ckpt_every=2", max_steps=8)
     holder = {}
