@@ -72,7 +72,6 @@ def train_report(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow
 def test_train_report_has_every_figure(train_report):
     check_envelope(train_report, "train")
     s = train_report["settings"]
@@ -105,7 +104,6 @@ def test_train_report_has_every_figure(train_report):
     assert skipped == {"fp16", "efficient"}
 
 
-@pytest.mark.slow
 def test_compare_prints_ratios(train_report, tmp_path):
     a = tmp_path / "a.json"
     b = tmp_path / "b.json"
@@ -368,7 +366,6 @@ def test_floor_of_the_jpegs_stored_in_dali_shards(photos_dir, photo_shards):
     assert stored_jpegs("torch", photos_dir, 10) is None  # an image folder is its own floor
 
 
-@pytest.mark.slow
 def test_converted_data_rows_share_both_floors(monkeypatch, tmp_path, photos_dir, photo_shards):
     """A backend reading converted data is measured against the floor of the JPEGs stored in it and, when the
     converter recorded its source folder, against the floor of those original files too."""
@@ -462,6 +459,7 @@ def test_json_is_atomic_and_strict(tmp_path):
         load_json(tmp_path / "bad.json")
 
 
+@pytest.mark.slow
 def test_gpu_check_preset_quick(tmp_path):
     from lut_fast.bench.gpu_check import run_gpu_check
 
