@@ -1,6 +1,6 @@
 # The two commands the README opens with:
 #   make demo   create .venv, install, train LUT briefly on the built-in data (CPU), print where results are
-#   make test   create .venv, install everything the tests need (apt + pip, DALI and FFCV included), run pytest
+#   make test   create .venv, install everything the tests need (apt + pip, DALI and FFCV included), run ruff and pytest
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -51,6 +51,7 @@ demo: install
 	@echo "Next: $(BIN)/lut-fast eval knn $(DEMO_OUT)/checkpoints/last.pt   (k-NN accuracy on the built-in val split)"
 
 test: install-test
+	$(BIN)/ruff check .
 	$(BIN)/pytest
 
 # Regenerate every CPU figure in docs/benchmarks/ (about 15 minutes on 2 cores; run it on a quiet machine)

@@ -51,7 +51,8 @@ def train(
     backend: Optional[str] = typer.Option(None, help="torch | dali | ffcv " + _default("data.backend")),
     batch_size: Optional[int] = typer.Option(None, help="Per-device batch size " + _default("optim.batch_size")),
     accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps " + _default("optim.accum_steps")),
-    epochs: Optional[float] = typer.Option(None, help="Epochs " + _default("optim.epochs") + "; on --resume, a new length re-plans the schedule (see --max-steps)."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs " + _default("optim.epochs")
+                                                 + "; on --resume, a new length re-plans the schedule (see --max-steps)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (the schedule is compressed to fit). "
                                             "On --resume, a new length re-plans the lr and momentum cosines to end there (warm-up kept)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: runs/<method>_<model>)"),
@@ -66,9 +67,11 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda " + _default("run.device")),
     seed: Optional[int] = typer.Option(None, help="Random seed " + _default("run.seed")),
     max_hours: Optional[float] = typer.Option(None, help="Wall-clock budget in hours; ends cleanly with a checkpoint (default: none)"),
-    wandb: Optional[bool] = typer.Option(None, "--wandb", help="Also log to Weights & Biases (pip install 'lut-fast[wandb]'; WANDB_MODE=offline works without network)."),
+    wandb: Optional[bool] = typer.Option(None, "--wandb", help="Also log to Weights & Biases "
+                                                                   "(pip install 'lut-fast[wandb]'; WANDB_MODE=offline works without network)."),
     set_: list[str] = typer.Option([], "--set", help="Any config field, repeatable: --set optim.blr=1e-4 --set model.depth=4 (see README: configuration)"),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config (each value with where it came from) and exit without training."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config (each value with where it came from) "
+                                                                         "and exit without training."),
 ) -> None:
     """Pre-train LUT (or the MAE baseline) and write config.yaml, metrics.jsonl and checkpoints/ to OUT."""
     from lut_fast.config import is_user_source, load_config

@@ -25,6 +25,7 @@ import yaml
 
 from lut_fast.errors import UserError
 from lut_fast.pipelines.batch import PHOTOMETRIC_PLACES
+from lut_fast.pipelines.contract import check_aug_support
 from lut_fast.pipelines.spec import STRONG_OPS, AugSpec
 
 METHODS = ("lut", "mae", "simmim", "lut_simmim")
@@ -76,7 +77,7 @@ class LUTConfig:
 class DataConfig:
     path: Optional[str] = None  # None = the built-in dataset
     backend: str = "torch"  # torch | dali | ffcv
-    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # loader threads (torch by default; see torch_workers), or DALI / FFCV threads
+    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # loader threads (torch: see torch_workers), or DALI / FFCV threads
     photometric_on: str = "auto"  # view 2's jitter + 3-augment: loader (CPU) | device (batched after the copy) | auto (device on CUDA)
     max_bad_images: int = 100  # unreadable images tolerated (skipped, counted) before stopping
     channels_last: bool = True  # channels-last batches on CUDA (faster patch embedding)
@@ -252,8 +253,38 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
             raise UserError(f"unknown config section {k!r} in {dotted!r}")
         node = node[k]
     if keys[-1] not in node:
-        raise UserError(f"unknown config field {dotted!r}")
+        raise UserError(f"unknown config field {dotted!r}; valid: {', '.join(node)}")
     node[keys[-1]] = value
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict:
+    """The mapping a YAML file holds; a missing file, bad YAML or a non-mapping is a one-line UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{what} {p} must hold a mapping")
+    return loaded
+
+
+def apply_flags_and_sets(tree: dict, sources: dict[str, str], flags: dict[str, Any] | None, sets: list[str] | None,
+                         flag_names: dict[str, str] | None = None) -> None:
+    """Flags (None = not given) then ``key=value`` strings (YAML values) onto ``tree``, recording each one's source."""
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_path(tree, key, value)
+            _replace_marks(sources, key, value, f"flag {(flag_names or {}).get(key) or _flag_name(key)}")
+    for item in sets or []:
+        if "=" not in item:
+            raise UserError(f"--set takes key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        _set_path(tree, key.strip(), value)
+        _replace_marks(sources, key.strip(), value, SOURCE_SET)
 
 
 def load_config(
@@ -275,27 +306,9 @@ def load_config(
     sources: dict[str, str] = {}
     _mark(sources, "", tree, SOURCE_DEFAULT)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {p} must hold a mapping")
-        _merge(tree, loaded, str(p), sources, f"YAML {p}")
-    for key, value in (flags or {}).items():
-        if value is not None:
-            _set_path(tree, key, value)
-            _replace_marks(sources, key, value, f"flag {(flag_names or {}).get(key) or _flag_name(key)}")
-    for item in sets or []:
-        if "=" not in item:
-            raise UserError(f"--set takes key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
-        _set_path(tree, key.strip(), value)
-        _replace_marks(sources, key.strip(), value, SOURCE_SET)
+        loaded = read_yaml_mapping(path)
+        _merge(tree, loaded, str(path), sources, f"YAML {path}")
+    apply_flags_and_sets(tree, sources, flags, sets, flag_names)
     explicit = {k for k, src in sources.items() if is_user_source(src)}
     note = apply_cpu_recipe(tree, explicit, sources) if cpu_recipe else ""
     apply_method_defaults(tree, sources)
@@ -674,7 +687,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("model", m.name, tuple(PRESETS))
     check = _check
     check(
-        cfg.method not in ("lut", "lut_simmim") or cfg.aug.two_views,
+        cfg.method not in ("lut", "lut_simmim") or cfg.aug.recipe == "lut",
         f"aug.recipe={cfg.aug.recipe} makes one view, LUT needs two: leave aug.recipe to follow the method",
     )
     check(m.img_size > 0 and m.patch_size > 0, "image size and patch size must be positive")
@@ -728,6 +741,7 @@ def validate(cfg: TrainConfig) -> None:
     _number("data.max_bad_images", d.max_bad_images, 0)
     _choice("data.ffcv_order", d.ffcv_order, FFCV_ORDERS)
     _number("data.dali_shuffle_buffer", d.dali_shuffle_buffer, 1)
+    check_aug_support(d.backend, cfg.aug)  # a value the chosen backend would not honour: say so before any work
 
     _choice("precision", r.precision, PRECISIONS)
     _choice("device", r.device, DEVICES)

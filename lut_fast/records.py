@@ -116,8 +116,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def protocol(command: str, ckpts: Iterable[str | os.PathLike], data: Any, settings: dict, extra_data: dict | None = None) -> dict:
-    """The record of one evaluation: command, settings, checkpoints, data fingerprint(s), software, time."""
+def protocol(command: str, ckpts: Iterable[str | os.PathLike], data: Any, settings: dict, extra_data: dict | None = None,
+             config: Any = None) -> dict:
+    """The record of one evaluation: command, settings, checkpoints, data fingerprint(s), software, time.
+
+    ``config``: the command's typed settings (``evaluation/config.py``); saved whole with where each
+    value came from, so ``--config RESULT.json`` runs the same command again.
+    """
     fingerprints = {"data": data_fingerprint(data)}
     for name, path in (extra_data or {}).items():
         if path is not None:
@@ -126,12 +131,19 @@ def protocol(command: str, ckpts: Iterable[str | os.PathLike], data: Any, settin
         "schema": SCHEMA,
         "command": command,
         "settings": {k: _plain(v) for k, v in settings.items()},
+        **({"config": _config_dict(config), "config_sources": dict(config.sources)} if config is not None else {}),
         "checkpoints": [checkpoint_record(c) for c in ckpts],
         **fingerprints,
         "software": software(),
         "argv": sys.argv,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _config_dict(config: Any) -> dict:
+    from lut_fast.config import to_dict
+
+    return to_dict(config)
 
 
 def attach_protocol(result_json: str | os.PathLike, record: dict) -> Path:
@@ -144,7 +156,14 @@ def attach_protocol(result_json: str | os.PathLike, record: dict) -> Path:
     return write_json_atomic(result, path, default=str)
 
 
-def record_cli_result(ctx, result_json: str | os.PathLike, command: str, ckpts: Iterable, data: Any, **extra_data) -> Path:
-    """For a typer command (``ctx``: its ``typer.Context``): the settings are all its parameters, defaults included."""
-    settings = dict(ctx.params)
-    return attach_protocol(result_json, protocol(command, list(ckpts), data, settings, extra_data))
+def record_result(result_json: str | os.PathLike, command: str, ckpts: Iterable, config: Any,
+                  extra_settings: dict | None = None, data_path: Any = None, **extra_data) -> Path:
+    """For a command with typed settings: every setting (defaults included) and their sources, in the JSON.
+
+    The data fingerprinted is ``data_path``, else the settings' ``data`` (None there = the built-in dataset).
+    """
+    from lut_fast.config import to_dict
+
+    settings = {**to_dict(config), **(extra_settings or {})}
+    data = data_path if data_path is not None else getattr(config, "data", None)
+    return attach_protocol(result_json, protocol(command, list(ckpts), data, settings, extra_data, config=config))

@@ -13,9 +13,13 @@ import torch
 from lut_fast.errors import UserError
 
 from .batch import Batch, RawBatch, finish_batch
+from .contract import AUG_LIMITS, Loader, LoaderOptions, check_aug_support
 from .spec import AugSpec
 
-__all__ = ["AugSpec", "BACKENDS", "Batch", "RawBatch", "build_loader", "finish_batch", "require_backend"]
+__all__ = [
+    "AUG_LIMITS", "AugSpec", "BACKENDS", "Batch", "Loader", "LoaderOptions", "RawBatch", "build_loader",
+    "check_aug_support", "finish_batch", "require_backend",
+]
 
 BACKENDS = ("torch", "dali", "ffcv")
 
@@ -57,26 +61,27 @@ def build_loader(
     split: str = "train",
     photometric_on: str = "auto",
     **options,
-):
+) -> Loader:
     """A loader over ``data`` (ImageFolder tree, split root, or a backend's converted format).
 
-    ``data=None`` means the built-in dataset. The loader has ``len()``
-    (batches per epoch per rank), ``set_epoch(epoch, start_batch=0)``,
-    ``raw_batches()`` (the CPU side: ``RawBatch`` of uint8 views) and yields
-    ``Batch`` (``finish_batch`` of each raw batch). ``photometric_on``:
-    where view 2's jitter and 3-augment op run (``batch.resolve_photometric_on``).
+    ``data=None`` means the built-in dataset. The loader keeps the ``contract.Loader`` protocol:
+    ``len()`` (batches per epoch per rank), ``set_epoch(epoch, start_batch=0)``, ``raw_batches()``
+    (the CPU side: ``RawBatch`` of uint8 views), ``close()``, and yields ``Batch`` (``finish_batch``
+    of each raw batch). ``photometric_on``: where view 2's jitter and 3-augment op run
+    (``batch.resolve_photometric_on``). ``options``: the backend's own settings (torch ``workers``;
+    DALI ``shuffle_buffer``, ``prefetch``; FFCV ``order``, ``os_cache``, ``batches_ahead``).
+    An ``AugSpec`` value the backend does not implement is a ``UserError`` (``contract.AUG_LIMITS``).
     """
     require_backend(backend)
-    if batch_size <= 0:
-        raise UserError(f"batch size must be positive, got {batch_size}")
+    check_aug_support(backend, spec)
+    common = LoaderOptions(
+        spec=spec, batch_size=batch_size, device=device, num_workers=num_workers, seed=seed,
+        rank=rank, world_size=world_size, channels_last=channels_last, photometric_on=photometric_on,
+    )
     if data is None:
         from lut_fast.datasets.builtin import builtin_path
 
         data = str(builtin_path())
-    common = dict(
-        spec=spec, batch_size=batch_size, device=device, num_workers=num_workers, seed=seed,
-        rank=rank, world_size=world_size, channels_last=channels_last, photometric_on=photometric_on,
-    )
     if backend == "torch":
         from lut_fast.datasets.imagefolder import scan_image_folder
 
@@ -91,11 +96,11 @@ def build_loader(
             raise UserError(f"{source.path} holds DALI shards (made by `lut-fast convert dali`), which the DALI "
                             "backend reads: use --backend dali (the torch backend reads ImageFolder trees)")
         index = scan_image_folder(data, split)
-        return TorchLoader(index.samples, **common, **options)
+        return TorchLoader(index.samples, common, **options)
     if backend == "dali":
         from .dali_backend import DaliLoader
 
-        return DaliLoader(data, split=split, **common, **options)
+        return DaliLoader(data, common, split=split, **options)
     from .ffcv_backend import FfcvLoader
 
-    return FfcvLoader(data, split=split, **common, **options)
+    return FfcvLoader(data, common, split=split, **options)

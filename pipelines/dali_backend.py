@@ -62,6 +62,7 @@ from lut_fast.errors import UserError
 
 from . import formats
 from .batch import Batch, RawBatch, finish_batch, resolve_photometric_on
+from .contract import LoaderOptions, check_aug_support
 from .spec import STRONG_OPS, AugSpec
 from .strong_params import strong_params_for_batch
 
@@ -244,26 +245,19 @@ def _views_pipeline(read, spec: AugSpec, device: str, layout: str, uint8_out: bo
 
 
 class DaliLoader:
-    """Dual-view (LUT) or single-view (MAE) batches from DALI; see the module doc."""
+    """Dual-view (LUT) or single-view (MAE) batches from DALI (``contract.Loader``); see the module doc.
+
+    ``AugSpec``: every value but ``src_padding_mode`` other than reflect (``contract.AUG_LIMITS``).
+    """
 
     backend = "dali"
 
-    def __init__(
-        self,
-        data: str | Path,
-        spec: AugSpec,
-        batch_size: int,
-        device: torch.device | str = "cpu",
-        num_workers: int = 2,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        channels_last: bool = False,
-        split: str = "train",
-        shuffle_buffer: int = 4096,
-        prefetch: int = 2,
-        photometric_on: str = "auto",
-    ):
+    def __init__(self, data: str | Path, options: LoaderOptions, split: str = "train", shuffle_buffer: int = 4096,
+                 prefetch: int = 2):
+        check_aug_support(self.backend, options.spec)
+        spec, batch_size, num_workers, seed = options.spec, options.batch_size, options.num_workers, options.seed
+        device, channels_last, photometric_on = options.device, options.channels_last, options.photometric_on
+        rank, world_size = options.rank, options.world_size
         self.spec, self.batch_size, self.seed = spec, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.device, self.channels_last = torch.device(device), channels_last
@@ -366,6 +360,10 @@ class DaliLoader:
     def __iter__(self) -> Iterator[Batch]:
         for raw in self.raw_batches():
             yield finish_batch(raw, self.spec, self.device, self.channels_last)
+
+    def close(self) -> None:
+        """Drop the epoch's pipeline (its threads and buffers); the next epoch builds a new one."""
+        self._iterator = None
 
     @contextlib.contextmanager
     def _decode_errors(self):

@@ -50,8 +50,8 @@ from lut_fast.errors import UserError
 
 from . import formats
 from .batch import Batch, RawBatch, finish_batch, resolve_photometric_on
+from .contract import LoaderOptions, check_aug_support
 from .ffcv_ops import NormalizeView, RrcFlipDecoder, SrcViewsDecoder, StrongView, TakeView  # first: keeps torch's thread count
-from .spec import AugSpec
 from .strong_params import strong_params_for_batch
 
 from ffcv.fields.basics import IntDecoder  # noqa: E402, I001
@@ -91,27 +91,20 @@ def resolve_beton(data: str | Path, split: str) -> Path:
 
 
 class FfcvLoader:
-    """Dual-view (LUT) or single-view (MAE) batches from a ``.beton`` file; see the module doc."""
+    """Dual-view (LUT) or single-view (MAE) batches from a ``.beton`` file (``contract.Loader``); see the module doc.
+
+    ``AugSpec``: every value but ``src_padding_mode`` other than reflect and ``interpolation`` other
+    than bicubic (``contract.AUG_LIMITS``).
+    """
 
     backend = "ffcv"
 
-    def __init__(
-        self,
-        data: str | Path,
-        spec: AugSpec,
-        batch_size: int,
-        device: torch.device | str = "cpu",
-        num_workers: int = 2,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        channels_last: bool = False,
-        split: str = "train",
-        order: str = "random",
-        os_cache: bool = True,
-        batches_ahead: int = 3,
-        photometric_on: str = "auto",
-    ):
+    def __init__(self, data: str | Path, options: LoaderOptions, split: str = "train", order: str = "random",
+                 os_cache: bool = True, batches_ahead: int = 3):
+        check_aug_support(self.backend, options.spec)
+        spec, batch_size, num_workers, seed = options.spec, options.batch_size, options.num_workers, options.seed
+        device, channels_last, photometric_on = options.device, options.channels_last, options.photometric_on
+        rank, world_size = options.rank, options.world_size
         self.path = resolve_beton(data, split)
         formats.warn_if_storage_cannot_serve(self.path, spec.recipe, spec.img_size, split, rank)
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
@@ -210,3 +203,6 @@ class FfcvLoader:
         # finish_batch turns uint8 into new float tensors; views FFCV already normalised are copied out of its buffers.
         for raw in self._raw(fresh=self.float_out):
             yield finish_batch(raw, self.spec, self.device, self.channels_last)
+
+    def close(self) -> None:
+        """Nothing to release between epochs: each epoch's iterator (and its thread) is closed when the epoch ends."""

@@ -229,7 +229,7 @@ def src_crop(base, out, pad, flip_p):
                 out[y, x, c] = base[sy, sx, c]
 
 
-# ---------------------------------------------------------------- photometric (target view)
+# ---------------------------------------------------------------- photometric (view 2)
 
 
 @_jit
@@ -349,7 +349,7 @@ def _blur(x, tmp, sigma, half):
 
 @_jit
 def strong_ops(x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half):
-    """Target view's ops in place on float ``x`` (h, w, 3) on 0..255; ``tmp`` is scratch of its shape.
+    """View 2's ops in place on float ``x`` (h, w, 3) on 0..255; ``tmp`` is scratch of its shape.
 
     ColorJitter with probability jitter_p (random op order), then one of ``ops`` (STRONG_OPS indices);
     ``strengths`` = (brightness, contrast, saturation, hue) as in torchvision. The blur uses
@@ -390,7 +390,7 @@ def _to_float(src, x):
 
 @_jit
 def strong_view(src, dst, x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half):
-    """Target view of uint8 ``src`` into uint8 ``dst`` (``x``/``tmp``: float scratch of src's shape)."""
+    """View 2 of uint8 ``src`` into uint8 ``dst`` (``x``/``tmp``: float scratch of src's shape)."""
     _to_float(src, x)
     strong_ops(x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half)
     for y in range(src.shape[0]):
@@ -402,7 +402,7 @@ def strong_view(src, dst, x, tmp, jitter_p, strengths, ops, threshold, sigma_lo,
 @_jit
 def strong_view_normalized(src, dst, x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half,
                            scale, shift):
-    """Target view of uint8 ``src`` into normalised float ``dst`` (see ``normalize_into``)."""
+    """View 2 of uint8 ``src`` into normalised float ``dst`` (see ``normalize_into``)."""
     _to_float(src, x)
     strong_ops(x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half)
     normalize_into(x, dst, scale, shift)
@@ -523,7 +523,7 @@ def _float_shape(shape: tuple, channels_last: bool) -> tuple:
 
 
 class StrongView(Operation):
-    """The target view's photometric ops on view ``index``, into this operation's own buffer.
+    """View 2's photometric ops on view ``index``, into this operation's own buffer.
 
     ``normalize``: write normalised float32 (layout per ``channels_last``) instead of uint8, so the
     CPU-only configuration needs no pass over the batch in the trainer's process.

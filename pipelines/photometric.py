@@ -1,4 +1,4 @@
-"""The target view's photometric augmentations as batched tensor ops, on any device.
+"""View 2's photometric augmentations as batched tensor ops, on any device.
 
 One implementation, used in two places: in the torch backend's data workers
 (on CPU, per batch, ``photometric_on=loader``) and after the copy to the

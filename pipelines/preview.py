@@ -1,7 +1,7 @@
 """``lut-fast data preview``: a PNG grid of what a backend feeds the model, for a person to look at.
 
-Each cell is one sample: view 1 (online: crop and flip only) beside view 2
-(target: crop, flip, color jitter, then grayscale, solarize or blur). The
+Each cell is one sample: view 1 (crop and flip only) beside view 2
+(crop, flip, color jitter, then grayscale, solarize or blur). The
 MAE recipe has one view per sample. Images are un-normalised with the
 spec's mean/std, so what you see is exactly the tensor the trainer gets.
 """
@@ -54,7 +54,7 @@ def write_preview(backend: str, data: str | None, out: str | Path, method: str =
         if v2 is not None:
             axes[r, c * views + 1].imshow(v2[i])
             axes[r, c * views + 1].set_title("view 2", fontsize=8)
-    what = "view 1 (online) | view 2 (target)" if views == 2 else "MAE RandomResizedCrop view"
+    what = "view 1 (crop + flip) | view 2 (+ jitter and one op)" if views == 2 else "MAE RandomResizedCrop view"
     fig.suptitle(f"backend {backend}, {method.upper()} recipe, {img_size} px: {what}", fontsize=10)
     fig.tight_layout()
     out = Path(out)

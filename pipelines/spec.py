@@ -2,9 +2,12 @@
 
 LUT: one decode, two views, each drawn independently:
 
-* view 1 (online, weak):   SRC -> normalize
-* view 2 (target, strong): SRC -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8
-                           -> exactly one of {grayscale, solarize, blur} -> normalize
+* view 1 (crop and flip only; MAE reconstructs its masked patches):  SRC -> normalize
+* view 2 (the more strongly augmented view):  SRC -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8
+                                              -> exactly one of {grayscale, solarize, blur} -> normalize
+
+(With ``lut.direction=symmetric`` both views are masked for the student and both are seen whole by
+the target encoder; one-way uses view 1 for the student and view 2 for the target.)
 
 SRC = DeiT-III "simple random crop": resize the shorter side to S (bicubic),
 pad 4 px (reflect), random S x S crop, horizontal flip p=0.5. Since the resize
@@ -33,20 +36,20 @@ STRONG_OPS = ("grayscale", "solarize", "blur")
 
 @dataclass(frozen=True)
 class AugSpec:
-    recipe: Recipe = "lut"  # "lut": two views (SRC weak + SRC strong); "mae": one RRC view
+    recipe: Recipe = "lut"  # "lut": two views (view 1: SRC; view 2: SRC + jitter + one op); "mae": one RRC view
     img_size: int = 224  # output size S of every view
     # Simple random crop (both LUT views)
     src_padding: int = 4  # SRC: pad before the random S x S crop
     src_padding_mode: str = "reflect"  # SRC padding mode
     flip_p: float = 0.5  # horizontal flip probability (every view)
     interpolation: str = "bicubic"  # resize filter
-    # Target-view color jitter (torchvision ColorJitter semantics, random op order)
+    # View 2's color jitter (torchvision ColorJitter semantics, random op order)
     jitter_p: float = 0.8  # probability of color jitter on view 2
     brightness: float = 0.4  # factor uniform in [1-b, 1+b]
     contrast: float = 0.4  # factor uniform in [1-c, 1+c]
     saturation: float = 0.2  # factor uniform in [1-s, 1+s]
     hue: float = 0.1  # shift uniform in [-h, h]
-    # Target-view "3-augment": exactly one op per sample, chosen uniformly
+    # View 2's "3-augment": exactly one op per sample, chosen uniformly
     strong_ops: tuple[str, ...] = STRONG_OPS  # view 2: exactly one, chosen uniformly
     solarize_threshold: int = 128  # on 0..255: pixels >= threshold are inverted
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # PIL GaussianBlur radius, uniform
@@ -66,10 +69,6 @@ class AugSpec:
         from lut_fast.config import validate_aug  # every config check lives in one place
 
         validate_aug(self)
-
-    @property
-    def two_views(self) -> bool:
-        return self.recipe == "lut"
 
     @property
     def blur_kernel_size(self) -> int:

@@ -63,6 +63,7 @@ from lut_fast.errors import UserError
 
 from . import malloc, photometric
 from .batch import Batch, RawBatch, finish_batch, normalize_into, resolve_photometric_on
+from .contract import LoaderOptions, check_aug_support
 from .spec import AugSpec
 
 try:  # optional: the `jpeg` extra (libjpeg-turbo, ~10 % faster than torchvision's decode_jpeg)
@@ -732,28 +733,19 @@ class _ThreadedBatches:
 
 
 class TorchLoader:
-    """Dual-view loader yielding ``Batch`` on ``device``; batches built by threads or processes.
+    """Dual-view loader yielding ``Batch`` on ``device``; batches built by threads or processes (``contract.Loader``).
 
-    ``workers``: ``threads`` | ``processes`` | ``auto`` (``resolve_worker_kind``);
-    ``num_workers=0`` builds every batch in the calling thread.
+    Honours every ``AugSpec`` value (``contract.AUG_LIMITS``). ``workers``: ``threads`` | ``processes`` |
+    ``auto`` (``resolve_worker_kind``); ``num_workers=0`` builds every batch in the calling thread.
     """
 
     backend = "torch"
 
-    def __init__(
-        self,
-        samples: Sequence[tuple[str, int]],
-        spec: AugSpec,
-        batch_size: int,
-        device: torch.device | str = "cpu",
-        num_workers: int = 2,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        channels_last: bool = False,
-        photometric_on: str = "auto",
-        workers: str = "auto",
-    ):
+    def __init__(self, samples: Sequence[tuple[str, int]], options: LoaderOptions, workers: str = "auto"):
+        check_aug_support(self.backend, options.spec)
+        spec, batch_size, num_workers, seed = options.spec, options.batch_size, options.num_workers, options.seed
+        device, channels_last, photometric_on = options.device, options.channels_last, options.photometric_on
+        rank, world_size = options.rank, options.world_size
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
         self.photometric_on = resolve_photometric_on(photometric_on, self.device)
         self.workers = resolve_worker_kind(workers, num_workers) if num_workers > 0 else "main"

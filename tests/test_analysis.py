@@ -138,7 +138,7 @@ def test_encoder_formats_load_to_the_same_weights(ckpts):
 
 def test_attention_distance_and_spectrum_write_png_and_json(ckpts, tmp_path):
     data = builtin_path()
-    r = run_attention_distance([ckpts["lut"], ckpts["mae"]], str(data), tmp_path, max_images=12, num_heads=4,
+    r = run_attention_distance([ckpts["lut"], ckpts["mae"]], out=tmp_path, data=str(data), max_images=12, num_heads=4,
                                batch_size=6, workers=0, device="cpu", show_progress=False)
     assert (tmp_path / "attention_distance.png").stat().st_size > 5000
     saved = json.loads((tmp_path / "attention_distance.json").read_text())
@@ -147,19 +147,19 @@ def test_attention_distance_and_spectrum_write_png_and_json(ckpts, tmp_path):
     assert aad.shape == (2, 4) and (aad > 0).all() and (aad < math.sqrt(2)).all()
     assert r["images"] == 12
 
-    s = run_spectrum([ckpts["lut"], ckpts["timm"]], str(data), tmp_path, max_images=20, num_heads=4, labels="A,B",
+    s = run_spectrum([ckpts["lut"], ckpts["timm"]], out=tmp_path, data=str(data), max_images=20, num_heads=4, labels="A,B",
                      batch_size=10, workers=0, device="cpu", show_progress=False)
     assert (tmp_path / "spectrum.png").stat().st_size > 5000
     assert len(s["checkpoints"][0]["singular_values"]) == 2 and len(s["checkpoints"][0]["singular_values"][0]) == 64
     assert len(s["log_gap"]) == 2 and s["log_gap_definition"].startswith("ln sigma(B)")
     with pytest.raises(UserError, match="at most two"):
-        run_spectrum([ckpts["lut"]] * 3, str(data), tmp_path)
+        run_spectrum([ckpts["lut"]] * 3, out=tmp_path, data=str(data))
 
 
 def test_attention_maps_png_and_query_checks(ckpts, tmp_path):
     img = tmp_path / "img.png"
     Image.new("RGB", (50, 40), (200, 30, 30)).save(img)
-    r = run_attention_maps([ckpts["lut"], ckpts["mae"]], img, "1,2", tmp_path, num_heads=4, device="cpu")
+    r = run_attention_maps([ckpts["lut"], ckpts["mae"]], out=tmp_path, image=str(img), query="1,2", num_heads=4, device="cpu")
     assert (tmp_path / "attention_maps.png").stat().st_size > 5000
     saved = json.loads((tmp_path / "attention_maps.json").read_text())
     maps = torch.tensor(saved["checkpoints"][0]["attention"])
@@ -172,9 +172,9 @@ def test_attention_maps_png_and_query_checks(ckpts, tmp_path):
         with pytest.raises(UserError, match="--query"):
             parse_query(bad)
     with pytest.raises(UserError, match="outside the 4x4"):
-        run_attention_maps([ckpts["lut"]], img, "4,0", tmp_path, device="cpu")
+        run_attention_maps([ckpts["lut"]], out=tmp_path, image=str(img), query="4,0", device="cpu")
     with pytest.raises(UserError, match="image not found"):
-        run_attention_maps([ckpts["lut"]], tmp_path / "missing.png", None, tmp_path)
+        run_attention_maps([ckpts["lut"]], out=tmp_path, image=str(tmp_path / "missing.png"))
 
 
 def test_cli_errors_are_one_line_and_help_shows_defaults(ckpts, tmp_path):

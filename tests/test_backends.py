@@ -391,7 +391,7 @@ def _yiq_hue(x: torch.Tensor, turns: float) -> torch.Tensor:
 
 
 def test_ffcv_kernels_match_the_torch_reference():
-    """Each numba op of the FFCV target view against photometric.py (the torch backend's ops)."""
+    """Each numba op of FFCV's view 2 against photometric.py (the torch backend's ops)."""
     from lut_fast.pipelines import ffcv_ops as F
     from lut_fast.pipelines import photometric as P
 

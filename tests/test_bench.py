@@ -221,13 +221,13 @@ def test_official_recipe_views():
     assert v1.shape == v2.shape == (3, 48, 48) and v1.dtype == v2.dtype == torch.float32
     assert label == samples[0][1] and not torch.equal(v1, v2)
     assert -3 < float(v1.min()) and float(v1.max()) < 3  # normalised, not 0..255
-    weak, strong = official_view_transforms(spec)
-    names = [type(t).__name__ for t in strong.transforms]
+    view1_tf, view2_tf = official_view_transforms(spec)
+    names = [type(t).__name__ for t in view2_tf.transforms]
     assert names == ["Resize", "RandomCrop", "RandomHorizontalFlip", "RandomApply", "RandomChoice", "ToTensor", "Normalize"]
-    assert [type(t).__name__ for t in weak.transforms] == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
-    jitter = strong.transforms[3]
+    assert [type(t).__name__ for t in view1_tf.transforms] == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    jitter = view2_tf.transforms[3]
     assert jitter.p == spec.jitter_p and isinstance(jitter.transforms[0], T.ColorJitter)
-    assert strong.transforms[1].padding == spec.src_padding and strong.transforms[1].padding_mode == spec.src_padding_mode
+    assert view2_tf.transforms[1].padding == spec.src_padding and view2_tf.transforms[1].padding_mode == spec.src_padding_mode
     loader = OfficialLoader(samples, spec, batch_size=3, num_workers=0)
     loader.set_epoch(0)
     a, b, labels = next(iter(loader))
@@ -460,6 +460,7 @@ def test_json_is_atomic_and_strict(tmp_path):
         load_json(tmp_path / "bad.json")
 
 
+@pytest.mark.slow
 def test_gpu_check_preset_quick(tmp_path):
     from lut_fast.bench.gpu_check import run_gpu_check
 

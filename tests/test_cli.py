@@ -79,6 +79,7 @@ def test_impossible_configs_are_rejected_clearly(tmp_path, args, message):
     assert_clean_error(run_cli("train", "--out", str(tmp_path / "o"), *args), message)
 
 
+@pytest.mark.slow
 def test_missing_and_empty_data_folders(tmp_path):
     assert_clean_error(run_cli("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), "data folder", "not found")
     (tmp_path / "empty").mkdir()
@@ -88,6 +89,7 @@ def test_missing_and_empty_data_folders(tmp_path):
     assert_clean_error(run_cli("train", "--data", str(tmp_path / "noimg"), "--out", str(tmp_path / "o")), "no images found")
 
 
+@pytest.mark.slow
 def test_bad_config_file(tmp_path):
     assert_clean_error(run_cli("train", str(tmp_path / "missing.yaml")), "config file not found")
     bad = tmp_path / "bad.yaml"
@@ -98,6 +100,7 @@ def test_bad_config_file(tmp_path):
     assert_clean_error(run_cli("train", str(wrong)), "unknown config field 'modle'")
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_counted_and_limited(tmp_path, small_folder):
     data = tmp_path / "data"
     corrupt_copy(small_folder, data, 3)
@@ -112,6 +115,7 @@ def test_corrupt_images_are_skipped_counted_and_limited(tmp_path, small_folder):
     assert_clean_error(limited, "unreadable images", "max_bad_images")
 
 
+@pytest.mark.slow
 def test_train_export_and_timm_load_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", "--out", str(out), "--max-steps", "3", "--batch-size", "8", *TINY_FLAGS, "--set", "data.num_workers=0")

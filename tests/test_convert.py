@@ -214,6 +214,7 @@ def test_convert_ffcv_without_ffcv_says_how_to_install(source, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
+@pytest.mark.slow
 def test_train_on_converted_output(backend, shards, beton, tmp_path):
     from helpers import tiny_config
 

@@ -111,6 +111,8 @@ def _sync_bn_worker(rank: int, world: int, port: int, x: torch.Tensor, out_dir: 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_gloo_sync_batchnorm_equals_batchnorm_over_the_global_batch(tmp_path):
     world, x = 2, torch.randn(12, 5, generator=torch.Generator().manual_seed(1)) * 3 + 1
     # fork: the children need not import this test module (pytest's importlib mode)
@@ -216,6 +218,8 @@ def assert_same_training_state(a: dict, b: dict) -> None:
             assert ((x - y).abs().max() / scale) < 1e-4, (i, key)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_process_ddp_equals_one_process_with_the_global_batch(single_run, tmp_path):
     out = tmp_path / "ddp"
     cmd = torchrun(2, "--batch-size", "4", "--accum", "2", "--max-steps", "3", "--out", str(out), *TINY)

@@ -106,6 +106,8 @@ def tiny_config(out: Path, *sets: str, max_steps: int):
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_killed_worker_is_restarted_by_torchrun_and_the_run_completes(tmp_path):
     total, every = 16, 4
     run = ["--batch-size", "4", "--max-steps", str(total), "--set", f"run.ckpt_every={every}", "--set", "data.num_workers=1"]
@@ -147,6 +149,8 @@ def test_killed_worker_is_restarted_by_torchrun_and_the_run_completes(tmp_path):
 # ---------------------------------------------------------------- SIGTERM (pre-emption)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigterm_to_torchrun_checkpoints_and_the_same_command_resumes(tmp_path):
     out = tmp_path / "ddp"
     # DataLoader worker processes: torchrun signals the whole process group, they must not die first
@@ -303,6 +307,7 @@ def test_resume_from_a_file_that_is_not_a_lut_fast_checkpoint(tmp_path):
     assert folder_bytes(out / "checkpoints") == before
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_leaves_no_temp_file_after_resume(tmp_path):
     """SIGKILL while a checkpoint is written (with a loader worker process): resume removes the temp file."""
     out = tmp_path / "run"
@@ -453,6 +458,8 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_workers_checkpoint_and_stop_when_the_torchrun_agent_is_killed(tmp_path):
     out = tmp_path / "ddp"
     total = 400

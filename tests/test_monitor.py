@@ -52,12 +52,14 @@ def two_runs(tmp_path_factory):
     return root / "plain", root / "watched", result
 
 
+@pytest.mark.slow
 def test_knn_monitor_leaves_the_training_stream_unchanged(two_runs):
     plain, watched, _ = two_runs
     a, b = loss_records(plain), loss_records(watched)
     assert sorted(a) == [3, 6] and a == b  # bit-identical losses, lr and momentum
 
 
+@pytest.mark.slow
 def test_knn_is_logged_at_its_steps_and_matches_eval_knn(two_runs):
     _, watched, result = two_runs
     knn = {r["step"]: r["knn_top1"] for r in records(watched) if "knn_top1" in r}
@@ -70,6 +72,7 @@ def test_knn_is_logged_at_its_steps_and_matches_eval_knn(two_runs):
     assert result.final_metrics["knn_top1"] == knn[6]
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_every_curve(two_runs):
     _, watched, _ = two_runs
     for tag in ("loss/loss", "loss/mae_loss", "loss/bc_loss", "schedule/lr", "schedule/momentum",
@@ -80,6 +83,7 @@ def test_tensorboard_events_hold_every_curve(two_runs):
     assert [s for s, _ in scalars(watched, "knn/top1")] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_training_writes_its_curves_and_plot_compares_runs(two_runs, tmp_path):
     plain, watched, _ = two_runs
     for run in (plain, watched):
@@ -97,6 +101,7 @@ def test_training_writes_its_curves_and_plot_compares_runs(two_runs, tmp_path):
     assert r.stderr.strip() == f"lut-fast: error: {tmp_path} has no metrics.jsonl: pass a run folder written by lut-fast train"
 
 
+@pytest.mark.slow
 def test_resume_has_no_duplicate_or_missing_points(tmp_path):
     cfg = tiny_config(tmp_path / "run", "run.log_every=1", "run.ckpt_every=4", "run.knn_every=2", "run.knn_bank=64",
                       "run.knn_val=32", "run.curves=false", max_steps=8)

@@ -1,4 +1,4 @@
-"""The target view's photometric ops (photometric.py) on inputs whose answers can be checked by hand."""
+"""View 2's photometric ops (photometric.py) on inputs whose answers can be checked by hand."""
 
 from __future__ import annotations
 

@@ -64,6 +64,7 @@ def refused(proc: subprocess.CompletedProcess, *fragments: str) -> None:
         assert f in line, line
 
 
+@pytest.mark.slow
 def test_slurm_style_log_lines_and_a_resume_that_listens(tmp_path, data_folder):
     out = tmp_path / "run"
     base = [*TINY_FLAGS, *SMALL, "--out", str(out), "--set", "run.log_every=2", "--set", "run.progress=true"]
@@ -103,6 +104,7 @@ def test_slurm_style_log_lines_and_a_resume_that_listens(tmp_path, data_folder):
     assert load_file(out / "checkpoints" / "last.pt")["step"] == 6
 
 
+@pytest.mark.slow
 def test_resume_from_a_chosen_checkpoint_and_init_from_other_weights(tmp_path, data_folder):
     mae = tmp_path / "mae"
     base = [*TINY_FLAGS, *SMALL, "--data", str(data_folder), "--set", "run.log_every=1"]
@@ -224,6 +226,7 @@ def test_unreadable_images_are_named_and_all_written_to_the_run_folder(tmp_path)
     assert progress.bad_images_report(0, tmp_path) is None
 
 
+@pytest.mark.slow
 def test_finetune_resumes_from_its_last_epoch(tmp_path, data_folder):
     import lut_fast.evaluation.finetune as ft
     from lut_fast.train import train

@@ -76,7 +76,7 @@ def test_corruption_selection_by_names_and_groups():
     with pytest.raises(UserError, match="unknown corruption 'rain'"):
         resolve_corruptions(["rain"])
     with pytest.raises(UserError, match="severities"):
-        RobustnessConfig(severities=[0, 6]).validate()
+        RobustnessConfig(severities="0,6").validate()
 
 
 def test_every_corruption_is_deterministic_per_image_and_changes_pixels():
@@ -198,7 +198,7 @@ def test_classifiers_load_from_finetune_and_linear_outputs_and_a_pretraining_fil
 
 
 def test_same_results_whatever_the_batch_size_and_worker_count(classifiers, tmp_path):
-    cfg = dict(corruptions=["gaussian_noise"], severities=[2], max_images=24, occlusion=0.25)
+    cfg = dict(corruptions=["gaussian_noise"], severities="2", max_images=24, occlusion=0.25)
     a = run_robustness([classifiers[0]], RobustnessConfig(batch_size=5, workers=0, **cfg), show_progress=False)
     b = run_robustness([classifiers[0]], RobustnessConfig(batch_size=16, workers=2, **cfg), show_progress=False)
     assert a["results"][0]["corruptions"] == b["results"][0]["corruptions"]
@@ -248,8 +248,8 @@ def test_cli_writes_table_json_and_plot_for_two_classifiers_with_a_shift_set(cla
     proc = run_cli("eval", "robustness", str(finetuned), "--corruptions", "none", "--shift", f"odd={bad}", "--workers", "0")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"lut-fast: error: odd: 1 of its 1 class folders are not classes of the classifier (not-a-class; the classifier's "
-        f"are e.g. checker, circle, cross) nor class indices; give a mapping file: --class-map odd=FILE"]
+        "lut-fast: error: odd: 1 of its 1 class folders are not classes of the classifier (not-a-class; the classifier's "
+        "are e.g. checker, circle, cross) nor class indices; give a mapping file: --class-map odd=FILE"]
 
 
 def test_a_runs_finetuned_classifier_lands_in_the_runs_eval_folder_and_report_row(tmp_path):
@@ -272,7 +272,7 @@ def test_a_runs_finetuned_classifier_lands_in_the_runs_eval_folder_and_report_ro
     assert res.exit_code == 0, res.output
     result = json.loads((run / "eval" / "robustness" / "robustness.json").read_text())
     assert result["classifiers"][0]["source_checkpoint"] == str(pretrained) and result["classifiers"][0]["method"] == "lut"
-    assert result["protocol"]["settings"]["corruptions"] == "pixelate" and result["protocol"]["data"]["source"] == "built-in"
+    assert result["protocol"]["settings"]["corruptions"] == ["pixelate"] and result["protocol"]["data"]["source"] == "built-in"
     rows = collect_rows([run])
     assert len(rows) == 1 and rows[0].label == "run"  # joined to the run through the pre-training checkpoint
     assert rows[0].values["occluded"] == result["results"][0]["occluded_top1"]

@@ -237,7 +237,7 @@ def test_simmim_methods_get_simmims_recipe_and_the_user_still_wins():
     assert simmim.model.mask_ratio == 0.6 and simmim.model.resolved_mask_patch_size() == 32
     assert (simmim.optim.lr_scaling, simmim.optim.blr, simmim.optim.betas) == ("linear", 5e-5, (0.9, 0.999))
     assert (simmim.optim.warmup_epochs, simmim.optim.clip_grad) == (10, 5.0)
-    assert (simmim.aug.recipe, simmim.aug.rrc_scale, simmim.aug.two_views) == ("mae", (0.67, 1.0), False)
+    assert (simmim.aug.recipe, simmim.aug.rrc_scale) == ("mae", (0.67, 1.0))
     assert simmim.source("optim.blr") == "default of method simmim"
     lut = load_config(None, {"method": "lut_simmim", "model.name": "vit_base"})
     assert (lut.model.mask_ratio, lut.optim.blr, lut.optim.betas, lut.aug.recipe) == (0.6, 5e-5, (0.9, 0.999), "lut")

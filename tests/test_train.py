@@ -21,6 +21,7 @@ def losses(out_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
+@pytest.mark.slow
 def test_a_few_dozen_steps_lower_the_loss(tmp_path):
     cfg = tiny_config(tmp_path / "run", "run.log_every=1", "optim.lr=2e-3", max_steps=40, optim__batch_size=32)
     result = train(cfg)
@@ -50,6 +51,7 @@ def test_outputs_config_and_checkpoint_contents(tmp_path):
     assert ckpt["step"] == 5 and from_dict(TrainConfig, ckpt["config"]) == cfg
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
     # uninterrupted, with 2 loader workers
     full = tiny_config(tmp_path / "full", "run.log_every=1", "run.ckpt_every=4", "data.num_workers=2", max_steps=12)
@@ -80,6 +82,7 @@ def test_resume_without_checkpoint_starts_fresh_and_existing_run_needs_resume(tm
         train(cfg)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path / "run", "run.log_every=1", "run.ckpt_every=2", max_steps=8)
     holder = {}
@@ -132,6 +135,7 @@ def test_schedule_lr_rule_and_warmup_compression():
     assert make_schedule(cfg, 2502, 4).warmup_steps == 25
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     """--compile (torch.compile of the student) trains the same model: losses agree with eager."""
     eager = tiny_config(tmp_path / "eager", "run.log_every=1", max_steps=2, optim__batch_size=8)

@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lut_fast.analysis.common import analysis_samples, labels_for, require_checkpoints, walk_blocks
+from lut_fast.analysis.common import analysis_samples, labelled_encoders, require_checkpoints, walk_blocks
+from lut_fast.evaluation.config import AttentionDistanceConfig, with_overrides
 from lut_fast.evaluation.common import image_loader, normalize, progress, resolve_device, save_figure, tracked, write_json
 
 
@@ -85,38 +86,20 @@ def encoder_aad(
     return (sums / count).numpy()
 
 
-def run_attention_distance(
-    ckpts: Sequence[str | Path],
-    data: str | None = None,
-    out: Path = Path("runs/analysis"),
-    split: str = "val",
-    max_images: int = 1000,
-    labels: str | None = None,
-    use_ema: bool = False,
-    num_heads: int | None = None,
-    batch_size: int = 64,
-    workers: int = 2,
-    crop_pct: float = 0.875,
-    renormalize: bool = True,
-    last_layers: int = 3,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    device: str = "auto",
-    show_progress: bool = True,
-) -> dict:
+def run_attention_distance(ckpts: Sequence[str | Path], cfg: AttentionDistanceConfig | None = None,
+                           out: Path = Path("runs/analysis"), show_progress: bool = True, **overrides) -> dict:
     """AAD per layer and head for each checkpoint; writes attention_distance.{json,png} into ``out``."""
-    from lut_fast.checkpoint import load_encoder
-
+    cfg = with_overrides(AttentionDistanceConfig, cfg, overrides)
     require_checkpoints(ckpts)
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    samples, splits = analysis_samples(data, split, max_images, val_fraction, seed)
-    names = labels_for(ckpts, labels, [{"use_ema": use_ema}] * len(ckpts))
+    dev = resolve_device(cfg.device)
+    samples, splits = analysis_samples(cfg.data, cfg.split, cfg.max_images, cfg.val_fraction, cfg.seed)
+    last_layers = cfg.last
     results = []
     with progress(show_progress) as bar:
-        for name, ckpt in zip(names, ckpts):
-            encoder, info = load_encoder(ckpt, use_ema=use_ema, num_heads=num_heads)
-            aad = encoder_aad(encoder, samples, dev, batch_size, workers, crop_pct, renormalize, bar, f"AAD {name}")
+        for name, _, encoder, info in labelled_encoders(ckpts, cfg):
+            aad = encoder_aad(encoder, samples, dev, cfg.batch_size, cfg.workers, cfg.crop_pct, cfg.renormalize, bar,
+                              f"AAD {name}")
             results.append({
                 "label": name,
                 "encoder": info,
@@ -128,9 +111,9 @@ def run_attention_distance(
     result = {
         "command": "attention-distance",
         "units": "normalised image coordinates (side = 1); aad_pixels = aad x input size",
-        "renormalize": renormalize,
+        "renormalize": cfg.renormalize,
         "images": len(samples),
-        "split": split,
+        "split": cfg.split,
         "data": splits.describe(),
         "checkpoints": results,
         "seconds": round(time.perf_counter() - t0, 2),

@@ -20,8 +20,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lut_fast.analysis.common import labels_for, require_checkpoints, walk_blocks
+from lut_fast.analysis.common import labelled_encoders, require_checkpoints, walk_blocks
 from lut_fast.errors import UserError
+from lut_fast.evaluation.config import AttentionMapsConfig, with_overrides
 from lut_fast.evaluation.common import center_crop, load_rgb, normalize, resolve_device, save_figure, to_uint8_chw, write_json
 
 
@@ -53,32 +54,20 @@ def query_attention(encoder, image: torch.Tensor, query_index: int, layer: int =
     return a.reshape(a.shape[0], g, g).float().cpu().numpy()
 
 
-def run_attention_maps(
-    ckpts: Sequence[str | Path],
-    image: str | Path,
-    query: str | None = None,
-    out: Path = Path("runs/analysis"),
-    layer: int = -1,
-    labels: str | None = None,
-    use_ema: bool = False,
-    num_heads: int | None = None,
-    device: str = "auto",
-) -> dict:
+def run_attention_maps(ckpts: Sequence[str | Path], cfg: AttentionMapsConfig | None = None,
+                       out: Path = Path("runs/analysis"), **overrides) -> dict:
     """Writes attention_maps.{png,json} into ``out``."""
-    from lut_fast.checkpoint import load_encoder
-
+    cfg = with_overrides(AttentionMapsConfig, cfg, overrides)
     require_checkpoints(ckpts)
-    image = Path(image)
+    image, layer = Path(cfg.image), cfg.layer
     if not image.is_file():
         raise UserError(f"image not found: {image}")
     t0 = time.perf_counter()
-    q = parse_query(query)
-    dev = resolve_device(device)
+    q = parse_query(cfg.query)
+    dev = resolve_device(cfg.device)
     pil = load_rgb(str(image))
-    names = labels_for(ckpts, labels, [{"use_ema": use_ema}] * len(ckpts))
     rows, pos = [], None
-    for name, ckpt in zip(names, ckpts):
-        encoder, info = load_encoder(ckpt, use_ema=use_ema, num_heads=num_heads)
+    for name, ckpt, encoder, info in labelled_encoders(ckpts, cfg):
         encoder = encoder.to(dev)
         size, g = info["img_size"], encoder.grid_size
         if pos is None:  # the query as a position in [0, 1)^2, fixed by the first checkpoint's grid

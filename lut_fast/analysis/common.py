@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -67,6 +67,17 @@ def labels_for(ckpts: Sequence[str | Path], labels: str | None, infos: Sequence[
     if len(set(names)) < len(names):  # same stems (e.g. two last.pt): fall back to the parent folders
         names = [f"{Path(c).parent.name}/{n}" for c, n in zip(ckpts, names)]
     return names
+
+
+def labelled_encoders(ckpts: Sequence[str | Path], cfg) -> Iterator[tuple[str, str | Path, torch.nn.Module, dict]]:
+    """(label, path, encoder, info) for each checkpoint, loaded one at a time as ``cfg`` asks
+    (``use_ema``, ``num_heads``; ``labels`` names them, else ``labels_for`` does)."""
+    from lut_fast.checkpoint import load_encoder
+
+    names = labels_for(ckpts, cfg.labels, [{"use_ema": cfg.use_ema}] * len(ckpts))
+    for name, ckpt in zip(names, ckpts):
+        encoder, info = load_encoder(ckpt, use_ema=cfg.use_ema, num_heads=cfg.num_heads)
+        yield name, ckpt, encoder, info
 
 
 def require_checkpoints(ckpts: Sequence[str | Path]) -> None:

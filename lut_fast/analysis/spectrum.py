@@ -20,8 +20,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lut_fast.analysis.common import analysis_samples, labels_for, require_checkpoints, walk_blocks
+from lut_fast.analysis.common import analysis_samples, labelled_encoders, require_checkpoints, walk_blocks
 from lut_fast.errors import UserError
+from lut_fast.evaluation.config import SpectrumConfig, with_overrides
 from lut_fast.evaluation.common import (
     POOLS, image_loader, normalize, pool_tokens, progress, resolve_device, save_figure, tracked, write_json,
 )
@@ -53,47 +54,29 @@ def layer_features(encoder, samples, device, pool: str = "mean", batch_size: int
     return [torch.cat(f) for f in per_layer]
 
 
-def run_spectrum(
-    ckpts: Sequence[str | Path],
-    data: str | None = None,
-    out: Path = Path("runs/analysis"),
-    split: str = "val",
-    max_images: int = 5000,
-    pool: str = "mean",
-    labels: str | None = None,
-    use_ema: bool = False,
-    num_heads: int | None = None,
-    batch_size: int = 64,
-    workers: int = 2,
-    crop_pct: float = 0.875,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    device: str = "auto",
-    show_progress: bool = True,
-) -> dict:
+def run_spectrum(ckpts: Sequence[str | Path], cfg: SpectrumConfig | None = None, out: Path = Path("runs/analysis"),
+                 show_progress: bool = True, **overrides) -> dict:
     """Per-layer covariance spectra of one or two checkpoints; writes spectrum.{json,png} into ``out``."""
-    from lut_fast.checkpoint import load_encoder
-
+    cfg = with_overrides(SpectrumConfig, cfg, overrides)
     require_checkpoints(ckpts)
     if len(ckpts) > 2:
         raise UserError(f"spectrum compares at most two checkpoints, got {len(ckpts)}")
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    samples, splits = analysis_samples(data, split, max_images, val_fraction, seed)
-    names = labels_for(ckpts, labels, [{"use_ema": use_ema}] * len(ckpts))
+    dev = resolve_device(cfg.device)
+    samples, splits = analysis_samples(cfg.data, cfg.split, cfg.max_images, cfg.val_fraction, cfg.seed)
     results = []
     with progress(show_progress) as bar:
-        for name, ckpt in zip(names, ckpts):
-            encoder, info = load_encoder(ckpt, use_ema=use_ema, num_heads=num_heads)
-            feats = layer_features(encoder, samples, dev, pool, batch_size, workers, crop_pct, bar, f"spectrum {name}")
+        for name, _, encoder, info in labelled_encoders(ckpts, cfg):
+            feats = layer_features(encoder, samples, dev, cfg.pool, cfg.batch_size, cfg.workers, cfg.crop_pct, bar,
+                                   f"spectrum {name}")
             spectra = [covariance_spectrum(f) for f in feats]
             results.append({"label": name, "encoder": info, "singular_values": [s.tolist() for s in spectra]})
     result = {
         "command": "spectrum",
-        "pool": pool,
+        "pool": cfg.pool,
         "features": "block outputs (residual stream, before the final norm), one vector per image",
         "images": len(samples),
-        "split": split,
+        "split": cfg.split,
         "data": splits.describe(),
         "checkpoints": results,
         "seconds": round(time.perf_counter() - t0, 2),

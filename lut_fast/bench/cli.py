@@ -65,11 +65,14 @@ def _finish(report: dict, json_path: Optional[Path]) -> None:
 @bench_app.command("data")
 def data_cmd(
     backend: str = typer.Option("all", help="torch | dali | ffcv, a comma list, or all (every backend; those whose library is missing say how to install it)."),
-    data: str = typer.Option("photos:1024", help="ImageFolder tree; 'photos[:N]' (crops of real photographs, ImageNet-sized, made once), 'synthetic[:N]' or 'builtin'."),
+    data: str = typer.Option("photos:1024", help="ImageFolder tree; 'photos[:N]' (crops of real photographs, ImageNet-sized, made once), "
+                                                        "'synthetic[:N]' or 'builtin'."),
     dali_data: Optional[str] = typer.Option(None, help="What the DALI backend reads, if not --data (e.g. shards made by `lut-fast convert dali`)."),
-    ffcv_data: Optional[str] = typer.Option(None, help="What the FFCV backend reads (a .beton made by `lut-fast convert ffcv`); without it FFCV rows say how to make one."),
+    ffcv_data: Optional[str] = typer.Option(None, help="What the FFCV backend reads (a .beton made by `lut-fast convert ffcv`); "
+                                                            "without it FFCV rows say how to make one."),
     pipelines: str = typer.Option("lut,mae", help="lut (dual-view) and/or mae (single-view)."),
-    configurations: str = typer.Option("gpu-training,cpu-only", help="gpu-training (the CPU side alone: raw uint8 batches, photometric ops left to the device) and/or cpu-only (every op on the CPU)."),
+    configurations: str = typer.Option("gpu-training,cpu-only", help="gpu-training (the CPU side alone: raw uint8 batches, photometric ops left to the device) "
+                                                         "and/or cpu-only (every op on the CPU)."),
     official: bool = typer.Option(True, "--official/--no-official", help="Time the official LUT recipe as the reference row."),
     img_size: int = typer.Option(224, help="Output size of the views."),
     batch_size: int = typer.Option(32),
@@ -79,7 +82,8 @@ def data_cmd(
     windows: int = typer.Option(5, help="Timed rounds; each row reports its median window."),
     window_batches: int = typer.Option(4, help="Batches per window."),
     floor_files: int = typer.Option(256, help="Files the decode floor cycles through (per file set)."),
-    gpu_decode: Optional[bool] = typer.Option(None, "--gpu-decode/--no-gpu-decode", help="Also time decode_jpeg on the device + torch-op views  [default: on with CUDA]."),
+    gpu_decode: Optional[bool] = typer.Option(None, "--gpu-decode/--no-gpu-decode", help="Also time decode_jpeg on the device + torch-op views  "
+                                                                                             "[default: on with CUDA]."),
     json_path: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """Images/s and CPU ms per image of each backend x recipe x configuration, against the JPEG decode floor and the official recipe, timed interleaved."""
@@ -136,8 +140,10 @@ def train_cmd(
     precision: str = typer.Option("auto", help="Comma list of auto, fp32, bf16, fp16 (auto: bf16 on GPUs that have it, fp32 on CPU)."),
     sdpa: str = typer.Option("auto", help="Comma list of auto, flash, efficient, math, cudnn (torch.nn.attention.sdpa_kernel)."),
     channels_last: str = typer.Option("off", help="Comma list of on/off: channels-last inputs and patch-embedding weights."),
-    grid: bool = typer.Option(False, "--grid", help="Every combination; default: the first value of each list is the baseline and each other value is toggled alone."),
-    all_variants: bool = typer.Option(False, "--all-variants", help="compile off,on; precision fp32,bf16,fp16; sdpa auto,flash,efficient,math; channels-last off,on."),
+    grid: bool = typer.Option(False, "--grid", help="Every combination; default: the first value of each list is the baseline "
+                                                       "and each other value is toggled alone."),
+    all_variants: bool = typer.Option(False, "--all-variants", help="compile off,on; precision fp32,bf16,fp16; sdpa auto,flash,efficient,math; "
+                                                                       "channels-last off,on."),
     warmup: Optional[int] = typer.Option(None, help="Untimed steps of each method first (torch.compile compiles here).  [default: 2; on CPU 1]"),
     windows: Optional[int] = typer.Option(None, help="Timed windows; the median is reported.  [default: 3]"),
     steps_per_window: Optional[int] = typer.Option(None, help="[default: 3; on CPU 1]"),
@@ -192,7 +198,8 @@ def e2e_cmd(
     direction: str = typer.Option("symmetric", help="LUT direction: symmetric | one_way"),
     model: str = typer.Option("vit_tiny"),
     backend: str = typer.Option("torch", help="torch | dali | ffcv"),
-    data: Optional[str] = typer.Option(None, help="As for train (ImageFolder tree / converted data; empty = built-in), or synthetic[:N] / photos[:N] as for bench data."),
+    data: Optional[str] = typer.Option(None, help="As for train (ImageFolder tree / converted data; empty = built-in), "
+                                                      "or synthetic[:N] / photos[:N] as for bench data."),
     batch_size: int = typer.Option(32),
     workers: Optional[int] = typer.Option(None, help="Loader workers  [default: min(8, cores)]"),
     steps: int = typer.Option(30, help="Optimizer steps in all."),

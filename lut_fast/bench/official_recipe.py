@@ -66,11 +66,11 @@ def official_view_transforms(spec: AugSpec):
     tail = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
     ops = {"grayscale": T.Grayscale(num_output_channels=3), "solarize": PilSolarize(spec.solarize_threshold),
            "blur": PilGaussianBlur(spec.blur_sigma)}
-    strong = [
+    view2_ops = [
         T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p),
         T.RandomChoice([ops[name] for name in spec.strong_ops]),
     ]
-    return T.Compose(geometry() + tail), T.Compose(geometry() + strong + tail)
+    return T.Compose(geometry() + tail), T.Compose(geometry() + view2_ops + tail)
 
 
 class OfficialDualViewDataset(torch.utils.data.Dataset):

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from lut_fast.fileio import write_json_atomic
 
@@ -248,6 +248,3 @@ def print_comparison(a: dict, b: dict, name_a: str, name_b: str, console=None) -
             console.print(f"  {k}: {va!r} -> {vb!r}")
     return rows
 
-
-def ok_rows(report: dict, bench: str | None = None) -> Iterable[dict]:
-    return [r for r in report["results"] if r["status"] == "ok" and (bench is None or r["bench"] == bench)]

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from lut_fast.errors import UserError
+from lut_fast.evaluation.config import ImageSettings
 from lut_fast.fileio import write_json_atomic
 from lut_fast.pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 # One home for device and precision rules (lut_fast/runtime.py); evaluation autocasts as inference does.
@@ -116,7 +117,7 @@ class Splits:
         return {"source": self.source, "classes": len(self.classes), "train_images": len(self.train), "val_images": len(self.val)}
 
 
-def resolve_splits(data: str | os.PathLike | None, val_fraction: float = 0.2, seed: int = 0) -> Splits:
+def resolve_splits(data: str | os.PathLike | None, val_fraction: float = ImageSettings.val_fraction, seed: int = 0) -> Splits:
     """Train and val image lists.
 
     ``data`` may be a split root (``train/`` and ``val/`` class folders), or a
@@ -164,7 +165,7 @@ def load_rgb(path: str) -> Image.Image:
         raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
-def center_crop(img: Image.Image, img_size: int, crop_pct: float = 0.875) -> Image.Image:
+def center_crop(img: Image.Image, img_size: int, crop_pct: float = ImageSettings.crop_pct) -> Image.Image:
     """Resize the shorter side to ``img_size / crop_pct`` (bicubic), then center-crop ``img_size``."""
     if not 0.0 < crop_pct <= 1.0:
         raise UserError(f"crop fraction must be in (0, 1], got {crop_pct}")
@@ -184,7 +185,7 @@ def to_uint8_chw(img: Image.Image) -> torch.Tensor:
 class EvalImages(torch.utils.data.Dataset):
     """(uint8 CHW image, label), deterministic: the evaluation transform only."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], img_size: int, crop_pct: float = 0.875):
+    def __init__(self, samples: Sequence[tuple[str, int]], img_size: int, crop_pct: float = ImageSettings.crop_pct):
         self.samples, self.img_size, self.crop_pct = list(samples), img_size, crop_pct
 
     def __len__(self) -> int:
@@ -203,7 +204,7 @@ def normalize(x: torch.Tensor, device: torch.device, mean=IMAGENET_MEAN, std=IMA
     return (x - m) / s
 
 
-def image_loader(samples, img_size: int, batch_size: int, workers: int, crop_pct: float = 0.875, device=None):
+def image_loader(samples, img_size: int, batch_size: int, workers: int, crop_pct: float = ImageSettings.crop_pct, device=None):
     if batch_size <= 0:
         raise UserError(f"batch size must be positive, got {batch_size}")
     return torch.utils.data.DataLoader(
@@ -232,7 +233,7 @@ def extract_features(
     device: torch.device | str = "cpu",
     batch_size: int = 128,
     workers: int = 2,
-    crop_pct: float = 0.875,
+    crop_pct: float = ImageSettings.crop_pct,
     bar=None,
     description: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +322,35 @@ def topk_accuracy(logits_or_scores: torch.Tensor, labels: torch.Tensor, ks: Sequ
         if k <= n_classes:
             out[f"top{k}"] = 100.0 * (top[:, :k] == labels.view(-1, 1)).any(dim=1).float().mean().item()
     return out
+
+
+@dataclass
+class FrozenFeatures:
+    """Both splits' features of one checkpoint's frozen encoder (``frozen_features``)."""
+
+    device: torch.device
+    encoder: dict  # the encoder's description (``checkpoint.load_encoder``)
+    splits: Splits
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    from_cache: bool  # both splits read from OUT/cache
+
+
+def frozen_features(ckpt, cfg, out: Path | None, batch_size: int, bar, label: str) -> FrozenFeatures:
+    """``ckpt``'s encoder as ``cfg`` asks (``use_ema``, ``random_init``, ``num_heads``, ``device``), the splits of
+    ``cfg.data``, and both splits' ``cfg.pool`` features, through ``OUT/cache`` when ``cfg.cache`` (k-NN, linear probe)."""
+    from lut_fast.checkpoint import load_encoder
+
+    device = resolve_device(cfg.device)
+    encoder, info = load_encoder(ckpt, use_ema=cfg.use_ema, num_heads=cfg.num_heads, random_init=cfg.random_init)
+    splits = resolve_splits(cfg.data, cfg.val_fraction, cfg.seed)
+    cache_dir = (Path(out) / "cache") if (cfg.cache and out is not None) else None
+    xtr, ytr, xva, yva, from_cache = split_features(cache_dir, ckpt, info, encoder, splits, bar, label, pool=cfg.pool,
+                                                    device=device, batch_size=batch_size, workers=cfg.workers,
+                                                    crop_pct=cfg.crop_pct)
+    return FrozenFeatures(device, info, splits, xtr, ytr, xva, yva, from_cache)
 
 
 def split_features(cache_dir, ckpt_path, ckpt_info, encoder, splits, bar, label: str, **options):

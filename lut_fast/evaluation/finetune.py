@@ -51,6 +51,7 @@ from lut_fast.errors import UserError
 from lut_fast.evaluation.common import (
     POOLS, autocast, image_loader, normalize, progress, resolve_device, resolve_splits, topk_accuracy, write_json,
 )
+from lut_fast.evaluation.config import DEFAULT_RANDAUG, FinetuneConfig, ImageSettings, with_overrides
 from lut_fast.optim import lr_at
 from lut_fast import runtime
 from lut_fast.step import apply_update
@@ -63,7 +64,6 @@ RECIPES = {
     768: dict(blr=2.5e-4, layer_decay=0.65, epochs=100),
     1024: dict(blr=1e-3, layer_decay=0.65, epochs=50),
 }
-DEFAULT_RANDAUG = "rand-m9-mstd0.5-inc1"
 STATE_FILE = "finetune_state.pt"  # written after every epoch; what --resume continues from
 
 
@@ -147,7 +147,7 @@ class BatchRandAugment:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, samples, device: torch.device, batch_size: int = 128, workers: int = 2, crop_pct: float = 0.875) -> dict:
+def evaluate(model: nn.Module, samples, device: torch.device, batch_size: int = 128, workers: int = 2, crop_pct: float = ImageSettings.crop_pct) -> dict:
     """Top-1/top-5 (percent) and loss on the val images."""
     model.eval()
     img_size = model.patch_embed.img_size[0]
@@ -173,52 +173,20 @@ def _train_loader(backend: str, splits, train_data: Optional[str], spec: AugSpec
             f"the {backend} backend reads converted data: pass --train-data (converted train split) "
             "or give --data a folder with train/ and val/"
         )
+    from lut_fast.pipelines.contract import LoaderOptions
     from lut_fast.pipelines.torch_backend import TorchLoader
 
-    return TorchLoader(splits.train, spec, batch_size, device=device, num_workers=workers, seed=seed)
+    return TorchLoader(splits.train, LoaderOptions(spec, batch_size, device=device, num_workers=workers, seed=seed))
 
 
-def run_finetune(
-    ckpt: str | Path,
-    data: str | None = None,
-    out: Path | None = None,
-    backend: str = "torch",
-    train_data: Optional[str] = None,
-    epochs: Optional[float] = None,
-    max_steps: Optional[int] = None,
-    batch_size: int = 64,
-    accum: int = 1,
-    blr: Optional[float] = None,
-    lr: Optional[float] = None,
-    lr_scaling: str = "sqrt",
-    layer_decay: Optional[float] = None,
-    weight_decay: float = 0.05,
-    min_lr: float = 1e-6,
-    warmup_epochs: float = 5,
-    drop_path: float = 0.1,
-    smoothing: float = 0.1,
-    mixup: float = 0.8,
-    cutmix: float = 1.0,
-    randaug: str = DEFAULT_RANDAUG,
-    reprob: float = 0.25,
-    clip_grad: Optional[float] = None,
-    pool: str = "mean",
-    use_ema: bool = False,
-    num_heads: int | None = None,
-    workers: int = 2,
-    eval_every: int = 1,
-    crop_pct: float = 0.875,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    device: str = "auto",
-    show_progress: bool = True,
-    resume: bool = False,
-) -> dict:
+def run_finetune(ckpt: str | Path, cfg: FinetuneConfig | None = None, out: Path | None = None,
+                 show_progress: bool = True, resume: bool = False, **overrides) -> dict:
     """Fine-tune; writes finetune.json, finetune_log.jsonl and finetuned.pt into ``out`` (when given).
 
     With ``out``, the state (model, optimizer, step, history, RNG) is saved to
     ``OUT/finetune_state.pt`` after every epoch; ``resume`` continues from it
     (same data order from the next epoch on) when the recipe is the same.
+    ``cfg``: the settings (default ``FinetuneConfig()``); keyword ``overrides`` replace single fields of it.
     """
     from timm.data import Mixup
     from timm.data.random_erasing import RandomErasing
@@ -227,15 +195,17 @@ def run_finetune(
 
     from lut_fast.checkpoint import atomic_torch_save, load_encoder
 
+    cfg = with_overrides(FinetuneConfig, cfg, overrides)  # validated: ranges, choices, an even batch for mixup
+    (backend, train_data, epochs, max_steps, batch_size, accum, blr, lr, lr_scaling, layer_decay, weight_decay, min_lr,
+     warmup_epochs, drop_path, smoothing, mixup, cutmix, randaug, reprob, clip_grad, pool, use_ema, num_heads, workers,
+     eval_every, crop_pct, data, val_fraction, seed, device) = (
+        cfg.backend, cfg.train_data, cfg.epochs, cfg.max_steps, cfg.batch_size, cfg.accum, cfg.blr, cfg.lr,
+        cfg.lr_scaling, cfg.layer_decay, cfg.weight_decay, cfg.min_lr, cfg.warmup_epochs, cfg.drop_path, cfg.smoothing,
+        cfg.mixup, cfg.cutmix, cfg.randaug, cfg.reprob, cfg.clip_grad, cfg.pool, cfg.use_ema, cfg.num_heads,
+        cfg.workers, cfg.eval_every, cfg.crop_pct, cfg.data, cfg.val_fraction, cfg.seed, cfg.device)
     t0 = time.perf_counter()
     if resume and out is None:
         raise UserError("--resume needs the results folder that holds finetune_state.pt (--out)")
-    if batch_size < 1 or accum < 1:
-        raise UserError("batch size and accumulation steps must be >= 1")
-    if lr_scaling not in ("sqrt", "linear"):
-        raise UserError(f"unknown lr scaling {lr_scaling!r}; choose sqrt or linear")
-    if (mixup > 0 or cutmix > 0) and batch_size % 2:
-        raise UserError(f"mixup/cutmix need an even batch size, got {batch_size}")
     dev = resolve_device(device)
     random.seed(seed)
     np.random.seed(seed)
@@ -347,7 +317,8 @@ def run_finetune(
             epoch += 1
             if step >= total or epoch % eval_every == 0:
                 metrics = evaluate(model, splits.val, dev, 128, workers, crop_pct)
-                record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(running)) if running else None, **{f"val_{k}": v for k, v in metrics.items()}}
+                record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(running)) if running else None,
+                          **{f"val_{k}": v for k, v in metrics.items()}}
                 running = []
                 history.append(record)
                 if log_path is not None:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from lut_fast.errors import UserError
-from lut_fast.evaluation.common import progress, resolve_device, resolve_splits, split_features, topk_accuracy, write_json
+from lut_fast.evaluation.config import KnnConfig, with_overrides
+from lut_fast.evaluation.common import frozen_features, progress, topk_accuracy, write_json
 
 
 @torch.no_grad()
@@ -23,8 +24,8 @@ def knn_scores(
     train_labels: torch.Tensor,
     query_features: torch.Tensor,
     num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = KnnConfig.k,
+    temperature: float = KnnConfig.temperature,
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Temperature-weighted votes (N_query, num_classes) of the ``k`` nearest train features (cosine)."""
@@ -46,47 +47,27 @@ def knn_scores(
     return torch.cat(out)
 
 
-def run_knn(
-    ckpt: str | Path,
-    data: str | None = None,
-    out: Path | None = None,
-    k: int = 20,
-    temperature: float = 0.07,
-    pool: str = "cls",
-    use_ema: bool = False,
-    random_init: bool = False,
-    num_heads: int | None = None,
-    batch_size: int = 128,
-    workers: int = 2,
-    crop_pct: float = 0.875,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    device: str = "auto",
-    cache: bool = True,
-    show_progress: bool = True,
-) -> dict:
-    """k-NN accuracy of a checkpoint's frozen encoder; writes ``knn.json`` into ``out`` when given."""
-    from lut_fast.checkpoint import load_encoder
+def run_knn(ckpt: str | Path, cfg: KnnConfig | None = None, out: Path | None = None, show_progress: bool = True,
+            **overrides) -> dict:
+    """k-NN accuracy of a checkpoint's frozen encoder; writes ``knn.json`` into ``out`` when given.
 
+    ``cfg``: the settings (default ``KnnConfig()``); keyword ``overrides`` replace single fields of it.
+    """
+    cfg = with_overrides(KnnConfig, cfg, overrides)
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    encoder, info = load_encoder(ckpt, use_ema=use_ema, num_heads=num_heads, random_init=random_init)
-    splits = resolve_splits(data, val_fraction, seed)
-    cache_dir = (out / "cache") if (cache and out is not None) else None
-    common = dict(pool=pool, device=dev, batch_size=batch_size, workers=workers, crop_pct=crop_pct)
     with progress(show_progress) as bar:
-        xtr, ytr, xva, yva, from_cache = split_features(cache_dir, ckpt, info, encoder, splits, bar, "k-NN", **common)
-    scores = knn_scores(xtr, ytr, xva, len(splits.classes), k, temperature)
+        f = frozen_features(ckpt, cfg, out, cfg.batch_size, bar, "k-NN")
+    scores = knn_scores(f.train_x, f.train_y, f.val_x, len(f.splits.classes), cfg.k, cfg.temperature)
     result = {
         "command": "knn",
-        **topk_accuracy(scores, yva),
-        "k": k,
-        "temperature": temperature,
-        "pool": pool,
-        "crop_pct": crop_pct,
-        "features_from_cache": from_cache,
-        "encoder": info,
-        "data": splits.describe(),
+        **topk_accuracy(scores, f.val_y),
+        "k": cfg.k,
+        "temperature": cfg.temperature,
+        "pool": cfg.pool,
+        "crop_pct": cfg.crop_pct,
+        "features_from_cache": f.from_cache,
+        "encoder": f.encoder,
+        "data": f.splits.describe(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if out is not None:

@@ -19,10 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lut_fast.errors import UserError
-from lut_fast.evaluation.common import progress, resolve_device, resolve_splits, split_features, topk_accuracy, tracked, write_json
-
-OPTIMIZERS = ("lars", "sgd")
+from lut_fast.evaluation.config import LinearConfig, with_overrides
+from lut_fast.evaluation.common import frozen_features, progress, topk_accuracy, tracked, write_json
 
 
 class LARS(torch.optim.Optimizer):
@@ -70,21 +68,15 @@ def train_linear_probe(
     val_x: torch.Tensor,
     val_y: torch.Tensor,
     num_classes: int,
-    epochs: int = 90,
-    batch_size: int = 256,
-    optimizer: str = "sgd",
-    blr: float = 0.1,
-    weight_decay: float = 0.0,
-    warmup_epochs: float = 10,
-    seed: int = 0,
+    cfg: LinearConfig | None = None,
     device: torch.device | str = "cpu",
     bar=None,
+    **overrides,
 ) -> tuple[nn.Module, list[dict]]:
-    """Train the head on cached features; returns the head and per-epoch val metrics."""
-    if optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {optimizer!r}; choose {' or '.join(OPTIMIZERS)}")
-    if epochs < 1 or batch_size < 1:
-        raise UserError("epochs and batch size must be >= 1")
+    """Train the head on cached features (``cfg``'s head settings); returns the head and per-epoch val metrics."""
+    cfg = with_overrides(LinearConfig, cfg, overrides)
+    epochs, batch_size, optimizer, seed = cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.seed
+    blr, weight_decay, warmup_epochs = cfg.blr, cfg.weight_decay, cfg.warmup_epochs
     device = torch.device(device)
     batch_size = min(batch_size, train_x.shape[0])
     gen = torch.Generator().manual_seed(seed)
@@ -120,61 +112,37 @@ def train_linear_probe(
     return head.cpu(), history
 
 
-def run_linear(
-    ckpt: str | Path,
-    data: str | None = None,
-    out: Path | None = None,
-    epochs: int = 90,
-    batch_size: int = 256,
-    optimizer: str = "sgd",
-    blr: float = 0.1,
-    weight_decay: float = 0.0,
-    warmup_epochs: float = 10,
-    pool: str = "cls",
-    use_ema: bool = False,
-    random_init: bool = False,
-    num_heads: int | None = None,
-    feature_batch_size: int = 128,
-    workers: int = 2,
-    crop_pct: float = 0.875,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    device: str = "auto",
-    cache: bool = True,
-    show_progress: bool = True,
-) -> dict:
-    """Linear-probe accuracy; writes ``linear.json`` and ``linear_head.pt`` into ``out`` when given."""
-    from lut_fast.checkpoint import atomic_torch_save, load_encoder
+def run_linear(ckpt: str | Path, cfg: LinearConfig | None = None, out: Path | None = None, show_progress: bool = True,
+               **overrides) -> dict:
+    """Linear-probe accuracy; writes ``linear.json`` and ``linear_head.pt`` into ``out`` when given.
 
+    ``cfg``: the settings (default ``LinearConfig()``); keyword ``overrides`` replace single fields of it.
+    """
+    from lut_fast.checkpoint import atomic_torch_save
+
+    cfg = with_overrides(LinearConfig, cfg, overrides)
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    encoder, info = load_encoder(ckpt, use_ema=use_ema, num_heads=num_heads, random_init=random_init)
-    splits = resolve_splits(data, val_fraction, seed)
-    cache_dir = (out / "cache") if (cache and out is not None) else None
-    common = dict(pool=pool, device=dev, batch_size=feature_batch_size, workers=workers, crop_pct=crop_pct)
     with progress(show_progress) as bar:
         t_feat = time.perf_counter()
-        xtr, ytr, xva, yva, from_cache = split_features(cache_dir, ckpt, info, encoder, splits, bar, "probe", **common)
+        f = frozen_features(ckpt, cfg, out, cfg.feature_batch_size, bar, "probe")
         t_feat = time.perf_counter() - t_feat
         t_head = time.perf_counter()
-        head, history = train_linear_probe(
-            xtr, ytr, xva, yva, len(splits.classes), epochs, batch_size, optimizer, blr, weight_decay,
-            warmup_epochs, seed, dev, bar,
-        )
+        head, history = train_linear_probe(f.train_x, f.train_y, f.val_x, f.val_y, len(f.splits.classes), cfg, f.device, bar)
         t_head = time.perf_counter() - t_head
+    splits, info = f.splits, f.encoder
     final = {k: v for k, v in history[-1].items() if k.startswith("top")}
     result = {
         "command": "linear",
         **final,
         "best_top1": max(h["top1"] for h in history),
-        "epochs": epochs,
-        "batch_size": min(batch_size, len(splits.train)),
-        "optimizer": optimizer,
-        "lr": blr * min(batch_size, len(splits.train)) / 256,
-        "weight_decay": weight_decay,
-        "pool": pool,
-        "crop_pct": crop_pct,
-        "features_from_cache": from_cache,
+        "epochs": cfg.epochs,
+        "batch_size": min(cfg.batch_size, len(splits.train)),
+        "optimizer": cfg.optimizer,
+        "lr": cfg.blr * min(cfg.batch_size, len(splits.train)) / 256,
+        "weight_decay": cfg.weight_decay,
+        "pool": cfg.pool,
+        "crop_pct": cfg.crop_pct,
+        "features_from_cache": f.from_cache,
         "seconds_features": round(t_feat, 2),
         "seconds_head": round(t_head, 2),
         "encoder": info,
@@ -185,7 +153,7 @@ def run_linear(
     if out is not None:
         out = Path(out)
         atomic_torch_save(
-            {"head": head.state_dict(), "classes": splits.classes, "pool": pool, "encoder": info}, out / "linear_head.pt"
+            {"head": head.state_dict(), "classes": splits.classes, "pool": cfg.pool, "encoder": info}, out / "linear_head.pt"
         )
         write_json(result, out / "linear.json")
     return result

@@ -41,14 +41,15 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from lut_fast.config import to_dict
 from lut_fast.errors import UserError
 
 # imagecorruptions' groups, in ImageNet-C's order (the "common" 15 are the benchmark; "validation" its 4 held-out ones).
@@ -76,31 +77,58 @@ ALEXNET_IMAGENET_C = {
 
 @dataclass
 class RobustnessConfig:
-    """Every setting of ``lut-fast eval robustness`` (the classifiers themselves are the command's arguments)."""
+    """Every setting of ``lut-fast eval robustness`` (the classifiers and ``--out`` are the command's own arguments).
+
+    Built like the other eval commands' settings (``evaluation/config.py``): defaults <- ``--config`` <- flags <-
+    ``--set``; each field's comment is its ``--help``.
+    """
 
     data: Optional[str] = None  # val split: ROOT/val, or ROOT's class folders; None = the built-in val split
-    out: Optional[str] = None  # results folder (default: <run>/eval/robustness beside the classifier)
-    occlusion: Optional[float] = None  # occluded share of the image area; None = one patch (the paper); 0 = skip
+    occlusion: Optional[float] = None  # occluded share of the image area, a centred square; None = one patch (the paper); 0 = skip
     occlusion_fill: str = "black"  # black (pixels 0) | mean (the normalisation mean: 0 after normalising)
-    corruptions: list[str] = field(default_factory=lambda: ["common"])  # names and/or groups; [] or ["none"] = skip
-    severities: list[int] = field(default_factory=lambda: list(SEVERITIES))
-    reference_errors: Optional[str] = None  # file of per-corruption reference errors (mCE), or "alexnet"
-    shift: dict[str, str] = field(default_factory=dict)  # distribution-shift sets: name -> folder
-    class_map: dict[str, str] = field(default_factory=dict)  # set name -> mapping file (folder -> classes)
-    max_images: Optional[int] = None  # evaluate an evenly spaced subset of each set (quick runs)
-    batch_size: int = 64
+    # corruption names and/or groups (comma lists): noise, blur, weather, digital, common, validation, all; none = skip
+    corruptions: list[str] = field(default_factory=lambda: ["common"])  # names and/or groups; none = skip
+    severities: str = "1,2,3,4,5"  # comma list of severities (1..5)
+    reference_errors: Optional[str] = None  # reference errors for mCE: alexnet (ImageNet-C's) or a YAML/JSON file (README)
+    shift: list[str] = field(default_factory=list)  # distribution-shift set NAME=FOLDER (repeatable): ImageNet-V2/-R/-A/-Sketch/ObjectNet
+    class_map: list[str] = field(default_factory=list)  # NAME=FILE (repeatable): maps a set's folders to the classifier's classes
+    max_images: Optional[int] = None  # evaluate an evenly spaced subset of this many images per set (quick runs)
+    batch_size: int = 64  # images per forward pass
     workers: int = 2  # data loading (and corrupting) processes
-    crop_pct: float = 0.875
+    crop_pct: float = 0.875  # eval transform: resize to size / crop_pct (bicubic), center crop
     seed: int = 0  # seeds every image's corruption
-    device: str = "auto"
+    device: str = "auto"  # where it runs: auto | cpu | cuda (or cuda:N)
+    # Where each value came from (filled by load_command_config); not a setting: never saved or compared.
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False, metadata={"recipe": False})
+
+    def source(self, key: str) -> str:
+        from lut_fast.config import SOURCE_DEFAULT
+
+        return self.sources.get(key, SOURCE_DEFAULT)
+
+    @property
+    def severity_levels(self) -> list[int]:
+        try:
+            return sorted({int(v) for v in str(self.severities).split(",") if v.strip()})
+        except ValueError:
+            raise UserError(f"--severities is a comma list of integers 1..5, got {self.severities!r}") from None
+
+    @property
+    def shift_sets(self) -> dict[str, str]:
+        return parse_pairs(self.shift, "--shift")
+
+    @property
+    def class_maps(self) -> dict[str, str]:
+        return parse_pairs(self.class_map, "--class-map")
 
     def validate(self) -> None:
         if self.occlusion is not None and not 0.0 <= self.occlusion < 1.0:
             raise UserError(f"--occlusion is a share of the image area in [0, 1), got {self.occlusion}")
         if self.occlusion_fill not in OCCLUSION_FILLS:
             raise UserError(f"--occlusion-fill must be one of {', '.join(OCCLUSION_FILLS)}, got {self.occlusion_fill!r}")
-        bad = [s for s in self.severities if s not in SEVERITIES]
-        if bad or not self.severities:
+        levels = self.severity_levels
+        bad = [s for s in levels if s not in SEVERITIES]
+        if bad or not levels:
             raise UserError(f"--severities must be among 1..5, got {self.severities}")
         resolve_corruptions(self.corruptions)
         if self.max_images is not None and self.max_images < 1:
@@ -109,10 +137,11 @@ class RobustnessConfig:
             raise UserError("--batch-size must be >= 1 and --workers >= 0")
         if not 0.0 < self.crop_pct <= 1.0:
             raise UserError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
-        for name in self.class_map:
-            if name != "val" and name not in self.shift:
-                raise UserError(f"--class-map {name}=...: no set called {name!r} (sets: val{''.join(', ' + s for s in self.shift)})")
-        if "val" in self.shift:
+        shifts = self.shift_sets
+        for name in self.class_maps:
+            if name != "val" and name not in shifts:
+                raise UserError(f"--class-map {name}=...: no set called {name!r} (sets: val{''.join(', ' + s for s in shifts)})")
+        if "val" in shifts:
             raise UserError("'val' names the clean val split (--data); give the shift set another name")
 
 
@@ -610,8 +639,8 @@ def default_out(first: str | os.PathLike) -> Path:
 
 
 def run_robustness(classifier_paths: Sequence[str | os.PathLike], cfg: RobustnessConfig, show_progress: bool = True,
-                   labels: Sequence[str] | None = None) -> dict:
-    """Evaluate ``classifier_paths`` on everything ``cfg`` asks; writes robustness.json and robustness.png into ``cfg.out``."""
+                   labels: Sequence[str] | None = None, out: str | os.PathLike | None = None) -> dict:
+    """Evaluate ``classifier_paths`` on everything ``cfg`` asks; writes robustness.json and robustness.png into ``out``."""
     from lut_fast.evaluation.common import progress, resolve_device, write_json
 
     t0 = time.perf_counter()
@@ -634,8 +663,8 @@ def run_robustness(classifier_paths: Sequence[str | os.PathLike], cfg: Robustnes
             c.info["label"] = f"{names[i]} #{i + 1}"
 
     val = scan_set("val", cfg.data, cfg.max_images)
-    shifts = [scan_set(name, path, cfg.max_images) for name, path in cfg.shift.items()]
-    maps = {name: load_class_map(path) for name, path in cfg.class_map.items()}
+    shifts = [scan_set(name, path, cfg.max_images) for name, path in cfg.shift_sets.items()]
+    maps = {name: load_class_map(path) for name, path in cfg.class_maps.items()}
     mappings = {s.name: [map_classes(s.name, s.folders, c.classes, maps.get(s.name)) for c in classifiers] for s in [val, *shifts]}
 
     def kept(s: EvalSet) -> list:
@@ -653,7 +682,7 @@ def run_robustness(classifier_paths: Sequence[str | os.PathLike], cfg: Robustnes
     usable, skipped = probe_corruptions(corruptions, img_size)
     for name, why in skipped.items():
         print(f"lut-fast: skipping corruption {name}: {why}", file=sys.stderr)
-    severities = sorted(set(cfg.severities))
+    severities = cfg.severity_levels
 
     def batches(n: int) -> int:
         return math.ceil(n / cfg.batch_size)
@@ -732,11 +761,11 @@ def run_robustness(classifier_paths: Sequence[str | os.PathLike], cfg: Robustnes
         "img_size": img_size,
         "data": {s.name: {"path": str(s.root), "images": len(kept(s)), "images_in_folder": s.total_images,
                           "class_folders": len(s.folders)} for s in [val, *shifts]},
-        "settings": asdict(cfg),
+        "settings": to_dict(cfg),
         "seconds": round(time.perf_counter() - t0, 2),
         "seconds_per_pass": seconds,
     }
-    out = Path(cfg.out) if cfg.out is not None else None
+    out = Path(out) if out is not None else None
     if out is not None:
         result["plot"] = str(plot_robustness([result], out / "robustness.png"))
         write_json(result, out / "robustness.json")
