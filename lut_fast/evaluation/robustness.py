@@ -387,16 +387,11 @@ class ClassMapping:
 def load_class_map(path: str | os.PathLike) -> dict[str, list]:
     """A mapping file: YAML or JSON, ``{folder name: class}`` where a class is a class name of the classifier
     (its training folder name: a WordNet id for ImageNet) or its index, or a list of those."""
-    import yaml
+    from lut_fast.config import read_yaml_mapping
 
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"class mapping file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read the class mapping {p}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not data:
+    data = read_yaml_mapping(p, "class mapping file")
+    if not data:
         raise UserError(f"{p}: a class mapping is a YAML/JSON mapping {{folder name: class or [classes]}}")
     return {str(k): (v if isinstance(v, list) else [v]) for k, v in data.items()}
 
@@ -555,7 +550,7 @@ def load_reference_errors(spec: str) -> dict:
 
     Returned with every error in percent.
     """
-    import yaml
+    from lut_fast.config import read_yaml_mapping
 
     if spec == "alexnet":
         data = {"name": "AlexNet (ImageNet-C)", "unit": "fraction", "errors": dict(ALEXNET_IMAGENET_C)}
@@ -563,11 +558,8 @@ def load_reference_errors(spec: str) -> dict:
         p = Path(spec).expanduser()
         if not p.is_file():
             raise UserError(f"reference errors file not found: {p} (or pass alexnet)")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read the reference errors {p}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("errors"), dict) or not data["errors"]:
+        data = read_yaml_mapping(p, "reference errors file")
+        if not isinstance(data.get("errors"), dict) or not data["errors"]:
             raise UserError(f"{p}: reference errors need an 'errors' mapping {{corruption: error or [5 errors]}} (see the README)")
     unit = data.get("unit", "fraction")
     if unit not in ("fraction", "percent"):
