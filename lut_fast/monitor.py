@@ -119,7 +119,8 @@ class KnnMonitor:
 
     @torch.no_grad()
     def features(self, encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-        from lut_fast.evaluation.common import autocast, normalize, pool_tokens
+        from lut_fast.evaluation.common import normalize, pool_tokens
+        from lut_fast.runtime import inference_autocast as autocast
 
         out = []
         for start in range(0, images.shape[0], KNN_BATCH):

@@ -22,7 +22,8 @@ import torch
 
 from lut_fast.analysis.common import analysis_samples, labelled_encoders, require_checkpoints, walk_blocks
 from lut_fast.evaluation.config import AttentionDistanceConfig, with_overrides
-from lut_fast.evaluation.common import image_loader, normalize, progress, resolve_device, save_figure, tracked, write_json
+from lut_fast.evaluation.common import image_loader, normalize, progress, save_figure, tracked, write_json
+from lut_fast.runtime import resolve_device
 
 
 def patch_centers(grid: int) -> torch.Tensor:

@@ -23,7 +23,8 @@ import torch
 from lut_fast.analysis.common import labelled_encoders, require_checkpoints, walk_blocks
 from lut_fast.errors import UserError
 from lut_fast.evaluation.config import AttentionMapsConfig, with_overrides
-from lut_fast.evaluation.common import center_crop, load_rgb, normalize, resolve_device, save_figure, to_uint8_chw, write_json
+from lut_fast.evaluation.common import center_crop, load_rgb, normalize, save_figure, to_uint8_chw, write_json
+from lut_fast.runtime import resolve_device
 
 
 def parse_query(text: str | None) -> tuple[int, int] | None:

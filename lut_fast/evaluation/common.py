@@ -31,7 +31,7 @@ from lut_fast.evaluation.config import ImageSettings
 from lut_fast.fileio import write_json_atomic
 from lut_fast.pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 # One home for device and precision rules (lut_fast/runtime.py); evaluation autocasts as inference does.
-from lut_fast.runtime import inference_autocast as autocast, resolve_device  # noqa: F401 - re-exported
+from lut_fast.runtime import inference_autocast as autocast, resolve_device
 
 POOLS = ("mean", "cls")
 

@@ -522,7 +522,8 @@ def _score_pass(loader, classifiers, mappings, device, bar, task, variants) -> l
 
     Returns top-1 per variant per classifier.
     """
-    from lut_fast.evaluation.common import autocast, normalize
+    from lut_fast.evaluation.common import normalize
+    from lut_fast.runtime import inference_autocast as autocast
 
     scorers = [[Scorer(m, len(c.classes), device) for c, m in zip(classifiers, mappings)] for _ in variants]
     for x, y in loader:
@@ -633,7 +634,8 @@ def default_out(first: str | os.PathLike) -> Path:
 def run_robustness(classifier_paths: Sequence[str | os.PathLike], cfg: RobustnessConfig, show_progress: bool = True,
                    labels: Sequence[str] | None = None, out: str | os.PathLike | None = None) -> dict:
     """Evaluate ``classifier_paths`` on everything ``cfg`` asks; writes robustness.json and robustness.png into ``out``."""
-    from lut_fast.evaluation.common import progress, resolve_device, write_json
+    from lut_fast.evaluation.common import progress, write_json
+    from lut_fast.runtime import resolve_device
 
     t0 = time.perf_counter()
     cfg.validate()
