@@ -285,12 +285,15 @@ def infer_encoder_arch(state: dict[str, torch.Tensor], config: dict | None = Non
     )
 
 
-def load_encoder(path: str | os.PathLike, use_ema: bool = False, num_heads: int | None = None, random_init: bool = False):
+def load_encoder(path: str | os.PathLike, use_ema: bool = False, num_heads: int | None = None, random_init: bool = False,
+                 random_init_seed: int = 0):
     """A ``ViTEncoder`` (eval mode, on CPU) and a description of it, from any checkpoint eval/analysis accepts.
 
     lut-fast checkpoints (online encoder, or the momentum one with ``use_ema``),
     ``lut-fast export timm`` files and official-MAE-style ``{"model": {...}}``
-    files. ``random_init`` keeps the architecture and discards the weights (a baseline).
+    files. ``random_init`` keeps the architecture and discards the weights (a baseline); the random
+    weights are a function of ``random_init_seed`` alone, so a baseline is the same network every time
+    and several seeds give its spread.
     """
     from lut_fast.models.vit import ViTEncoder
 
@@ -301,7 +304,7 @@ def load_encoder(path: str | os.PathLike, use_ema: bool = False, num_heads: int 
     config = ckpt.get("config") if "format" in ckpt else None
     arch = infer_encoder_arch(state, config, num_heads)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # a random-init baseline is the same network every time
+        torch.manual_seed(random_init_seed if random_init else 0)
         encoder = ViTEncoder(**arch)
     if not random_init:
         # Sin-cos positions are fixed; a file without them (or with learned ones) keeps/loads as given.
@@ -315,6 +318,7 @@ def load_encoder(path: str | os.PathLike, use_ema: bool = False, num_heads: int 
         "method": (config or {}).get("method"),
         "use_ema": use_ema,
         "random_init": random_init,
+        "random_init_seed": random_init_seed if random_init else None,
         "step": ckpt.get("step") if "format" in ckpt else None,
         **arch,
     }

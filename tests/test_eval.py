@@ -78,6 +78,29 @@ def test_knn_pretrained_and_random_init_are_above_chance(pretrained, tmp_path):
     assert min(pre["top1"], rand["top1"]) > 14.0, (pre["top1"], rand["top1"])
 
 
+def test_random_init_baseline_is_a_function_of_its_seed(tmp_path):
+    """--random-init-seed picks the random network: the same seed gives the same weights, another seed
+    other weights, and the seed is recorded (so the features cache tells the baselines apart)."""
+    from lut_fast.models.vit import ViTEncoder
+
+    enc = ViTEncoder(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2)
+    file = tmp_path / "enc.pth"
+    torch.save(enc.state_dict(), file)  # a timm-style encoder state dict
+
+    def weights(**kw):
+        encoder, info = load_encoder(file, random_init=True, **kw)
+        return torch.cat([p.detach().flatten() for p in encoder.parameters()]), info
+
+    w0, info0 = weights()
+    w0b, _ = weights(random_init_seed=0)
+    w1, info1 = weights(random_init_seed=1)
+    assert torch.equal(w0, w0b) and not torch.equal(w0, w1)
+    assert (info0["random_init_seed"], info1["random_init_seed"]) == (0, 1)
+    trained, info = load_encoder(file)
+    assert info["random_init_seed"] is None
+    torch.testing.assert_close(trained.blocks[0].attn.qkv.weight, enc.blocks[0].attn.qkv.weight)
+
+
 # ---------------------------------------------------------------- checkpoint formats
 
 

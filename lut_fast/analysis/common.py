@@ -53,7 +53,8 @@ def checkpoint_label(path: str | Path, info: dict | None = None) -> str:
     if info and info.get("use_ema"):
         name += " (target)"
     if info and info.get("random_init"):
-        name += " (random init)"
+        seed = info.get("random_init_seed")
+        name += f" (random init{f', seed {seed}' if seed else ''})"
     return name
 
 

@@ -289,7 +289,8 @@ def cached_features(
         return (*extract_features(encoder, samples, pool, device, batch_size, workers, crop_pct, bar, description), False)
     key = cache_key(
         ckpt=_file_stamp(ckpt_path), use_ema=ckpt_info.get("use_ema"), random_init=ckpt_info.get("random_init"),
-        num_heads=ckpt_info.get("num_heads"), pool=pool, crop_pct=crop_pct, samples=samples_digest(samples), version=1,
+        random_init_seed=ckpt_info.get("random_init_seed"), num_heads=ckpt_info.get("num_heads"), pool=pool,
+        crop_pct=crop_pct, samples=samples_digest(samples), version=1,
     )
     path = Path(cache_dir) / f"features_{key}.pt"
     if path.exists():
@@ -344,7 +345,8 @@ def frozen_features(ckpt, cfg, out: Path | None, batch_size: int, bar, label: st
     from lut_fast.checkpoint import load_encoder
 
     device = resolve_device(cfg.device)
-    encoder, info = load_encoder(ckpt, use_ema=cfg.use_ema, num_heads=cfg.num_heads, random_init=cfg.random_init)
+    encoder, info = load_encoder(ckpt, use_ema=cfg.use_ema, num_heads=cfg.num_heads, random_init=cfg.random_init,
+                                 random_init_seed=cfg.random_init_seed)
     splits = resolve_splits(cfg.data, cfg.val_fraction, cfg.seed)
     cache_dir = (Path(out) / "cache") if (cfg.cache and out is not None) else None
     xtr, ytr, xva, yva, from_cache = split_features(cache_dir, ckpt, info, encoder, splits, bar, label, pool=cfg.pool,

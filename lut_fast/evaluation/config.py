@@ -78,6 +78,7 @@ class KnnConfig(ImageSettings):
     temperature: float = 0.07  # vote weight exp(cosine / T)
     pool: str = "cls"  # feature: the cls token (DINO / MAE protocol) or mean (of the patch tokens, LUT's pooling)
     random_init: bool = False  # baseline: the checkpoint's architecture with random weights
+    random_init_seed: int = 0  # seed of those random weights (vary it to see the baseline's spread)
     batch_size: int = 128  # images per forward pass
     cache: bool = True  # keep features in OUT/cache for later runs
 
@@ -86,6 +87,7 @@ class KnnConfig(ImageSettings):
         _number("k", self.k, 1)
         _number("temperature", self.temperature, 0, low_open=True)
         _choice("pool", self.pool, POOLS)
+        _number("random_init_seed", self.random_init_seed, 0, 2**32 - 1)
         _number("batch_size", self.batch_size, 1)
 
 
@@ -102,6 +104,7 @@ class LinearConfig(ImageSettings):
     warmup_epochs: float = 10  # linear warm-up epochs, then cosine
     pool: str = "cls"  # feature: the cls token (DINO / MAE protocol) or mean (of the patch tokens, LUT's pooling)
     random_init: bool = False  # baseline: the checkpoint's architecture with random weights
+    random_init_seed: int = 0  # seed of those random weights (vary it to see the baseline's spread)
     feature_batch_size: int = 128  # images per forward pass while computing features
     cache: bool = True  # keep features in OUT/cache for later runs
 
@@ -114,6 +117,7 @@ class LinearConfig(ImageSettings):
         _number("weight_decay", self.weight_decay, 0)
         _number("warmup_epochs", self.warmup_epochs, 0)
         _choice("pool", self.pool, POOLS)
+        _number("random_init_seed", self.random_init_seed, 0, 2**32 - 1)
         _number("feature_batch_size", self.feature_batch_size, 1)
 
 

@@ -340,7 +340,8 @@ def load_classifier(path: str | os.PathLike, label: str | None = None) -> Classi
         if not Path(enc_path).is_file():
             raise UserError(f"{path} is a linear head on {enc_path}, which is no longer there: the head needs its encoder")
         encoder, info = load_encoder(enc_path, use_ema=enc_info.get("use_ema", False), num_heads=enc_info.get("num_heads"),
-                                     random_init=enc_info.get("random_init", False))
+                                     random_init=enc_info.get("random_init", False),
+                                     random_init_seed=enc_info.get("random_init_seed") or 0)
         head = linear_head(info["embed_dim"], len(ckpt["classes"]))
         head.load_state_dict(ckpt["head"])
         model = LinearProbeClassifier(encoder, head, ckpt["pool"])
