@@ -361,7 +361,8 @@ def mirror_in_place(view: torch.Tensor, hwc: np.ndarray) -> None:
     mirrored copy in a generic strided kernel and copies it back (15-60 us):
     a flip per image on average, 5-10 % of a stored image's whole budget.
     """
-    cv2 = _load_cv2()
+    interleaved = hwc.strides[2] == hwc.itemsize and hwc.strides[1] == hwc.shape[2] * hwc.itemsize
+    cv2 = _load_cv2() if interleaved else False  # planar memory: torch's flip of contiguous rows is cheap
     if cv2 and cv2.flip(hwc, 1, dst=hwc) is hwc:  # in place (OpenCV allocates instead for memory it cannot write)
         return
     view.copy_(view.flip(-1))
@@ -496,34 +497,24 @@ class DualViewDataset(torch.utils.data.Dataset):
     def _src_views(self, img: torch.Tensor, u: list[float], out1: torch.Tensor, out2: torch.Tensor) -> None:
         """Both SRC views of one image: one resize shared, two windows of the padded image, mirrored or not.
 
-        NHWC views (the device stage follows) are cut straight from the unpadded image (``window_into``);
-        planar views (view 2's ops follow here) from one padded copy (``F.pad``). The same pixels.
+        Each window is cut straight from the unpadded image (``window_into``), into NHWC views (the
+        device stage follows) or planar ones (view 2's ops follow here: numpy's transposing copy,
+        cheaper than torch's padding of HWC memory into planar memory). The same pixels either way.
         """
         spec, s, pad = self.spec, self.spec.img_size, self.spec.src_padding
         nhwc = self.channels_last_views  # then HWC memory throughout: resize, windows
         d = LUT_DRAWS
-        if nhwc:  # each window cut straight from the unpadded image (``window_into``), in numpy
-            if min(img.shape[1:]) == s:  # stored at the view size: no resize (nor its tensor views)
-                hwc = img.permute(1, 2, 0).numpy()
-            else:
-                hwc = resize_shorter(img, s, spec.interpolation, channels_last=True)[0].permute(1, 2, 0).numpy()
-            hp, wp = hwc.shape[0] + 2 * pad, hwc.shape[1] + 2 * pad
-            for out, top, left, flip in ((out1, d["top1"], d["left1"], d["flip1"]), (out2, d["top2"], d["left2"], d["flip2"])):
-                out_hwc = out.permute(1, 2, 0).numpy()
-                window_into(hwc, _randint(u[top], hp - s + 1), _randint(u[left], wp - s + 1), s, pad,
-                            spec.src_padding_mode, out_hwc)
-                if u[flip] < spec.flip_p:
-                    mirror_in_place(out, out_hwc)
-            return
-        base = resize_shorter(img, s, spec.interpolation)
-        if pad:
-            base = F.pad(base, (pad, pad, pad, pad), mode=_PAD_MODES[spec.src_padding_mode])[0]
-        else:
-            base = base[0]
-        hp, wp = base.shape[1:]
+        if min(img.shape[1:]) == s:  # stored at the view size: no resize (nor its tensor views)
+            hwc = img.permute(1, 2, 0).numpy()
+        else:  # HWC memory out where the views are NHWC
+            hwc = resize_shorter(img, s, spec.interpolation, channels_last=nhwc)[0].permute(1, 2, 0).numpy()
+        hp, wp = hwc.shape[0] + 2 * pad, hwc.shape[1] + 2 * pad
         for out, top, left, flip in ((out1, d["top1"], d["left1"], d["flip1"]), (out2, d["top2"], d["left2"], d["flip2"])):
-            y, x = _randint(u[top], hp - s + 1), _randint(u[left], wp - s + 1)
-            _put(out, base[:, y : y + s, x : x + s], u[flip] < spec.flip_p)
+            out_hwc = out.permute(1, 2, 0).numpy()  # NHWC views: contiguous; planar ones: a transposing copy
+            window_into(hwc, _randint(u[top], hp - s + 1), _randint(u[left], wp - s + 1), s, pad,
+                        spec.src_padding_mode, out_hwc)
+            if u[flip] < spec.flip_p:
+                mirror_in_place(out, out_hwc)
 
 
 def unpack_batch(raw: dict) -> RawBatch:
