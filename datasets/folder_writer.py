@@ -47,7 +47,8 @@ class _Job:
 
 
 def store_one(job: _Job) -> tuple[int, str | None]:
-    """(bytes written, None) for a good image, (0, reason) for a bad one. Runs in a worker process."""
+    """(bytes written, None) for a good image, (0, reason) for a bad one. Runs in a worker process
+    (which writes the file itself: only a short result travels back)."""
     data, reason = sources.stored_jpeg(job.path, job.max_resolution, job.quality, job.shorter_side)
     if data is None:
         return 0, reason
@@ -123,7 +124,7 @@ def write_folder(
             folder.mkdir(parents=True, exist_ok=True)
         skipped = list(listing.skipped)
         written = 0
-        for job, (size, reason) in zip(jobs, sources.parallel_map(store_one, jobs, workers, "store")):
+        for job, (_, reason) in zip(jobs, sources.parallel_map(store_one, jobs, workers, "store")):
             if reason is not None:
                 skipped.append((job.path, reason))
             else:

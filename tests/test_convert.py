@@ -304,7 +304,7 @@ def test_folder_conversion_stores_at_the_shorter_side(source, tmp_path):
     assert Counter(stored.targets) == expected_labels(source)
     src_root = source / "train"
     resized = copied = 0
-    for path, label in sources.list_source(source).samples:
+    for path, _label in sources.list_source(source).samples:
         rel = Path(path).relative_to(src_root)
         if str(rel) in BAD:
             assert not (out / folder_writer.stored_name(rel)).exists()

@@ -66,7 +66,8 @@ def _finish(report: dict, json_path: Optional[Path]) -> None:
 def data_cmd(
     backend: str = typer.Option("all", help="torch | dali | ffcv, a comma list, or all (every backend; those whose library is missing say how to install it)."),
     data: str = typer.Option("photos:1024", help="ImageFolder tree; 'photos[:N]' (crops of real photographs, ImageNet-sized, made once), "
-                                                        "'synthetic[:N]' or 'builtin'. A folder made by `lut-fast convert folder` is also measured against the floor of its source."),
+                                                        "'synthetic[:N]' or 'builtin'. A folder made by `lut-fast convert folder` "
+                                                        "is also measured against the floor of its source."),
     torch_data: Optional[str] = typer.Option(None, help="What the torch backend reads, if not --data (e.g. a folder made by `lut-fast convert folder`)."),
     dali_data: Optional[str] = typer.Option(None, help="What the DALI backend reads, if not --data (e.g. shards made by `lut-fast convert dali`)."),
     ffcv_data: Optional[str] = typer.Option(None, help="What the FFCV backend reads (a .beton made by `lut-fast convert ffcv`); "
