@@ -1,9 +1,11 @@
-"""``lut-fast convert ffcv|dali``: turn an ImageFolder tree into a fast backend's format.
+"""``lut-fast convert ffcv|dali|folder``: turn an ImageFolder tree into a backend's storage.
 
-Thin command-line wrappers; the work is in ``ffcv_writer.py`` and
-``dali_writer.py``. ``--shorter-side S`` stores every image with its shorter
-side at S (the SRC resize done once, offline): what makes LUT's views cheap. Both print a progress bar, list skipped files and end
-with a one-line summary (images, classes, bytes, seconds).
+Thin command-line wrappers; the work is in ``ffcv_writer.py``,
+``dali_writer.py`` and ``folder_writer.py`` (the torch backend's: an
+ImageFolder of JPEGs). ``--shorter-side S`` stores every image with its
+shorter side at S (the SRC resize done once, offline): what makes LUT's views
+cheap. All print a progress bar, list skipped files and end with a one-line
+summary (images, classes, bytes, seconds).
 """
 
 from __future__ import annotations
@@ -14,21 +16,22 @@ from typing import Optional
 import typer
 
 convert_app = typer.Typer(
-    help="Convert an ImageFolder tree to FFCV (.beton) or DALI (webdataset tar shards).", no_args_is_help=True
+    help="Convert an ImageFolder tree to FFCV (.beton), DALI (webdataset tar shards) or, for the torch backend, "
+         "an ImageFolder stored at a smaller size.", no_args_is_help=True
 )
 
 _SRC = typer.Argument(..., help="ImageFolder tree (<class>/<image>) or a split root holding train/ and val/.")
 _SPLIT = typer.Option("train", help="Split to convert when SRC_DIR holds train/ and val/.")
 _WORKERS = typer.Option(0, help="Worker processes (0 = all cores).")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output.")
-_SHORTER_SIDE = typer.Option(
-    None, "--shorter-side", metavar="S",
-    help="Shrink each image once, here, so its shorter side is S (bicubic, antialiased; smaller images kept). "
-         "For LUT's views (SRC resizes the shorter side to the image size): with S = the training image size "
-         "training skips the resize, and the views are exact up to JPEG re-encoding. MAE's RandomResizedCrop "
-         "zooms into crops and needs more pixels: keep a larger S (e.g. 2x the image size) or the originals. "
-         "Recorded in the output's metadata; training warns when the stored size cannot serve the recipe.",
+_SHORTER_SIDE_HELP = (
+    "Shrink each image once, here, so its shorter side is S (bicubic, antialiased; smaller images kept). "
+    "For LUT's views (SRC resizes the shorter side to the image size): with S = the training image size "
+    "training skips the resize, and the views are exact up to JPEG re-encoding. MAE's RandomResizedCrop "
+    "zooms into crops and needs more pixels: keep a larger S (e.g. 2x the image size) or the originals. "
+    "Recorded in the output's metadata; training warns when the stored size cannot serve the recipe."
 )
+_SHORTER_SIDE = typer.Option(None, "--shorter-side", metavar="S", help=_SHORTER_SIDE_HELP)
 
 
 @convert_app.command("ffcv")
@@ -83,4 +86,25 @@ def convert_dali(
         src_dir, out_dir, split=split, shard_size=shard_size, max_resolution=max_resolution or None,
         jpeg_quality=jpeg_quality, workers=workers, seed=seed, overwrite=overwrite, shorter_side=shorter_side,
     )
+    report.print()
+
+
+@convert_app.command("folder")
+def convert_folder(
+    src_dir: Path = _SRC,
+    out_dir: Path = typer.Argument(..., help="Output folder for one split: <class>/<image>.jpg and its metadata "
+                                             "(name it ROOT/train, and ROOT/val with --split val, to pass --data ROOT)."),
+    shorter_side: int = typer.Option(..., "--shorter-side", metavar="S", help=_SHORTER_SIDE_HELP),
+    split: str = _SPLIT,
+    max_resolution: Optional[int] = typer.Option(None, help="Cap on the longer side after the shrink; default: keep."),
+    jpeg_quality: int = typer.Option(90, help="JPEG quality for images that must be re-encoded (resized, PNG, CMYK, gray)."),
+    workers: int = _WORKERS,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Write SRC_DIR as an ImageFolder of JPEGs with the shorter side at most S, for the torch backend
+    (train with --backend torch --data OUT_DIR): RGB JPEGs already small enough are copied as they are."""
+    from .folder_writer import write_folder
+
+    report = write_folder(src_dir, out_dir, shorter_side, split=split, max_resolution=max_resolution or None,
+                          jpeg_quality=jpeg_quality, workers=workers, overwrite=overwrite)
     report.print()

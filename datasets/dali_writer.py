@@ -59,22 +59,7 @@ class _Job:
 
 def prepare_sample(job: _Job) -> tuple[bytes | None, str | None]:
     """(JPEG bytes, None) for a good image, (None, reason) for a bad one. Runs in a worker process."""
-    from PIL import Image
-
-    reason = sources.check_image(job.path)
-    if reason is not None:
-        return None, reason
-    try:
-        with Image.open(job.path) as img:
-            passthrough = img.format == "JPEG" and img.mode == "RGB" and not (
-                job.max_resolution and max(img.size) > job.max_resolution
-            ) and not (job.shorter_side and min(img.size) > job.shorter_side)
-        if passthrough:
-            return Path(job.path).read_bytes(), None
-        img = sources.open_rgb(job.path, job.max_resolution, job.shorter_side)
-        return sources.encode_jpeg(img, job.quality), None
-    except Exception as e:  # noqa: BLE001 - anything here means the file is unusable
-        return None, f"unreadable ({type(e).__name__}: {e})"
+    return sources.stored_jpeg(job.path, job.max_resolution, job.quality, job.shorter_side)
 
 
 class _ShardWriter:
@@ -169,12 +154,10 @@ def write_shards(
             raise UserError(f"no readable images in {listing.index.root}")
         class_to_idx = listing.index.class_to_idx
         (tmp / CLASSES).write_text(json.dumps(class_to_idx, indent=1) + "\n")
-        manifest = {
-            "format": FORMAT_TAG, "version": 1, "split": split, "source": str(listing.index.root),
-            "num_samples": written, "classes": listing.classes, "image_ext": IMAGE_EXT, "label_ext": LABEL_EXT,
-            "shards": writer.shards, "skipped": len(skipped), "seed": seed,
-            "shorter_side": shorter_side, "max_resolution": max_resolution, "quality": jpeg_quality,
-        }
+        manifest = sources.storage_record(
+            FORMAT_TAG, listing, split, written, len(skipped), shorter_side, max_resolution, jpeg_quality,
+            classes=listing.classes, image_ext=IMAGE_EXT, label_ext=LABEL_EXT, shards=writer.shards, seed=seed,
+        )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         sources.commit(tmp, out)
     finally:

@@ -172,11 +172,9 @@ def write_beton(
             raise UserError(f"{len(lines)} file(s) became unreadable during writing (first: {lines[0]}); "
                             "the output was discarded: run the conversion again")
         classes_path(out).write_text(json.dumps(listing.index.class_to_idx, indent=1) + "\n")
-        metadata = {
-            "format": "ffcv", "version": 1, "shorter_side": shorter_side, "max_resolution": max_resolution,
-            "quality": jpeg_quality, "write_mode": write_mode, "source": str(listing.index.root), "split": split,
-            "num_samples": len(good), "classes": len(listing.classes), "skipped": len(skipped),
-        }
+        metadata = sources.storage_record("ffcv", listing, split, len(good), len(skipped), shorter_side,
+                                          max_resolution, jpeg_quality, write_mode=write_mode,
+                                          classes=len(listing.classes))
         sources.commit(tmp, out)
         sources.write_json_atomic(metadata_path(out), metadata)
     finally:

@@ -1,9 +1,9 @@
-"""What both converters share: listing a source folder, checking images, atomic outputs.
+"""What the converters share: listing a source folder, checking and storing images, metadata, atomic outputs.
 
 A conversion reads an ImageFolder tree (the class mapping comes from
 ``imagefolder.scan_image_folder``, so it is torchvision's), checks every file
 in parallel, writes the good ones and reports the rest. Three rules hold for
-both output formats:
+every output format:
 
 * unreadable, empty and non-image files are skipped and listed, never fatal;
 * PNG, CMYK, grayscale, palette and alpha images are converted to RGB;
@@ -116,6 +116,42 @@ def encode_jpeg(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def stored_jpeg(path: str, max_resolution: int | None, quality: int,
+                shorter_side: int | None = None) -> tuple[bytes | None, str | None]:
+    """What a JPEG-storing converter keeps of one source file: (JPEG bytes, None), or (None, reason) for a bad one.
+
+    An RGB JPEG that needs no resize is kept byte for byte (no second lossy
+    encode); anything else (PNG, CMYK or grayscale JPEG, an image above
+    ``shorter_side`` or ``max_resolution``) is decoded by ``open_rgb``, resized
+    by its rule and encoded once at ``quality``. Runs in a worker process.
+    """
+    reason = check_image(path)
+    if reason is not None:
+        return None, reason
+    try:
+        with Image.open(path) as img:
+            passthrough = img.format == "JPEG" and img.mode == "RGB" and not (
+                max_resolution and max(img.size) > max_resolution
+            ) and not (shorter_side and min(img.size) > shorter_side)
+        if passthrough:
+            return Path(path).read_bytes(), None
+        return encode_jpeg(open_rgb(path, max_resolution, shorter_side), quality), None
+    except Exception as e:  # noqa: BLE001 - anything here means the file is unusable
+        return None, f"unreadable ({type(e).__name__}: {e})"
+
+
+def storage_record(fmt: str, listing: SourceList, split: str, num_samples: int, skipped: int,
+                   shorter_side: int | None, max_resolution: int | None, quality: int, **extra) -> dict:
+    """The metadata every converter records about its output (``pipelines.formats.stored_metadata`` reads it).
+
+    ``shorter_side`` / ``max_resolution``: how the images were shrunk (None: kept); ``source``: the folder
+    converted (``bench data`` measures its decode floor too).
+    """
+    return {"format": fmt, "version": 1, "split": split, "source": str(listing.index.root),
+            "num_samples": num_samples, "skipped": skipped, "shorter_side": shorter_side,
+            "max_resolution": max_resolution, "quality": quality, **extra}
 
 
 def parallel_map(fn: Callable, items: Sequence, workers: int, description: str, chunksize: int = 16) -> Iterator:

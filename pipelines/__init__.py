@@ -96,6 +96,7 @@ def build_loader(
             raise UserError(f"{source.path} holds DALI shards (made by `lut-fast convert dali`), which the DALI "
                             "backend reads: use --backend dali (the torch backend reads ImageFolder trees)")
         index = scan_image_folder(data, split)
+        formats.warn_if_storage_cannot_serve(data, spec.recipe, spec.img_size, split, rank)  # `convert folder` output
         return TorchLoader(index.samples, common, **options)
     if backend == "dali":
         from .dali_backend import DaliLoader

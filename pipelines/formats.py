@@ -6,7 +6,8 @@
 
 ``stored_metadata`` says how converted data was stored (the converters record
 it: FFCV in ``<name>.meta.json`` beside the ``.beton``, DALI in the shard
-manifest), and ``warn_if_storage_cannot_serve`` tells the user, once, when
+manifest, ``convert folder`` in ``lut-fast-folder.json`` inside the image
+folder it wrote), and ``warn_if_storage_cannot_serve`` tells the user, once, when
 that storage is too small for the recipe and image size being trained.
 """
 
@@ -54,12 +55,18 @@ METADATA_KEYS = ("shorter_side", "max_resolution", "quality", "source", "num_sam
 
 def stored_metadata(path: str | Path, split: str = "train") -> dict | None:
     """How converted data was stored: {"format", "shorter_side", "max_resolution", "quality", "source",
-    "num_samples", ...}; None for an image folder, or a .beton written without metadata (by FFCV's own
-    tools, or before lut-fast recorded it). A ``shorter_side`` of None means the images kept their size."""
+    "num_samples", ...}; None for an image folder not written by ``convert folder``, or a .beton written
+    without metadata (by FFCV's own tools, or before lut-fast recorded it). A ``shorter_side`` of None means
+    the images kept their size."""
     source = detect(path, split)
     if source.kind == "imagefolder":
-        return None
-    if source.kind == "beton":
+        from lut_fast.datasets.folder_writer import read_metadata
+        from lut_fast.datasets.imagefolder import resolve_split
+
+        meta = read_metadata(resolve_split(source.path, split))
+        if meta is None:
+            return None
+    elif source.kind == "beton":
         from lut_fast.datasets.ffcv_writer import metadata_path
 
         meta_file = metadata_path(source.path)

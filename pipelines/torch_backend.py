@@ -48,6 +48,7 @@ from __future__ import annotations
 import atexit
 import io
 import math
+import os
 import queue
 import weakref
 import warnings
@@ -125,10 +126,34 @@ def _decode_jpeg(data: bytearray) -> torch.Tensor:
         return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
+def read_file(path: str) -> bytearray:
+    """The whole file, in a writable buffer (torchvision's decoder wants one).
+
+    One allocation and one read where the platform has ``os.readv``: a third
+    less CPU than ``bytearray(open(path, "rb").read())`` (file object, a bytes
+    copy) on small stored JPEGs, where reading is 5 % of a sample's cost.
+    """
+    if not hasattr(os, "readv"):  # pragma: no cover - Windows
+        with open(path, "rb") as f:
+            return bytearray(f.read())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = bytearray(os.fstat(fd).st_size)
+        got = os.readv(fd, [data])
+        while got < len(data):  # a short read (network file systems): the rest
+            n = os.readv(fd, [memoryview(data)[got:]])
+            if n == 0:  # the file shrank since fstat
+                del data[got:]
+                break
+            got += n
+        return data
+    finally:
+        os.close(fd)
+
+
 def load_rgb(path: str) -> torch.Tensor:
     """Decode an image as uint8 RGB (3, H, W) (channels-last strides from the fast decoders)."""
-    with open(path, "rb") as f:
-        data = bytearray(f.read())
+    data = read_file(path)
     if data[:2] == b"\xff\xd8":  # JPEG
         try:
             return _decode_jpeg(data)
@@ -247,6 +272,100 @@ def pad_hwc(img: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
         out[pad : pad + h, :pad] = 0
         out[pad : pad + h, pad + w :] = 0
     return out
+
+
+def _reflected(i: np.ndarray, n: int, mode: str) -> np.ndarray:
+    """Indices ``i`` (any integers) of an axis of length ``n`` mapped inside it as ``pad_hwc`` pads (constant: -1)."""
+    if mode == "reflect":
+        return np.where(i < 0, -i, np.where(i >= n, 2 * (n - 1) - i, i))
+    if mode == "edge":
+        return np.clip(i, 0, n - 1)
+    return np.where((i < 0) | (i >= n), -1, i)
+
+
+def window_into(img: np.ndarray, top: int, left: int, size: int, pad: int, mode: str, out: np.ndarray) -> None:
+    """``out[:] = pad_hwc(img, pad, mode)[top : top + size, left : left + size]`` without padding the whole image.
+
+    ``img`` (h, w, c) and ``out`` (size, size, c) are numpy views (any strides). The part of the window
+    inside the image is one block copy; the few rows and columns that fall into the padding are then
+    filled from pixels already in ``out`` (a reflection of the image about its edge lies inside the
+    window when the window is more than twice the padding wide) with small numpy copies, which cost
+    about a microsecond each where a torch op costs several. Padding the whole image first was a second
+    full copy of it plus a dozen torch ops per image.
+    """
+    h, w = img.shape[:2]
+    r0, c0 = top - pad, left - pad  # the window's first row and column in image coordinates
+    lo_r, hi_r = max(0, -r0), max(0, r0 + size - h)  # rows above / below the image
+    lo_c, hi_c = max(0, -c0), max(0, c0 + size - w)  # columns left / right of it
+    end_r, end_c = size - hi_r, size - hi_c  # first row / column of ``out`` after the image part
+    if mode == "reflect":  # every mirrored row / column must lie in the part copied from the image
+        fast = all((lo == 0 or 2 * lo < end) and (hi == 0 or end - 2 - hi >= lo)
+                   for lo, hi, end in ((lo_r, hi_r, end_r), (lo_c, hi_c, end_c)))
+    else:
+        fast = end_r > lo_r and end_c > lo_c
+    if not fast:  # a window reaching past the mirrored part (tiny images): index the whole window
+        rows = _reflected(np.arange(r0, r0 + size), h, mode)
+        cols = _reflected(np.arange(c0, c0 + size), w, mode)
+        out[...] = img[rows[:, None].clip(0), cols[None, :].clip(0)]
+        if mode == "constant":
+            out[(rows[:, None] < 0) | (cols[None, :] < 0)] = 0
+        return
+    out[lo_r:end_r, lo_c:end_c] = img[r0 + lo_r : r0 + end_r, c0 + lo_c : c0 + end_c]
+    rows = slice(lo_r, end_r)
+    if mode == "reflect":  # numpy's reflect: about the edge pixel, which is not repeated
+        if lo_c:
+            out[rows, :lo_c] = out[rows, 2 * lo_c : lo_c : -1]
+        if hi_c:
+            out[rows, end_c:] = out[rows, end_c - 2 : end_c - 2 - hi_c : -1]
+        if lo_r:
+            out[:lo_r] = out[2 * lo_r : lo_r : -1]
+        if hi_r:
+            out[end_r:] = out[end_r - 2 : end_r - 2 - hi_r : -1]
+    elif mode == "edge":
+        if lo_c:
+            out[rows, :lo_c] = out[rows, lo_c : lo_c + 1]
+        if hi_c:
+            out[rows, end_c:] = out[rows, end_c - 1 : end_c]
+        if lo_r:
+            out[:lo_r] = out[lo_r : lo_r + 1]
+        if hi_r:
+            out[end_r:] = out[end_r - 1 : end_r]
+    else:  # constant: zeros
+        out[rows, :lo_c] = 0
+        out[rows, end_c:] = 0
+        out[:lo_r] = 0
+        out[end_r:] = 0
+
+
+_cv2 = None  # OpenCV, when installed (the ffcv extra brings it): ``_load_cv2``
+
+
+def _load_cv2():
+    """OpenCV's module, or False where it is missing or cannot load (imported on first use, not with this module)."""
+    global _cv2
+    if _cv2 is None:
+        try:
+            import cv2
+
+            _cv2 = cv2
+        except ImportError:  # not installed, or a GUI build missing its system libraries
+            _cv2 = False
+    return _cv2
+
+
+def mirror_in_place(view: torch.Tensor, hwc: np.ndarray) -> None:
+    """Mirror a view left-right in place; ``hwc``: the same memory as a (h, w, c) numpy array.
+
+    OpenCV's flip, where installed, mirrors 3-byte pixels in place as fast as a
+    plain copy (~5 us for 224 px); torch's flip of channels-last uint8 makes a
+    mirrored copy in a generic strided kernel and copies it back (15-60 us):
+    a flip per image on average, 5-10 % of a stored image's whole budget.
+    """
+    interleaved = hwc.strides[2] == hwc.itemsize and hwc.strides[1] == hwc.shape[2] * hwc.itemsize
+    cv2 = _load_cv2() if interleaved else False  # planar memory: torch's flip of contiguous rows is cheap
+    if cv2 and cv2.flip(hwc, 1, dst=hwc) is hwc:  # in place (OpenCV allocates instead for memory it cannot write)
+        return
+    view.copy_(view.flip(-1))
 
 
 def _put(out: torch.Tensor, window: torch.Tensor, flip: bool) -> None:
@@ -376,21 +495,26 @@ class DualViewDataset(torch.utils.data.Dataset):
         return {"views": views, "params": None if params is None else params.numpy(), "labels": labels, "bad": bad}
 
     def _src_views(self, img: torch.Tensor, u: list[float], out1: torch.Tensor, out2: torch.Tensor) -> None:
-        """Both SRC views of one image: one resize and one padding shared, two windows."""
+        """Both SRC views of one image: one resize shared, two windows of the padded image, mirrored or not.
+
+        Each window is cut straight from the unpadded image (``window_into``), into NHWC views (the
+        device stage follows) or planar ones (view 2's ops follow here: numpy's transposing copy,
+        cheaper than torch's padding of HWC memory into planar memory). The same pixels either way.
+        """
         spec, s, pad = self.spec, self.spec.img_size, self.spec.src_padding
-        nhwc = self.channels_last_views  # then HWC memory throughout: resize, padding, windows
-        base = resize_shorter(img, s, spec.interpolation, channels_last=nhwc)
-        if pad and nhwc:
-            base = pad_hwc(base[0].permute(1, 2, 0), pad, spec.src_padding_mode).permute(2, 0, 1)
-        elif pad:
-            base = F.pad(base, (pad, pad, pad, pad), mode=_PAD_MODES[spec.src_padding_mode])[0]
-        else:
-            base = base[0]
-        hp, wp = base.shape[1:]
+        nhwc = self.channels_last_views  # then HWC memory throughout: resize, windows
         d = LUT_DRAWS
+        if min(img.shape[1:]) == s:  # stored at the view size: no resize (nor its tensor views)
+            hwc = img.permute(1, 2, 0).numpy()
+        else:  # HWC memory out where the views are NHWC
+            hwc = resize_shorter(img, s, spec.interpolation, channels_last=nhwc)[0].permute(1, 2, 0).numpy()
+        hp, wp = hwc.shape[0] + 2 * pad, hwc.shape[1] + 2 * pad
         for out, top, left, flip in ((out1, d["top1"], d["left1"], d["flip1"]), (out2, d["top2"], d["left2"], d["flip2"])):
-            y, x = _randint(u[top], hp - s + 1), _randint(u[left], wp - s + 1)
-            _put(out, base[:, y : y + s, x : x + s], u[flip] < spec.flip_p)
+            out_hwc = out.permute(1, 2, 0).numpy()  # NHWC views: contiguous; planar ones: a transposing copy
+            window_into(hwc, _randint(u[top], hp - s + 1), _randint(u[left], wp - s + 1), s, pad,
+                        spec.src_padding_mode, out_hwc)
+            if u[flip] < spec.flip_p:
+                mirror_in_place(out, out_hwc)
 
 
 def unpack_batch(raw: dict) -> RawBatch:

@@ -89,6 +89,7 @@ def write_probe(root: Path) -> Path:
 def probe(tmp_path_factory) -> dict[str, Path]:
     from lut_fast.datasets.dali_writer import write_shards
     from lut_fast.datasets.ffcv_writer import write_beton
+    from lut_fast.datasets.folder_writer import write_folder
 
     root = write_probe(tmp_path_factory.mktemp("probe"))
     return {
@@ -98,6 +99,7 @@ def probe(tmp_path_factory) -> dict[str, Path]:
         # Stored with the shorter side at the view size (convert --shorter-side S): the loaders skip the resize.
         "shards_at_s": write_shards(root, root / "shards_s", workers=2, shard_size=64, shorter_side=S).output,
         "beton_at_s": write_beton(root, root / "probe_s.beton", workers=2, jpeg_quality=95, shorter_side=S).output,
+        "folder_at_s": write_folder(root, root / "folder_s", S, workers=2, jpeg_quality=95).output,
     }
 
 
@@ -153,6 +155,8 @@ LUT_CASES = {  # name: (backend, data key, channels_last, photometric_on)
     "ffcv-device": ("ffcv", "beton", False, "device"),
     "dali-stored-at-S": ("dali", "shards_at_s", False, "loader"),
     "ffcv-stored-at-S": ("ffcv", "beton_at_s", True, "device"),
+    "torch-stored-at-S": ("torch", "folder_at_s", False, "loader"),
+    "torch-stored-at-S-device": ("torch", "folder_at_s", True, "device"),
 }
 MAE_CASES = {  # name: (backend, data key, photometric_on)
     "torch": ("torch", "folder", "loader"), "dali": ("dali", "shards", "loader"),
@@ -473,11 +477,11 @@ def test_bad_beton_files_are_one_line_errors(probe, tmp_path):
 def test_storage_too_small_for_the_recipe_warns_once(probe, capsys):
     from lut_fast.pipelines import formats
 
-    for key in ("shards_at_s", "beton_at_s"):
+    for key in ("shards_at_s", "beton_at_s", "folder_at_s"):
         meta = formats.stored_metadata(probe[key])
         assert meta["shorter_side"] == S and meta["num_samples"] == N_FLAT + N_RAMP + 2 * 48
         assert meta["source"] == str(probe["folder"] / "train") and meta["quality"] == 95
-        backend = "dali" if key.startswith("shards") else "ffcv"
+        backend = {"shards_at_s": "dali", "beton_at_s": "ffcv", "folder_at_s": "torch"}[key]
         build_loader(backend, str(probe[key]), AugSpec(img_size=S), BATCH, num_workers=1)  # LUT at S: fine
         assert "warning" not in capsys.readouterr().err
         for _ in range(2):
@@ -488,3 +492,18 @@ def test_storage_too_small_for_the_recipe_warns_once(probe, capsys):
         assert "below the image size" in capsys.readouterr().err
     assert formats.stored_metadata(probe["folder"]) is None
     assert formats.stored_metadata(probe["beton"])["shorter_side"] is None
+
+
+def test_torch_reading_storage_at_s_never_resizes(probe, monkeypatch):
+    """Every probe image is larger than S, so `convert folder --shorter-side S` stored each with its shorter
+    side at S, and the torch backend's LUT views are windows of the decoded image: no resize runs."""
+    from lut_fast.pipelines import torch_backend
+
+    def no_resize(*args, **kwargs):
+        raise AssertionError("resized an image stored at the view size")
+
+    monkeypatch.setattr(torch_backend, "_resize", no_resize)
+    for place in ("loader", "device"):
+        loader = build_loader("torch", str(probe["folder_at_s"]), AugSpec(img_size=S), BATCH, num_workers=0,
+                              photometric_on=place)
+        assert next(iter(loader)).view1.shape == (BATCH, 3, S, S)

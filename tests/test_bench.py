@@ -392,6 +392,35 @@ def test_converted_data_rows_share_both_floors(monkeypatch, tmp_path, photos_dir
     assert info["stored_metadata"]["dali"]["source"] == source
 
 
+@pytest.mark.parametrize("how", ["data", "torch-data"])
+def test_torch_reading_a_stored_folder_shares_its_own_and_the_source_floor(tmp_path, photos_dir, how):
+    """`convert folder` output read by the torch backend, as --data itself or as --torch-data: its rows give the
+    share of the floor of the stored JPEGs and of the source folder the converter recorded."""
+    import torch
+
+    from lut_fast.bench.data import run_data_bench, stored_jpegs
+    from lut_fast.datasets.folder_writer import write_folder
+
+    stored = str(write_folder(photos_dir, tmp_path / "s64", 64, workers=1).output)
+    blobs = stored_jpegs("torch", stored, 8)
+    assert blobs and len(blobs) == 8 and all(b[:2] == b"\xff\xd8" for b in blobs)
+    data, backend_data = (stored, None) if how == "data" else (photos_dir, {"torch": stored})
+    results, info = run_data_bench("torch", data, ["lut"], 32, 4, 1, torch.device("cpu"), 1, 1, 8,
+                                   backend_data=backend_data, configurations=("gpu-training",),
+                                   official=False, warmup_rounds=0)
+    # --data photos --torch-data stored: the source is --data's folder, whose floor is measured once ("images")
+    own, source = ("images", "torch-source") if how == "data" else ("torch-stored", "images")
+    assert set(info["decode_floors"]) == {own, source}
+    (r,) = [r for r in results if r["key"] == "data/torch/lut/gpu-training"]
+    assert r["status"] == "ok", r
+    assert r["file_set"] == own and r["source_file_set"] == source and r["source_floor_assumed"] is False
+    floors = info["decode_floors"]
+    assert r["frac_of_decode_floor_cpu"] == pytest.approx(floors[own]["cpu_ms_per_image"] / r["cpu_ms_per_image"], rel=1e-2)
+    assert r["frac_of_source_floor_cpu"] == pytest.approx(floors[source]["cpu_ms_per_image"] / r["cpu_ms_per_image"], rel=1e-2)
+    assert info["stored_metadata"]["torch"]["shorter_side"] == 64
+    assert info["stored_metadata"]["torch"]["source"] == str(Path(photos_dir) / "train")
+
+
 def test_backend_all_reports_missing_libraries_with_install_hint(monkeypatch):
     import lut_fast.pipelines as pipelines
     from lut_fast.bench.data import select_backends

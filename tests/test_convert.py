@@ -280,3 +280,117 @@ def test_convert_cli_creates_parent_folders(source, tmp_path):
     result = CliRunner().invoke(convert_app, ["dali", str(source), str(out), "--workers", "1", "--shorter-side", "64"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "manifest.json").read_text())["shorter_side"] == 64
+
+
+# ---------------------------------------------------------------- convert folder (the torch backend's storage)
+
+
+def test_folder_conversion_stores_at_the_shorter_side(source, tmp_path):
+    """convert folder: one split as <class>/<file>.jpg, every image above S shrunk by the converters' rule,
+    RGB JPEGs already small enough copied byte for byte, torchvision's labels kept, bad files reported, the
+    choice recorded for stored_metadata, nothing left behind."""
+    from torchvision.datasets import ImageFolder
+
+    from lut_fast.datasets import folder_writer
+    from lut_fast.pipelines.formats import stored_metadata
+
+    side = 100  # the built-in images are 96-144 px: some are shrunk, some kept
+    out = tmp_path / "new" / "stored" / "train"  # parents do not exist yet
+    report = folder_writer.write_folder(source, out, side, workers=2, jpeg_quality=90)
+    check_report(report, source)
+    assert no_leftovers(out.parent)
+    stored = ImageFolder(str(out))
+    assert stored.class_to_idx == torchvision_mapping(source)
+    assert Counter(stored.targets) == expected_labels(source)
+    src_root = source / "train"
+    resized = copied = 0
+    for path, _label in sources.list_source(source).samples:
+        rel = Path(path).relative_to(src_root)
+        if str(rel) in BAD:
+            assert not (out / folder_writer.stored_name(rel)).exists()
+            continue
+        dest = out / folder_writer.stored_name(rel)
+        with Image.open(path) as a, Image.open(dest) as b:
+            assert b.format == "JPEG" and b.mode == "RGB"
+            assert b.size == (sources.shorter_side_size(*a.size, side) if min(a.size) > side else a.size)
+            if a.format == "JPEG" and a.mode == "RGB" and min(a.size) <= side:
+                assert dest.read_bytes() == Path(path).read_bytes()
+                copied += 1
+            resized += min(a.size) > side
+    assert resized and copied  # both paths ran
+    assert (out / "circle" / "rgba.png.jpg").is_file() and (out / "square" / "cmyk.jpg").is_file()
+    meta = stored_metadata(out)
+    assert meta["format"] == "imagefolder" and meta["shorter_side"] == side and meta["quality"] == 90
+    assert meta["num_samples"] == report.images and meta["source"] == str(src_root) and meta["max_resolution"] is None
+    assert stored_metadata(out.parent) == meta  # a split root holding train/
+    assert stored_metadata(source) is None  # a plain image folder
+
+
+def test_folder_conversion_keeps_every_class_and_distinct_names(tmp_path):
+    """A class whose files are all unreadable keeps its (empty) folder, so the class indices do not shift;
+    x.png and x.png.jpg in one folder both survive."""
+    from lut_fast.datasets import folder_writer
+
+    src = tmp_path / "src"
+    for cls in ("a", "b", "c"):
+        (src / cls).mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(src / "a" / "x.png")
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(src / "a" / "x.png.jpg")
+    Image.new("RGB", (50, 60), (10, 10, 200)).save(src / "a" / "deep.jpeg")
+    (src / "b" / "broken.jpg").write_bytes(b"not a jpeg" * 10)
+    (src / "c" / "sub").mkdir()
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(src / "c" / "sub" / "y.jpg")
+    out = tmp_path / "out"
+    report = folder_writer.write_folder(src, out, 32, workers=1)
+    assert report.images == 4 and [p for p, _ in report.skipped] == [str(src / "b" / "broken.jpg")]
+    assert sorted(p.name for p in (out / "a").iterdir()) == ["deep.jpeg", "x.png-1.jpg", "x.png.jpg"]
+    assert (out / "b").is_dir() and not list((out / "b").iterdir())
+    with Image.open(out / "c" / "sub" / "y.jpg") as img:
+        assert img.size == (32, 32)
+
+
+def test_folder_conversion_errors_and_overwrite(source, tmp_path):
+    from typer.testing import CliRunner
+
+    from lut_fast.datasets import folder_writer
+    from lut_fast.datasets.convert import convert_app
+
+    out = tmp_path / "s224"
+    runner = CliRunner()
+    result = runner.invoke(convert_app, ["folder", str(source), str(out), "--shorter-side", "64", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    again = runner.invoke(convert_app, ["folder", str(source), str(out), "--shorter-side", "64"])
+    assert isinstance(again.exception, UserError) and "--overwrite" in str(again.exception)
+    (out / "stale.txt").write_text("from an older conversion")
+    result = runner.invoke(convert_app, ["folder", str(source), str(out), "--shorter-side", "48", "--overwrite",
+                                         "--workers", "1"])
+    assert result.exit_code == 0 and not (out / "stale.txt").exists() and no_leftovers(tmp_path)
+    assert json.loads((out / folder_writer.METADATA).read_text())["shorter_side"] == 48
+    missing = runner.invoke(convert_app, ["folder", str(source), str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "--shorter-side" in missing.output
+    for args, message in ((["--shorter-side", "0"], "--shorter-side must be positive"),
+                          (["--shorter-side", "64", "--jpeg-quality", "0"], "--jpeg-quality"),
+                          (["--shorter-side", "64", "--max-resolution", "32"], "below --shorter-side")):
+        bad = runner.invoke(convert_app, ["folder", str(source), str(tmp_path / "y"), *args])
+        assert isinstance(bad.exception, UserError) and message in str(bad.exception), bad.output
+    inside = runner.invoke(convert_app, ["folder", str(source), str(source / "train" / "stored"), "--shorter-side", "64"])
+    assert isinstance(inside.exception, UserError) and "inside the source" in str(inside.exception)
+    assert not (tmp_path / "y").exists() and not (source / "train" / "stored").exists()
+
+
+def test_failed_folder_conversion_leaves_nothing(source, tmp_path, monkeypatch):
+    from lut_fast.datasets import folder_writer
+
+    calls = {"n": 0}
+    real = sources.stored_jpeg
+
+    def fail_late(*args):
+        calls["n"] += 1
+        if calls["n"] > 10:
+            raise RuntimeError("disk full")
+        return real(*args)
+
+    monkeypatch.setattr(sources, "stored_jpeg", fail_late)
+    with pytest.raises(RuntimeError):
+        folder_writer.write_folder(source, tmp_path / "out", 64, workers=1)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)

@@ -89,6 +89,40 @@ def test_hwc_padding_equals_torch_padding(mode):
         assert torch.equal(tb.pad_hwc(x.permute(1, 2, 0), pad, mode).permute(2, 0, 1), want)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "edge", "constant"])
+def test_windows_cut_from_the_unpadded_image_equal_pad_then_slice(mode):
+    """window_into (no padded copy) gives exactly the window of the padded image at every position, for
+    images wider, taller and as small as the window, paddings up to just below the window size."""
+    rng = np.random.default_rng(0)
+    for h, w, size, pad in ((8, 11, 8, 4), (9, 8, 8, 3), (8, 8, 8, 1), (12, 30, 10, 4), (5, 5, 5, 4), (6, 7, 5, 2)):
+        img = torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        padded = tb.pad_hwc(img, pad, mode)
+        for top in range(h + 2 * pad - size + 1):
+            for left in range(w + 2 * pad - size + 1):
+                out = np.full((size, size, 3), 77, np.uint8)
+                tb.window_into(img.numpy(), top, left, size, pad, mode, out)
+                want = padded[top : top + size, left : left + size].numpy()
+                assert np.array_equal(out, want), (h, w, size, pad, top, left)
+    planar = torch.empty((3, 8, 8), dtype=torch.uint8)  # a strided destination (HWC view of planar memory)
+    img = torch.from_numpy(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8))
+    tb.window_into(img.numpy(), 1, 6, 8, 4, mode, planar.permute(1, 2, 0).numpy())
+    assert torch.equal(planar.permute(1, 2, 0), tb.pad_hwc(img, 4, mode)[1:9, 6:14])
+
+
+@pytest.mark.parametrize("opencv", [True, False])
+def test_mirror_in_place_with_and_without_opencv(monkeypatch, opencv):
+    if opencv and not tb._load_cv2():
+        pytest.skip("OpenCV is not installed")
+    if not opencv:
+        monkeypatch.setattr(tb, "_cv2", False)
+    buf = torch.randint(0, 256, (2, 9, 7, 3), dtype=torch.uint8)  # NHWC memory, as the views handed over
+    for i in range(2):
+        view = buf[i].permute(2, 0, 1)
+        want = view.flip(-1).clone()
+        tb.mirror_in_place(view, view.permute(1, 2, 0).numpy())
+        assert torch.equal(view, want)
+
+
 @pytest.mark.parametrize("recipe", ["lut", "mae"])
 def test_channels_last_and_planar_views_are_the_same_pixels(recipe):
     """Views handed over for the device stage are NHWC, those the loader works on NCHW: same pixels either way."""

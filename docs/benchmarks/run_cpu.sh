@@ -7,9 +7,9 @@
 # README in this folder should quote them. What it does:
 #   1. makes the bench images once (photos:N, crops of real photographs; cached) and converts them for
 #      FFCV (`convert ffcv` defaults) and, where the converters offer --shorter-side, also stored at
-#      shorter side 224 for FFCV and DALI;
+#      shorter side 224 for FFCV, DALI and (`convert folder`, where this checkout has it) torch;
 #   2. bench data -> cpu-data.json (every backend, both configurations, official recipe, decode floors)
-#      and cpu-data-stored224.json (DALI / FFCV reading the pre-resized storage);
+#      and cpu-data-stored224.json (torch / DALI / FFCV reading the pre-resized storage);
 #   3. bench train -> cpu-train-vit_tiny.json (CPU defaults; methods interleaved step by step);
 #   4. bench e2e -> cpu-e2e-torch.json (the real train loop fed by the torch backend).
 # Settings: LUT_FAST (the command; default .venv/bin/lut-fast), PYTHON (default .venv/bin/python),
@@ -41,12 +41,21 @@ if "$LF" convert ffcv --help | grep -q -- "--shorter-side"; then
   [ -f "$BETON224" ] || "$LF" convert ffcv "$SRC" "$BETON224" --shorter-side 224 --workers "$WORKERS"
   [ -d "$SHARDS224" ] || "$LF" convert dali "$SRC" "$SHARDS224" --shorter-side 224 --workers "$WORKERS"
 fi
+STORED_BACKENDS="dali,ffcv"
+STORED_TORCH=()
+if "$LF" convert --help | grep -q "folder"; then
+  FOLDER224="$WORK/$NAME-s224-folder"
+  [ -d "$FOLDER224" ] || "$LF" convert folder "$SRC" "$FOLDER224" --shorter-side 224 --workers "$WORKERS"
+  STORED_BACKENDS="torch,dali,ffcv"
+  STORED_TORCH=(--torch-data "$FOLDER224")
+fi
 
 say "2/4 bench data: every backend, both configurations, the official recipe, decode floors"
 "$LF" bench data --backend all --data "photos:$IMAGES" --ffcv-data "$BETON" --workers "$WORKERS" --windows 4 \
   --json "$DEST/cpu-data.json"
 if [ "$STORED" = 1 ]; then
-  "$LF" bench data --backend dali,ffcv --data "photos:$IMAGES" --dali-data "$SHARDS224" --ffcv-data "$BETON224" \
+  "$LF" bench data --backend "$STORED_BACKENDS" --data "photos:$IMAGES" ${STORED_TORCH[@]+"${STORED_TORCH[@]}"} \
+    --dali-data "$SHARDS224" --ffcv-data "$BETON224" \
     --workers "$WORKERS" --windows 4 --json "$DEST/cpu-data-stored224.json"
 else
   say "   (skipped cpu-data-stored224.json: this checkout's converters have no --shorter-side)"

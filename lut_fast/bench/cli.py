@@ -66,7 +66,9 @@ def _finish(report: dict, json_path: Optional[Path]) -> None:
 def data_cmd(
     backend: str = typer.Option("all", help="torch | dali | ffcv, a comma list, or all (every backend; those whose library is missing say how to install it)."),
     data: str = typer.Option("photos:1024", help="ImageFolder tree; 'photos[:N]' (crops of real photographs, ImageNet-sized, made once), "
-                                                        "'synthetic[:N]' or 'builtin'."),
+                                                        "'synthetic[:N]' or 'builtin'. A folder made by `lut-fast convert folder` "
+                                                        "is also measured against the floor of its source."),
+    torch_data: Optional[str] = typer.Option(None, help="What the torch backend reads, if not --data (e.g. a folder made by `lut-fast convert folder`)."),
     dali_data: Optional[str] = typer.Option(None, help="What the DALI backend reads, if not --data (e.g. shards made by `lut-fast convert dali`)."),
     ffcv_data: Optional[str] = typer.Option(None, help="What the FFCV backend reads (a .beton made by `lut-fast convert ffcv`); "
                                                             "without it FFCV rows say how to make one."),
@@ -104,7 +106,7 @@ def data_cmd(
     report = new_report("data", settings)
     results, info = run_data_bench(
         backend, data, recipes, img_size, batch_size, workers, dev, windows, window_batches, floor_files,
-        backend_data={"dali": dali_data, "ffcv": ffcv_data}, configurations=confs, official=official,
+        backend_data={"torch": torch_data, "dali": dali_data, "ffcv": ffcv_data}, configurations=confs, official=official,
         warmup_rounds=warmup, device_decode=gpu_decode, progress=lambda m: typer.echo(m, err=True),
     )
     report["settings"].update(info)

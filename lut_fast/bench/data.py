@@ -191,8 +191,9 @@ def _spread(items: list, limit: int) -> list:
 def stored_jpegs(backend: str, data: str, limit: int) -> list[bytes] | None:
     """The JPEG bytes a backend's converted data holds (up to ``limit``, spread over the file), or None.
 
-    None for an image folder (its files are the floor already) and for images
-    stored raw (FFCV's raw / smart write modes: nothing to decode).
+    None for a plain image folder (its files are the floor already) and for
+    images stored raw (FFCV's raw / smart write modes: nothing to decode). An
+    image folder written by ``convert folder`` gives its own JPEGs.
     """
     from lut_fast.pipelines import formats
 
@@ -200,6 +201,11 @@ def stored_jpegs(backend: str, data: str, limit: int) -> list[bytes] | None:
         source = formats.detect(data)
     except UserError:
         return None
+    if source.kind == "imagefolder":
+        meta = stored_info(data)
+        if not meta or meta.get("format") != "imagefolder":
+            return None
+        return [Path(f).read_bytes() for f in image_files(data, limit)]
     if source.kind == "shards":
         import tarfile
 
@@ -240,6 +246,13 @@ def stored_info(data: str) -> dict | None:
         return reader(data)
     except UserError:
         return None
+
+
+def _split_root(folder: str) -> str:
+    """The folder whose images a loader reads for split train (a split root and its train/ are one file set)."""
+    from lut_fast.datasets.imagefolder import resolve_split
+
+    return str(resolve_split(folder, "train").resolve())
 
 
 def floor_subjects(name: str, blobs: list[bytes], threads: int, images: int) -> list[tuple[Subject, dict]]:
@@ -571,29 +584,41 @@ def run_data_bench(backend: str, data: str | None, recipes: list[str], img_size:
     file_sets: dict[str, list[bytes]] = {"images": [Path(f).read_bytes() for f in image_files(path, floor_files)]}
     floor_of: dict[str, tuple[str, str | None, bool]] = {}  # backend -> (its floor set, its source set, assumed)
     stored: dict[str, dict | None] = {}
+    source_sets: dict[str, str] = {}  # a source folder -> the file set holding its floor (measured once)
     for b in run:
         src = (backend_data or {}).get(b) or path
         if src == path:
-            floor_of[b] = ("images", None, False)
-            continue
-        try:
-            blobs = stored_jpegs(b, src, floor_files)
-        except Exception as e:  # noqa: BLE001 - the floor of stored files is extra information
-            blobs = None
-            say(f"could not read the JPEGs stored in {src}: {type(e).__name__}: {e}")
-        meta = stored[b] = stored_info(src)
-        name = f"{b}-stored"
-        if blobs:
-            file_sets[name] = blobs
-        source = (meta or {}).get("source")
-        if source and Path(source).is_dir() and str(Path(source).resolve()) != str(Path(path).resolve()):
-            try:
-                file_sets[f"{b}-source"] = [Path(f).read_bytes() for f in image_files(source, floor_files)]
-                floor_of[b] = (name if blobs else "images", f"{b}-source", False)
-            except UserError:
-                floor_of[b] = (name if blobs else "images", "images", True)
+            # --data itself may be converted storage (a folder written by `convert folder`): its files are the
+            # floor, and the folder it was made from is the source floor.
+            meta = stored_info(src) if Path(src).is_dir() else None
+            if not (meta or {}).get("source"):
+                floor_of[b] = ("images", None, False)
+                continue
+            stored[b], own = meta, "images"
         else:
-            floor_of[b] = (name if blobs else "images", "images", not source)
+            try:
+                blobs = stored_jpegs(b, src, floor_files)
+            except Exception as e:  # noqa: BLE001 - the floor of stored files is extra information
+                blobs = None
+                say(f"could not read the JPEGs stored in {src}: {type(e).__name__}: {e}")
+            meta = stored[b] = stored_info(src)
+            own = f"{b}-stored" if blobs else "images"
+            if blobs:
+                file_sets[own] = blobs
+        source = (meta or {}).get("source")
+        if source and Path(source).is_dir() and _split_root(source) != _split_root(path):
+            key = _split_root(source)
+            try:
+                if key not in source_sets:
+                    file_sets[f"{b}-source"] = [Path(f).read_bytes() for f in image_files(source, floor_files)]
+                    source_sets[key] = f"{b}-source"
+                floor_of[b] = (own, source_sets[key], False)
+            except UserError:
+                floor_of[b] = (own, None, False) if src == path else (own, "images", True)
+        elif src == path:
+            floor_of[b] = (own, None, False)  # the recorded source is gone (or is --data): no second floor
+        else:
+            floor_of[b] = (own, "images", not source)
 
     subjects: list = []
     fields: dict[str, dict] = {}
