@@ -185,6 +185,80 @@ def resize_bicubic_up(src, dst, tmp):
 
 
 @_jit
+def _area_taps(n_in, n_out):
+    """Per output index: source indices and weights of the area (box) filter shrinking n_in to n_out.
+
+    The weights are each source pixel's share of the output pixel's footprint [o * scale, (o + 1) * scale),
+    computed as OpenCV's INTER_AREA computes them (partial pixels below 1e-3 of a pixel dropped), so this
+    filter and FFCV's resize (OpenCV's) make the same pixels up to float rounding.
+    """
+    scale = n_in / n_out
+    k = int(np.ceil(scale)) + 1
+    index = np.zeros((n_out, k), np.int64)
+    weights = np.zeros((n_out, k), np.float32)
+    for o in range(n_out):
+        lo = o * scale
+        hi = lo + scale
+        cell = min(scale, n_in - lo)
+        first = min(int(np.ceil(lo)), n_in - 1)
+        last = min(int(np.floor(hi)), n_in - 1)
+        first = min(first, last)
+        t = 0
+        if first - lo > 1e-3:
+            index[o, t], weights[o, t] = first - 1, (first - lo) / cell
+            t += 1
+        for i in range(first, last):
+            index[o, t], weights[o, t] = i, 1.0 / cell
+            t += 1
+        if hi - last > 1e-3:
+            index[o, t], weights[o, t] = last, min(min(hi - last, 1.0), cell) / cell
+            t += 1
+        for u in range(t, k):  # unused taps: weight 0 on a valid index
+            index[o, u] = index[o, 0]
+    return index, weights
+
+
+@_jit
+def resize_area_down(src, top, bottom, left, right, dst, acc):
+    """Area (box) shrink of uint8 ``src[top:bottom, left:right]`` (h, w, 3) into dst (H, W, 3), H <= h, W <= w
+    (the arguments of FFCV's ``resize_crop``); ``acc``: >= w*3 floats.
+
+    Separable: each output row is first the weighted sum of its source rows (one contiguous multiply-add
+    per tap over the whole row, which numba vectorises), then the few taps across. About three times
+    faster than OpenCV's INTER_AREA at the non-integer factors that ImageNet-sized photos need (OpenCV
+    has a fast path for integer factors only), with the same weights (``_area_taps``).
+    """
+    h, w, big_h, big_w = bottom - top, right - left, dst.shape[0], dst.shape[1]
+    full = 3 * src.shape[1]
+    rows_i, rows_w = _area_taps(h, big_h)
+    cols_i, cols_w = _area_taps(w, big_w)
+    n = 3 * w
+    row = acc[:n]
+    half = np.float32(0.5)
+    for o in range(big_h):
+        for e in range(n):
+            row[e] = 0.0
+        for t in range(rows_i.shape[1]):
+            wt = rows_w[o, t]
+            if wt == 0.0:
+                continue
+            line = src[top + rows_i[o, t]].reshape(full)[3 * left : 3 * right]  # 1-d C slices: vectorised
+            for e in range(n):
+                row[e] += wt * line[e]
+        out = dst[o]
+        for x in range(big_w):
+            v0 = v1 = v2 = np.float32(0.0)
+            for t in range(cols_i.shape[1]):
+                wt, i = cols_w[x, t], 3 * cols_i[x, t]
+                v0 += wt * row[i]
+                v1 += wt * row[i + 1]
+                v2 += wt * row[i + 2]
+            out[x, 0] = np.uint8(min(np.floor(v0 + half), np.float32(255.0)))
+            out[x, 1] = np.uint8(min(np.floor(v1 + half), np.float32(255.0)))
+            out[x, 2] = np.uint8(min(np.floor(v2 + half), np.float32(255.0)))
+
+
+@_jit
 def rrc_box(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi):
     """torchvision's RandomResizedCrop box (top, left, h, w): 10 tries, then a central crop."""
     area = height * width
@@ -216,17 +290,25 @@ def flip_in_place(img):
 
 @_jit
 def src_crop(base, out, pad, flip_p):
-    """One SRC view: a random S x S window of ``base`` padded by ``pad`` (reflect), flipped with flip_p."""
+    """One SRC view: a random S x S window of ``base`` padded by ``pad`` (reflect), flipped with flip_p.
+
+    The source column of each output column (reflection and flip included) is worked out once per crop,
+    not once per pixel.
+    """
     h, w, s = base.shape[0], base.shape[1], out.shape[0]
     top = np.random.randint(0, h + 2 * pad - s + 1)
     left = np.random.randint(0, w + 2 * pad - s + 1)
     flip = np.random.random() < flip_p
+    cols = np.empty(s, np.int64)
+    for x in range(s):
+        cols[x] = _reflect(left + (s - 1 - x if flip else x) - pad, w)
     for y in range(s):
-        sy = _reflect(top + y - pad, h)
+        src, dst = base[_reflect(top + y - pad, h)], out[y]
         for x in range(s):
-            sx = _reflect(left + (s - 1 - x if flip else x) - pad, w)
-            for c in range(3):
-                out[y, x, c] = base[sy, sx, c]
+            sx = cols[x]
+            dst[x, 0] = src[sx, 0]
+            dst[x, 1] = src[sx, 1]
+            dst[x, 2] = src[sx, 2]
 
 
 # ---------------------------------------------------------------- photometric (view 2), one op per kernel
@@ -664,7 +746,8 @@ class SrcViewsDecoder(SimpleRGBImageDecoder):
                 AllocationQuery(out, _U8),
                 AllocationQuery((int((h * w).max()) * 3,), _U8),  # full decode
                 AllocationQuery((s * longest_resized * 3,), _U8),  # shorter side at S
-                AllocationQuery((s * longest_resized * 3,), _F4),  # scratch of the bicubic enlargement
+                # scratch of the bicubic enlargement, and one float row of the area shrink
+                AllocationQuery((max(s * longest_resized, int(w.max())) * 3,), _F4),
             ),
         )
 
@@ -697,7 +780,9 @@ class SrcViewsDecoder(SimpleRGBImageDecoder):
                     base = resized[i][: nh * nw * 3].reshape(nh, nw, 3)
                     if min(hd, wd) < s:
                         resize_bicubic_up(img, base, scratch[i])
-                    else:
+                    elif hd >= nh and wd >= nw:
+                        resize_area_down(img, 0, hd, 0, wd, base, scratch[i])
+                    else:  # one side a pixel short of its target through rounding
                         resize_c(img, 0, hd, 0, wd, base)
                 for v in range(views):
                     src_crop(base, dst[i, v], pad, flip_p)
@@ -827,7 +912,8 @@ class RrcFlipDecoder(SimpleRGBImageDecoder):
         out = (s, s, 3)
         return (
             replace(previous_state, jit_mode=True, shape=out, dtype=_U8),
-            (AllocationQuery(out, _U8), AllocationQuery((int((h * w).max()) * 3,), _U8)),
+            (AllocationQuery(out, _U8), AllocationQuery((int((h * w).max()) * 3,), _U8),
+             AllocationQuery((int(w.max()) * 3,), _F4)),  # one float row of the area shrink
         )
 
     def generate_code(self):
@@ -841,7 +927,7 @@ class RrcFlipDecoder(SimpleRGBImageDecoder):
         flip_p = float(sp.flip_p)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            dst, decoded = my_storage
+            dst, decoded, row = my_storage
             for i in my_range(len(batch_indices)):
                 field = metadata[batch_indices[i]]
                 data = mem_read(field["data_ptr"], storage_state)
@@ -853,7 +939,10 @@ class RrcFlipDecoder(SimpleRGBImageDecoder):
                 else:
                     img = data.reshape(h, w, 3)
                 top, left, ch, cw = rrc_box(h, w, scale_lo, scale_hi, ratio_lo, ratio_hi)
-                resize_c(img, top, top + ch, left, left + cw, dst[i])
+                if ch >= dst.shape[1] and cw >= dst.shape[2]:  # a shrink: the area filter, faster than OpenCV's
+                    resize_area_down(img, top, top + ch, left, left + cw, dst[i], row[i])
+                else:  # enlarging either side: OpenCV's INTER_AREA (bilinear when enlarging)
+                    resize_c(img, top, top + ch, left, left + cw, dst[i])
                 if np.random.random() < flip_p:
                     flip_in_place(dst[i])
             return dst[: len(batch_indices)]

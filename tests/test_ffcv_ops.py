@@ -82,3 +82,39 @@ def test_normalize_view_equals_the_formula():
     F.normalize_view(src, planar, True, table)
     np.testing.assert_allclose(channels_last, expected, atol=1e-6)
     np.testing.assert_allclose(planar.transpose(1, 2, 0), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("src_shape,window,out_shape", [
+    ((60, 75), (0, 60, 0, 75), (41, 52)),  # non-integer factors (the common case of ImageNet-sized photos)
+    ((64, 48), (0, 64, 0, 48), (32, 24)),  # exactly 2x (OpenCV's integer fast path)
+    ((90, 80), (7, 77, 11, 51), (33, 33)),  # a sub-window (MAE's RandomResizedCrop)
+])
+def test_area_shrink_matches_opencv(src_shape, window, out_shape):
+    """resize_area_down replaces OpenCV's INTER_AREA (FFCV's resize) on shrinks: same pixels up to rounding."""
+    import cv2
+
+    src = np.random.default_rng(2).integers(0, 256, (*src_shape, 3)).astype(np.uint8)
+    src[:, : src_shape[1] // 2] = np.linspace(0, 255, src_shape[1] // 2, dtype=np.uint8)[None, :, None]  # smooth too
+    top, bottom, left, right = window
+    ours = np.empty((*out_shape, 3), np.uint8)
+    F.resize_area_down(src, top, bottom, left, right, ours, np.empty(src_shape[1] * 3, np.float32))
+    opencv = cv2.resize(src[top:bottom, left:right], out_shape[::-1], interpolation=cv2.INTER_AREA)
+    diff = np.abs(ours.astype(int) - opencv)
+    assert diff.max() <= 1 and np.mean(diff > 0) < 0.01
+
+
+def test_src_crop_is_a_window_of_the_reflect_padded_image():
+    base = np.random.default_rng(3).integers(0, 256, (10, 13, 3)).astype(np.uint8)
+    s, pad = 8, 3
+    padded = np.pad(base, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    windows = {(t, left): padded[t : t + s, left : left + s] for t in range(10 + 2 * pad - s + 1)
+               for left in range(13 + 2 * pad - s + 1)}
+    flips = 0
+    for _ in range(40):
+        out = np.empty((s, s, 3), np.uint8)
+        F.src_crop(base, out, pad, 0.5)
+        plain = any(np.array_equal(out, w) for w in windows.values())
+        flipped = any(np.array_equal(out, w[:, ::-1]) for w in windows.values())
+        assert plain or flipped
+        flips += flipped and not plain
+    assert 5 < flips < 35
