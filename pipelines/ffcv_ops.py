@@ -27,15 +27,19 @@ Semantics follow ``photometric.py`` (the torch reference) with the same
 factors and the same YIQ-rotation hue (linear, as DALI's ``fn.hsv``); the
 kernels apply the four jitter ops one by one in a random order, clamping
 after each (torchvision's rule; the reference composes them and clamps
-once). ITU-R 601 luma, solarize at ``threshold`` on 0..255, a separable
+once). View 2 runs as one fused kernel (``strong_view_fused``: row by row,
+every pointwise op in one pass, the blur through a ring of rows), tested
+against the composition of the one-op kernels, which are tested against
+the torch ops. ITU-R 601 luma, solarize at ``threshold`` on 0..255, a separable
 Gaussian of 2*ceil(3 sigma)+1 taps per image (at most
 ``spec.blur_kernel_size``) with reflect padding. Pixels are
 floats on the 0..255 scale inside the kernels.
 
-The one deviation: shrinking to the shorter side S uses OpenCV's INTER_AREA
-(the only resize FFCV's C library exposes, and what FFCV's own decoders
-use: an antialiased box filter) rather than bicubic; enlarging (images
-stored below S) is bicubic, in numba here. JPEGs much larger than S are
+The one deviation: shrinking to the shorter side S uses an area filter
+(what FFCV's own decoders use, through OpenCV's INTER_AREA: an antialiased
+box filter) rather than bicubic, computed here with OpenCV's weights
+(``resize_area_down``, several times faster than OpenCV at non-integer
+factors); enlarging (images stored below S) is bicubic, in numba here. JPEGs much larger than S are
 decoded at 1/2, 1/4 or 1/8 scale by libjpeg-turbo first (the scaled
 shorter side stays >= S).
 
