@@ -118,3 +118,32 @@ def test_src_crop_is_a_window_of_the_reflect_padded_image():
         assert plain or flipped
         flips += flipped and not plain
     assert 5 < flips < 35
+
+
+@pytest.mark.parametrize("normalize,channels_last", [(False, True), (True, True), (True, False)])
+def test_strong_view_operation_wiring(normalize, channels_last):
+    """StrongView's generated code (called as plain Python) reads its view and writes its own buffer in the
+    declared dtype and layout: with no jitter and grayscale only, view 2 is the rounded (or normalised) luma."""
+    spec = AugSpec(img_size=12, jitter_p=0.0, strong_ops=("grayscale",))
+    images = np.random.default_rng(4).integers(0, 256, (3, 2, 12, 12, 3)).astype(np.uint8)
+    op = F.StrongView(spec, 1, normalize, channels_last)
+    shape = (12, 12, 3) if channels_last or not normalize else (3, 12, 12)
+    dst = np.empty((3, *shape), np.float32 if normalize else np.uint8)
+    out = op.generate_code()(images, dst)
+    gray = images[:, 1].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if not normalize:
+        assert out.dtype == np.uint8 and np.abs(out.astype(int) - np.floor(gray + 0.5)[..., None]).max() <= 1
+        return
+    expected = gray[..., None] * SCALE + SHIFT
+    np.testing.assert_allclose(out if channels_last else out.transpose(0, 2, 3, 1), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("index,channels_last", [(None, True), (None, False), (0, True), (1, False)])
+def test_normalize_view_operation_wiring(index, channels_last):
+    images = np.random.default_rng(5).integers(0, 256, (3, 2, 12, 12, 3)).astype(np.uint8)
+    source = images[:, 0] if index is None else images
+    op = F.NormalizeView(AugSpec(img_size=12), index, channels_last)
+    dst = np.empty((3, 12, 12, 3) if channels_last else (3, 3, 12, 12), np.float32)
+    out = op.generate_code()(np.ascontiguousarray(source), dst)
+    view = images[:, 0 if index is None else index].astype(np.float32) * SCALE + SHIFT
+    np.testing.assert_allclose(out if channels_last else out.transpose(0, 2, 3, 1), view, atol=1e-5)
