@@ -589,8 +589,8 @@ def normalize_view(src, dst, planar, table):
 
 @_jit
 def draw_strong(jitter_p, strengths, ops, sigma_lo, sigma_hi):
-    """View 2's random choices, drawn in ``strong_ops``'s order: (jitter applied, factors, op order, op, sigma)."""
-    factors = np.empty(4)
+    """View 2's random choices, in the order they are drawn: (jitter applied, factors, op order, op, sigma)."""
+    factors = np.zeros(4)  # no jitter: unused (and the hue matrix of 0 the identity)
     order = np.arange(4)
     jitter = np.random.random() < jitter_p
     if jitter:
