@@ -539,10 +539,10 @@ def _emit_row(dst, y, r, g, b, planar, scale, shift):
     arguments, as numba cannot branch on ``dst``'s dtype; the branch not taken compiles to a cast.)"""
     if scale.size == 0:
         half, zero, top = np.float32(0.5), np.float32(0.0), np.float32(255.0)
-        for i in range(r.size):
-            dst[y, i, 0] = np.uint8(min(max(np.floor(r[i] + half), zero), top))
-            dst[y, i, 1] = np.uint8(min(max(np.floor(g[i] + half), zero), top))
-            dst[y, i, 2] = np.uint8(min(max(np.floor(b[i] + half), zero), top))
+        for i in range(r.size):  # clamped first, then truncated: floor(v + 0.5) on 0..255, without a call to floor
+            dst[y, i, 0] = np.uint8(min(max(r[i] + half, zero), top))
+            dst[y, i, 1] = np.uint8(min(max(g[i] + half, zero), top))
+            dst[y, i, 2] = np.uint8(min(max(b[i] + half, zero), top))
         return
     s0, s1, s2, b0, b1, b2 = scale[0], scale[1], scale[2], shift[0], shift[1], shift[2]
     if planar:
