@@ -27,15 +27,19 @@ Semantics follow ``photometric.py`` (the torch reference) with the same
 factors and the same YIQ-rotation hue (linear, as DALI's ``fn.hsv``); the
 kernels apply the four jitter ops one by one in a random order, clamping
 after each (torchvision's rule; the reference composes them and clamps
-once). ITU-R 601 luma, solarize at ``threshold`` on 0..255, a separable
+once). View 2 runs as one fused kernel (``strong_view_fused``: row by row,
+every pointwise op in one pass, the blur through a ring of rows), tested
+against the composition of the one-op kernels, which are tested against
+the torch ops. ITU-R 601 luma, solarize at ``threshold`` on 0..255, a separable
 Gaussian of 2*ceil(3 sigma)+1 taps per image (at most
 ``spec.blur_kernel_size``) with reflect padding. Pixels are
 floats on the 0..255 scale inside the kernels.
 
-The one deviation: shrinking to the shorter side S uses OpenCV's INTER_AREA
-(the only resize FFCV's C library exposes, and what FFCV's own decoders
-use: an antialiased box filter) rather than bicubic; enlarging (images
-stored below S) is bicubic, in numba here. JPEGs much larger than S are
+The one deviation: shrinking to the shorter side S uses an area filter
+(what FFCV's own decoders use, through OpenCV's INTER_AREA: an antialiased
+box filter) rather than bicubic, computed here with OpenCV's weights
+(``resize_area_down``, several times faster than OpenCV at non-integer
+factors); enlarging (images stored below S) is bicubic, in numba here. JPEGs much larger than S are
 decoded at 1/2, 1/4 or 1/8 scale by libjpeg-turbo first (the scaled
 shorter side stays >= S).
 
@@ -185,6 +189,80 @@ def resize_bicubic_up(src, dst, tmp):
 
 
 @_jit
+def _area_taps(n_in, n_out):
+    """Per output index: source indices and weights of the area (box) filter shrinking n_in to n_out.
+
+    The weights are each source pixel's share of the output pixel's footprint [o * scale, (o + 1) * scale),
+    computed as OpenCV's INTER_AREA computes them (partial pixels below 1e-3 of a pixel dropped), so this
+    filter and FFCV's resize (OpenCV's) make the same pixels up to float rounding.
+    """
+    scale = n_in / n_out
+    k = int(np.ceil(scale)) + 1
+    index = np.zeros((n_out, k), np.int64)
+    weights = np.zeros((n_out, k), np.float32)
+    for o in range(n_out):
+        lo = o * scale
+        hi = lo + scale
+        cell = min(scale, n_in - lo)
+        first = min(int(np.ceil(lo)), n_in - 1)
+        last = min(int(np.floor(hi)), n_in - 1)
+        first = min(first, last)
+        t = 0
+        if first - lo > 1e-3:
+            index[o, t], weights[o, t] = first - 1, (first - lo) / cell
+            t += 1
+        for i in range(first, last):
+            index[o, t], weights[o, t] = i, 1.0 / cell
+            t += 1
+        if hi - last > 1e-3:
+            index[o, t], weights[o, t] = last, min(min(hi - last, 1.0), cell) / cell
+            t += 1
+        for u in range(t, k):  # unused taps: weight 0 on a valid index
+            index[o, u] = index[o, 0]
+    return index, weights
+
+
+@_jit
+def resize_area_down(src, top, bottom, left, right, dst, acc):
+    """Area (box) shrink of uint8 ``src[top:bottom, left:right]`` (h, w, 3) into dst (H, W, 3), H <= h, W <= w
+    (the arguments of FFCV's ``resize_crop``); ``acc``: >= w*3 floats.
+
+    Separable: each output row is first the weighted sum of its source rows (one contiguous multiply-add
+    per tap over the whole row, which numba vectorises), then the few taps across. About three times
+    faster than OpenCV's INTER_AREA at the non-integer factors that ImageNet-sized photos need (OpenCV
+    has a fast path for integer factors only), with the same weights (``_area_taps``).
+    """
+    h, w, big_h, big_w = bottom - top, right - left, dst.shape[0], dst.shape[1]
+    full = 3 * src.shape[1]
+    rows_i, rows_w = _area_taps(h, big_h)
+    cols_i, cols_w = _area_taps(w, big_w)
+    n = 3 * w
+    row = acc[:n]
+    half = np.float32(0.5)
+    for o in range(big_h):
+        for e in range(n):
+            row[e] = 0.0
+        for t in range(rows_i.shape[1]):
+            wt = rows_w[o, t]
+            if wt == 0.0:
+                continue
+            line = src[top + rows_i[o, t]].reshape(full)[3 * left : 3 * right]  # 1-d C slices: vectorised
+            for e in range(n):
+                row[e] += wt * line[e]
+        out = dst[o]
+        for x in range(big_w):
+            v0 = v1 = v2 = np.float32(0.0)
+            for t in range(cols_i.shape[1]):
+                wt, i = cols_w[x, t], 3 * cols_i[x, t]
+                v0 += wt * row[i]
+                v1 += wt * row[i + 1]
+                v2 += wt * row[i + 2]
+            out[x, 0] = np.uint8(min(np.floor(v0 + half), np.float32(255.0)))
+            out[x, 1] = np.uint8(min(np.floor(v1 + half), np.float32(255.0)))
+            out[x, 2] = np.uint8(min(np.floor(v2 + half), np.float32(255.0)))
+
+
+@_jit
 def rrc_box(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi):
     """torchvision's RandomResizedCrop box (top, left, h, w): 10 tries, then a central crop."""
     area = height * width
@@ -216,20 +294,30 @@ def flip_in_place(img):
 
 @_jit
 def src_crop(base, out, pad, flip_p):
-    """One SRC view: a random S x S window of ``base`` padded by ``pad`` (reflect), flipped with flip_p."""
+    """One SRC view: a random S x S window of ``base`` padded by ``pad`` (reflect), flipped with flip_p.
+
+    The source column of each output column (reflection and flip included) is worked out once per crop,
+    not once per pixel.
+    """
     h, w, s = base.shape[0], base.shape[1], out.shape[0]
     top = np.random.randint(0, h + 2 * pad - s + 1)
     left = np.random.randint(0, w + 2 * pad - s + 1)
     flip = np.random.random() < flip_p
+    cols = np.empty(s, np.int64)
+    for x in range(s):
+        cols[x] = _reflect(left + (s - 1 - x if flip else x) - pad, w)
     for y in range(s):
-        sy = _reflect(top + y - pad, h)
+        src, dst = base[_reflect(top + y - pad, h)], out[y]
         for x in range(s):
-            sx = _reflect(left + (s - 1 - x if flip else x) - pad, w)
-            for c in range(3):
-                out[y, x, c] = base[sy, sx, c]
+            sx = cols[x]
+            dst[x, 0] = src[sx, 0]
+            dst[x, 1] = src[sx, 1]
+            dst[x, 2] = src[sx, 2]
 
 
-# ---------------------------------------------------------------- photometric (view 2)
+# ---------------------------------------------------------------- photometric (view 2), one op per kernel
+# In place on a float (h, w, 3) image on 0..255: the reference that the fused kernel below is tested
+# against (and that is tested against photometric.py's torch ops).
 
 
 @_jit
@@ -318,10 +406,7 @@ def _blur(x, tmp, sigma, half):
     contiguous multiply-add that vectorises; only the half-wide borders
     use reflected indices.
     """
-    k = np.empty(2 * half + 1, np.float32)
-    for j in range(2 * half + 1):
-        k[j] = np.exp(-((j - half) ** 2) / (2.0 * sigma * sigma))
-    k /= k.sum()
+    k = gaussian_taps(sigma, half)
     h, w = x.shape[0], x.shape[1]
     xf, tf = x.reshape(h, w * 3), tmp.reshape(h, w * 3)
     inner = 3 * (w - 2 * half)
@@ -348,64 +433,11 @@ def _blur(x, tmp, sigma, half):
 
 
 @_jit
-def strong_ops(x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half):
-    """View 2's ops in place on float ``x`` (h, w, 3) on 0..255; ``tmp`` is scratch of its shape.
-
-    ColorJitter with probability jitter_p (random op order), then one of ``ops`` (STRONG_OPS indices);
-    ``strengths`` = (brightness, contrast, saturation, hue) as in torchvision. The blur uses
-    2*ceil(3 sigma)+1 taps (at most spec.blur_kernel_size): the weights beyond 3 sigma are 0.3 % of
-    the mass, and small sigmas cost a third as much.
-    """
-    if np.random.random() < jitter_p:
-        factors = np.empty(4)
-        for j in range(3):
-            factors[j] = np.random.uniform(max(0.0, 1.0 - strengths[j]), 1.0 + strengths[j])
-        factors[3] = np.random.uniform(-strengths[3], strengths[3])
-        for j in np.random.permutation(4):
-            if j == 0:
-                _brightness(x, factors[0])
-            elif j == 1:
-                _contrast(x, factors[1])
-            elif j == 2:
-                _saturation(x, factors[2])
-            else:
-                _hue(x, factors[3])
-    op = ops[np.random.randint(0, len(ops))]
-    if op == GRAYSCALE:
-        _grayscale(x)
-    elif op == SOLARIZE:
-        _solarize(x, threshold)
-    else:
-        sigma = np.random.uniform(sigma_lo, sigma_hi)
-        _blur(x, tmp, sigma, min(max_half, int(np.ceil(3.0 * sigma)), (min(x.shape[0], x.shape[1]) - 1) // 2))
-
-
-@_jit
 def _to_float(src, x):
     for y in range(src.shape[0]):
         for i in range(src.shape[1]):
             for c in range(3):
                 x[y, i, c] = src[y, i, c]
-
-
-@_jit
-def strong_view(src, dst, x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half):
-    """View 2 of uint8 ``src`` into uint8 ``dst`` (``x``/``tmp``: float scratch of src's shape)."""
-    _to_float(src, x)
-    strong_ops(x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half)
-    for y in range(src.shape[0]):
-        for i in range(src.shape[1]):
-            for c in range(3):
-                dst[y, i, c] = np.uint8(min(max(np.floor(x[y, i, c] + 0.5), 0.0), 255.0))
-
-
-@_jit
-def strong_view_normalized(src, dst, x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half,
-                           scale, shift):
-    """View 2 of uint8 ``src`` into normalised float ``dst`` (see ``normalize_into``)."""
-    _to_float(src, x)
-    strong_ops(x, tmp, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half)
-    normalize_into(x, dst, scale, shift)
 
 
 @_jit
@@ -422,11 +454,274 @@ def normalize_into(src, dst, scale, shift):
             dst[y, i, 2] = src[y, i, 2] * s2 + b2
 
 
+# ---------------------------------------------------------------- view 2, fused
+
+
+# The fused kernels below work on one image row at a time, de-interleaved into three float32 rows (r, g, b)
+# that stay in L1 cache: every op is then a contiguous loop that numba vectorises, where the one-op kernels
+# above make one pass over the whole float image per op with the channel loop inside. Constants are float32
+# (a float64 constant would turn the loops into float64 arithmetic). The one-op kernels stay the reference
+# (tests check the fused kernel against their composition, and them against the torch ops).
+_LUMA = np.array((0.299, 0.587, 0.114), np.float32)
+
+
+@_jit
+def _load_row(src, y, r, g, b):
+    """Row y of uint8 (h, w, 3) ``src`` as float32 planes (uint8 -> float folded into the first pass)."""
+    for i in range(r.size):
+        r[i] = src[y, i, 0]
+        g[i] = src[y, i, 1]
+        b[i] = src[y, i, 2]
+
+
+@_jit
+def _jitter_rows(r, g, b, order, n_ops, factors, hue_m, mean):
+    """ColorJitter ops ``order[:n_ops]`` (0 brightness, 1 contrast, 2 saturation, 3 hue) on one row, clamping
+    after each (torchvision's rule); ``mean``: the mean luma of contrast's input image."""
+    zero, top = np.float32(0.0), np.float32(255.0)
+    wr, wg, wb = _LUMA[0], _LUMA[1], _LUMA[2]
+    for k in range(n_ops):
+        j = order[k]
+        if j == 0:
+            f = factors[0]
+            for i in range(r.size):
+                r[i] = min(max(r[i] * f, zero), top)
+                g[i] = min(max(g[i] * f, zero), top)
+                b[i] = min(max(b[i] * f, zero), top)
+        elif j == 1:
+            f = factors[1]
+            off = (np.float32(1.0) - f) * mean
+            for i in range(r.size):
+                r[i] = min(max(f * r[i] + off, zero), top)
+                g[i] = min(max(f * g[i] + off, zero), top)
+                b[i] = min(max(f * b[i] + off, zero), top)
+        elif j == 2:
+            f = factors[2]
+            f1 = np.float32(1.0) - f
+            for i in range(r.size):
+                gray = f1 * (wr * r[i] + wg * g[i] + wb * b[i])
+                r[i] = min(max(f * r[i] + gray, zero), top)
+                g[i] = min(max(f * g[i] + gray, zero), top)
+                b[i] = min(max(f * b[i] + gray, zero), top)
+        else:
+            m00, m01, m02 = hue_m[0, 0], hue_m[0, 1], hue_m[0, 2]
+            m10, m11, m12 = hue_m[1, 0], hue_m[1, 1], hue_m[1, 2]
+            m20, m21, m22 = hue_m[2, 0], hue_m[2, 1], hue_m[2, 2]
+            for i in range(r.size):
+                rv, gv, bv = r[i], g[i], b[i]
+                r[i] = min(max(m00 * rv + m01 * gv + m02 * bv, zero), top)
+                g[i] = min(max(m10 * rv + m11 * gv + m12 * bv, zero), top)
+                b[i] = min(max(m20 * rv + m21 * gv + m22 * bv, zero), top)
+
+
+@_jit
+def _point_op_rows(r, g, b, op, threshold):
+    """The 3-augment op when it is pointwise (grayscale, solarize) on one row; blur is done by the caller."""
+    if op == GRAYSCALE:
+        wr, wg, wb = _LUMA[0], _LUMA[1], _LUMA[2]
+        for i in range(r.size):
+            v = wr * r[i] + wg * g[i] + wb * b[i]
+            r[i] = v
+            g[i] = v
+            b[i] = v
+    elif op == SOLARIZE:
+        t, top = np.float32(threshold - 0.5), np.float32(255.0)
+        for i in range(r.size):
+            r[i] = top - r[i] if r[i] >= t else r[i]
+            g[i] = top - g[i] if g[i] >= t else g[i]
+            b[i] = top - b[i] if b[i] >= t else b[i]
+
+
+@_jit
+def _emit_row(dst, y, r, g, b, planar, scale, shift):
+    """Row y of the result into ``dst``: normalised float32 (``v * scale + shift``), or, when ``scale`` is
+    empty, uint8 rounded to nearest; ``planar``: ``dst`` is (3, h, w), else (h, w, 3). (A branch on the
+    arguments, as numba cannot branch on ``dst``'s dtype; the branch not taken compiles to a cast.)"""
+    if scale.size == 0:
+        half, zero, top = np.float32(0.5), np.float32(0.0), np.float32(255.0)
+        for i in range(r.size):  # clamped first, then truncated: floor(v + 0.5) on 0..255, without a call to floor
+            dst[y, i, 0] = np.uint8(min(max(r[i] + half, zero), top))
+            dst[y, i, 1] = np.uint8(min(max(g[i] + half, zero), top))
+            dst[y, i, 2] = np.uint8(min(max(b[i] + half, zero), top))
+        return
+    s0, s1, s2, b0, b1, b2 = scale[0], scale[1], scale[2], shift[0], shift[1], shift[2]
+    if planar:
+        for i in range(r.size):
+            dst[0, y, i] = r[i] * s0 + b0
+            dst[1, y, i] = g[i] * s1 + b1
+            dst[2, y, i] = b[i] * s2 + b2
+    else:
+        for i in range(r.size):
+            dst[y, i, 0] = r[i] * s0 + b0
+            dst[y, i, 1] = g[i] * s1 + b1
+            dst[y, i, 2] = b[i] * s2 + b2
+
+
+@_jit
+def gaussian_taps(sigma, half):
+    """2*half+1 normalised Gaussian weights: exp(-d^2 / (2 sigma^2)) for d in -half..half, summing to 1."""
+    k = np.empty(2 * half + 1, np.float32)
+    for j in range(2 * half + 1):
+        k[j] = np.exp(-((j - half) ** 2) / (2.0 * sigma * sigma))
+    k /= k.sum()
+    return k
+
+
+@_jit
+def normalize_view(src, dst, planar, table):
+    """uint8 (h, w, 3) ``src`` normalised into float32 ``dst`` ((3, h, w) if ``planar``, else (h, w, 3)) by table
+    look-up: ``table[c, v]`` holds ``normalize_into``'s value for v (``normalization_table``), which saves the
+    uint8 -> float conversion and the multiply-add per value (about 40 % of the pass)."""
+    t0, t1, t2 = table[0], table[1], table[2]
+    for y in range(src.shape[0]):
+        if planar:
+            d0, d1, d2 = dst[0, y], dst[1, y], dst[2, y]
+            for i in range(src.shape[1]):
+                d0[i] = t0[src[y, i, 0]]
+                d1[i] = t1[src[y, i, 1]]
+                d2[i] = t2[src[y, i, 2]]
+        else:
+            for i in range(src.shape[1]):
+                dst[y, i, 0] = t0[src[y, i, 0]]
+                dst[y, i, 1] = t1[src[y, i, 1]]
+                dst[y, i, 2] = t2[src[y, i, 2]]
+
+
+@_jit
+def draw_strong(jitter_p, strengths, ops, sigma_lo, sigma_hi):
+    """View 2's random choices, in the order they are drawn: (jitter applied, factors, op order, op, sigma)."""
+    factors = np.zeros(4)  # no jitter: unused (and the hue matrix of 0 the identity)
+    order = np.arange(4)
+    jitter = np.random.random() < jitter_p
+    if jitter:
+        for j in range(3):
+            factors[j] = np.random.uniform(max(0.0, 1.0 - strengths[j]), 1.0 + strengths[j])
+        factors[3] = np.random.uniform(-strengths[3], strengths[3])
+        order = np.random.permutation(4)
+    op = ops[np.random.randint(0, len(ops))]
+    sigma = np.random.uniform(sigma_lo, sigma_hi) if op == BLUR else 0.0
+    return jitter, factors, order, op, sigma
+
+
+@_jit
+def strong_view_fused(src, dst, jitter, factors, order, op, sigma, threshold, max_half, planar, scale, shift):
+    """View 2 of uint8 (h, w, 3) ``src`` with the given choices (see ``draw_strong``) into ``dst`` (``_emit_row``).
+
+    Two passes over ``src``, row by row, nothing but rows stored in between: the first finds contrast's
+    mean luma (uint8 -> float and the jitter ops before contrast; skipped without jitter), the second
+    applies every jitter op and the 3-augment op and writes ``dst``. Blur rides on the second pass:
+    each finished row is blurred horizontally into a ring of the last 2*half+1 rows, and each output
+    row is the vertical sum over that ring, so the image never goes through memory as floats. Same
+    result as ``_to_float``, the one-op kernels in ``order`` and ``normalize_into`` (or rounding) one
+    after the other, up to float32 rounding.
+    """
+    h, w = src.shape[0], src.shape[1]
+    rows = np.empty((3, w), np.float32)
+    r, g, b = rows[0], rows[1], rows[2]
+    n_ops = 4 if jitter else 0
+    f32 = factors.astype(np.float32)
+    hue_m = hue_matrix(factors[3]).astype(np.float32)
+    mean = np.float32(0.0)
+    if jitter:
+        before = 0
+        while order[before] != 1:
+            before += 1
+        wr, wg, wb = _LUMA[0], _LUMA[1], _LUMA[2]
+        total = 0.0
+        for y in range(h):
+            _load_row(src, y, r, g, b)
+            _jitter_rows(r, g, b, order, before, f32, hue_m, mean)
+            row_sum = np.float32(0.0)
+            for i in range(w):
+                row_sum += wr * r[i] + wg * g[i] + wb * b[i]
+            total += row_sum
+        mean = np.float32(total / (h * w))
+    blur = op == BLUR
+    half = min(max_half, int(np.ceil(3.0 * sigma)), (min(h, w) - 1) // 2) if blur else 0
+    taps = 2 * half + 1
+    k = gaussian_taps(sigma, half) if blur else np.ones(1, np.float32)
+    ring = np.empty((3 * taps, w), np.float32)  # horizontally blurred rows; row y's plane c at 3 * (y % taps) + c
+    padded = np.empty(w + 2 * half, np.float32)
+    out = np.empty((3, w), np.float32)
+    for y in range(h):
+        _load_row(src, y, r, g, b)
+        _jitter_rows(r, g, b, order, n_ops, f32, hue_m, mean)
+        if not blur:
+            _point_op_rows(r, g, b, op, threshold)
+            _emit_row(dst, y, r, g, b, planar, scale, shift)
+            continue
+        slot = 3 * (y % taps)
+        for c in range(3):  # horizontal, each row reflect-padded once so the taps need no index tricks
+            row = rows[c]
+            for i in range(w):
+                padded[half + i] = row[i]
+            for i in range(half):
+                padded[half - 1 - i] = row[i + 1]
+                padded[half + w + i] = row[w - 2 - i]
+            _convolve_row(ring[slot + c], padded, k)
+        if y >= half:  # every row output y - half reads (reflected) is in the ring now
+            _vertical_into(dst, y - half, ring, k, h, out, planar, scale, shift)
+    if blur:
+        for y in range(h - half, h):
+            _vertical_into(dst, y, ring, k, h, out, planar, scale, shift)
+
+
+@_jit
+def _vertical_into(dst, y, ring, k, h, out, planar, scale, shift):
+    """Output row y of the blur: sum over taps j of k[j] * ring row reflect(y + j - half), into ``dst``."""
+    taps = k.size
+    half = taps // 2
+    r, g, b = out[0], out[1], out[2]
+    for i in range(r.size):
+        r[i] = 0.0
+        g[i] = 0.0
+        b[i] = 0.0
+    for j in range(taps):
+        kj, slot = k[j], 3 * (_reflect(y + j - half, h) % taps)
+        _add_scaled(r, kj, ring[slot])
+        _add_scaled(g, kj, ring[slot + 1])
+        _add_scaled(b, kj, ring[slot + 2])
+    _emit_row(dst, y, r, g, b, planar, scale, shift)
+
+
+@_jit
+def _convolve_row(out, padded, k):
+    """out[i] = sum_j k[j] * padded[i + j], tap by tap: contiguous multiply-adds that numba vectorises
+    (indices built from loop counters only, which numba can prove non-negative)."""
+    for i in range(out.size):
+        out[i] = 0.0
+    for j in range(k.size):
+        kj = k[j]
+        for i in range(out.size):
+            out[i] += kj * padded[i + j]
+
+
+@_jit
+def _add_scaled(acc, weight, row):
+    for i in range(acc.size):
+        acc[i] += weight * row[i]
+
+
+@_jit
+def strong_view_draw(src, dst, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half, planar, scale,
+                     shift):
+    """View 2 of uint8 ``src`` into ``dst`` (uint8 if ``scale`` is empty, else normalised float32; ``planar``:
+    (3, h, w)), choices drawn here."""
+    jitter, factors, order, op, sigma = draw_strong(jitter_p, strengths, ops, sigma_lo, sigma_hi)
+    strong_view_fused(src, dst, jitter, factors, order, op, sigma, threshold, max_half, planar, scale, shift)
+
+
 def normalization(spec: AugSpec) -> tuple[np.ndarray, np.ndarray]:
     """(scale, shift) per channel for pixels on 0..255 (the same map as ``batch.finish_batch``)."""
     scale = np.array([1.0 / (255.0 * sd) for sd in spec.std], np.float32)
     shift = np.array([-m / sd for m, sd in zip(spec.mean, spec.std)], np.float32)
     return scale, shift
+
+
+def normalization_table(spec: AugSpec) -> np.ndarray:
+    """(3, 256) float32: row c holds channel c's normalised value of each uint8 (``normalize_view``)."""
+    scale, shift = normalization(spec)
+    return np.arange(256, dtype=np.float32)[None] * scale[:, None] + shift[:, None]
 
 
 # ---------------------------------------------------------------- FFCV operations
@@ -455,7 +750,8 @@ class SrcViewsDecoder(SimpleRGBImageDecoder):
                 AllocationQuery(out, _U8),
                 AllocationQuery((int((h * w).max()) * 3,), _U8),  # full decode
                 AllocationQuery((s * longest_resized * 3,), _U8),  # shorter side at S
-                AllocationQuery((s * longest_resized * 3,), _F4),  # scratch of the bicubic enlargement
+                # scratch of the bicubic enlargement, and one float row of the area shrink
+                AllocationQuery((max(s * longest_resized, int(w.max())) * 3,), _F4),
             ),
         )
 
@@ -488,7 +784,9 @@ class SrcViewsDecoder(SimpleRGBImageDecoder):
                     base = resized[i][: nh * nw * 3].reshape(nh, nw, 3)
                     if min(hd, wd) < s:
                         resize_bicubic_up(img, base, scratch[i])
-                    else:
+                    elif hd >= nh and wd >= nw:
+                        resize_area_down(img, 0, hd, 0, wd, base, scratch[i])
+                    else:  # one side a pixel short of its target through rounding
                         resize_c(img, 0, hd, 0, wd, base)
                 for v in range(views):
                     src_crop(base, dst[i, v], pad, flip_p)
@@ -523,7 +821,7 @@ def _float_shape(shape: tuple, channels_last: bool) -> tuple:
 
 
 class StrongView(Operation):
-    """View 2's photometric ops on view ``index``, into this operation's own buffer.
+    """View 2's photometric ops on view ``index``, into this operation's own buffer (``strong_view_fused``).
 
     ``normalize``: write normalised float32 (layout per ``channels_last``) instead of uint8, so the
     CPU-only configuration needs no pass over the batch in the trainer's process.
@@ -536,10 +834,7 @@ class StrongView(Operation):
     def declare_state_and_memory(self, previous_state):
         shape = previous_state.shape[1:]
         out_shape, out_dtype = (_float_shape(shape, self.channels_last), _F4) if self.normalize else (shape, _U8)
-        return (
-            replace(previous_state, jit_mode=True, shape=out_shape, dtype=out_dtype),
-            (AllocationQuery(out_shape, out_dtype), AllocationQuery(shape, _F4), AllocationQuery(shape, _F4)),
-        )
+        return replace(previous_state, jit_mode=True, shape=out_shape, dtype=out_dtype), AllocationQuery(out_shape, out_dtype)
 
     def generate_code(self):
         sp = self.spec
@@ -549,32 +844,16 @@ class StrongView(Operation):
         ops = np.array([STRONG_OPS.index(op) for op in sp.strong_ops], np.int64)
         jitter_p, threshold = float(sp.jitter_p), float(sp.solarize_threshold)
         sigma_lo, sigma_hi, half = float(sp.blur_sigma[0]), float(sp.blur_sigma[1]), sp.blur_kernel_size // 2
-        scale, shift = normalization(sp)
+        # uint8 output: empty scale and shift (see _emit_row); float output NCHW unless channels-last
+        scale, shift = normalization(sp) if self.normalize else (np.empty(0, np.float32), np.empty(0, np.float32))
+        planar = self.normalize and not self.channels_last
 
-        if not self.normalize:
-            def strong(images, storage):
-                dst, work, tmp = storage
-                n = images.shape[0]
-                for i in my_range(n):
-                    strong_view(images[i, index], dst[i], work[i], tmp[i], jitter_p, strengths, ops, threshold,
-                                sigma_lo, sigma_hi, half)
-                return dst[:n]
-        elif self.channels_last:
-            def strong(images, storage):
-                dst, work, tmp = storage
-                n = images.shape[0]
-                for i in my_range(n):
-                    strong_view_normalized(images[i, index], dst[i], work[i], tmp[i], jitter_p, strengths, ops,
-                                           threshold, sigma_lo, sigma_hi, half, scale, shift)
-                return dst[:n]
-        else:
-            def strong(images, storage):
-                dst, work, tmp = storage
-                n = images.shape[0]
-                for i in my_range(n):
-                    strong_view_normalized(images[i, index], dst[i].transpose(1, 2, 0), work[i], tmp[i], jitter_p,
-                                           strengths, ops, threshold, sigma_lo, sigma_hi, half, scale, shift)
-                return dst[:n]
+        def strong(images, dst):
+            n = images.shape[0]
+            for i in my_range(n):
+                strong_view_draw(images[i, index], dst[i], jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi,
+                                 half, planar, scale, shift)
+            return dst[:n]
 
         strong.is_parallel = True
         return strong
@@ -599,29 +878,19 @@ class NormalizeView(Operation):
 
     def generate_code(self):
         my_range = Compiler.get_iterator()
-        scale, shift = normalization(self.spec)
-        index = self.index
+        table = normalization_table(self.spec)
+        index, planar = self.index, not self.channels_last
 
         # One closure per case: numba types every branch, and the input's rank differs between them.
-        if index is None and self.channels_last:
+        if index is None:
             def norm(images, dst):
                 for i in my_range(images.shape[0]):
-                    normalize_into(images[i], dst[i], scale, shift)
-                return dst[: images.shape[0]]
-        elif index is None:
-            def norm(images, dst):
-                for i in my_range(images.shape[0]):
-                    normalize_into(images[i], dst[i].transpose(1, 2, 0), scale, shift)
-                return dst[: images.shape[0]]
-        elif self.channels_last:
-            def norm(images, dst):
-                for i in my_range(images.shape[0]):
-                    normalize_into(images[i, index], dst[i], scale, shift)
+                    normalize_view(images[i], dst[i], planar, table)
                 return dst[: images.shape[0]]
         else:
             def norm(images, dst):
                 for i in my_range(images.shape[0]):
-                    normalize_into(images[i, index], dst[i].transpose(1, 2, 0), scale, shift)
+                    normalize_view(images[i, index], dst[i], planar, table)
                 return dst[: images.shape[0]]
 
         norm.is_parallel = True
@@ -647,7 +916,8 @@ class RrcFlipDecoder(SimpleRGBImageDecoder):
         out = (s, s, 3)
         return (
             replace(previous_state, jit_mode=True, shape=out, dtype=_U8),
-            (AllocationQuery(out, _U8), AllocationQuery((int((h * w).max()) * 3,), _U8)),
+            (AllocationQuery(out, _U8), AllocationQuery((int((h * w).max()) * 3,), _U8),
+             AllocationQuery((int(w.max()) * 3,), _F4)),  # one float row of the area shrink
         )
 
     def generate_code(self):
@@ -661,7 +931,7 @@ class RrcFlipDecoder(SimpleRGBImageDecoder):
         flip_p = float(sp.flip_p)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            dst, decoded = my_storage
+            dst, decoded, row = my_storage
             for i in my_range(len(batch_indices)):
                 field = metadata[batch_indices[i]]
                 data = mem_read(field["data_ptr"], storage_state)
@@ -673,7 +943,10 @@ class RrcFlipDecoder(SimpleRGBImageDecoder):
                 else:
                     img = data.reshape(h, w, 3)
                 top, left, ch, cw = rrc_box(h, w, scale_lo, scale_hi, ratio_lo, ratio_hi)
-                resize_c(img, top, top + ch, left, left + cw, dst[i])
+                if ch >= dst.shape[1] and cw >= dst.shape[2]:  # a shrink: the area filter, faster than OpenCV's
+                    resize_area_down(img, top, top + ch, left, left + cw, dst[i], row[i])
+                else:  # enlarging either side: OpenCV's INTER_AREA (bilinear when enlarging)
+                    resize_c(img, top, top + ch, left, left + cw, dst[i])
                 if np.random.random() < flip_p:
                     flip_in_place(dst[i])
             return dst[: len(batch_indices)]

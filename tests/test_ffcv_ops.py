@@ -1,0 +1,149 @@
+"""FFCV view 2's fused kernel against the one-op kernels it replaces (which test_backends.py checks against the
+torch ops), for every jitter order and every 3-augment op, in each output format; and view 1's table-driven
+normalisation against the plain formula."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from lut_fast.pipelines import ffcv_ops as F
+from lut_fast.pipelines.spec import AugSpec
+
+SCALE, SHIFT = F.normalization(AugSpec())
+NO_NORM = np.empty(0, np.float32)
+FACTORS = np.array([1.3, 0.6, 1.4, 0.07])  # brightness, contrast, saturation, hue turns: all far from identity
+
+
+def one_op_at_a_time(src: np.ndarray, jitter: bool, order, op: int, sigma: float, max_half: int) -> np.ndarray:
+    """View 2 as the one-op kernels compose it: float copy, each op over the whole image, on 0..255."""
+    x = np.empty(src.shape, np.float32)
+    F._to_float(src, x)
+    jitter_ops = (lambda: F._brightness(x, FACTORS[0]), lambda: F._contrast(x, FACTORS[1]),
+                  lambda: F._saturation(x, FACTORS[2]), lambda: F._hue(x, FACTORS[3]))
+    for j in order if jitter else ():
+        jitter_ops[j]()
+    if op == F.GRAYSCALE:
+        F._grayscale(x)
+    elif op == F.SOLARIZE:
+        F._solarize(x, 128.0)
+    else:
+        F._blur(x, np.empty_like(x), sigma, min(max_half, int(np.ceil(3 * sigma)), (min(src.shape[:2]) - 1) // 2))
+    return x
+
+
+@pytest.mark.parametrize("shape,sigma", [((20, 23), 1.3), ((9, 30), 2.0), ((16, 16), 0.1)])
+def test_fused_view2_equals_the_one_op_composition(shape, sigma):
+    rng = np.random.default_rng(0)
+    # strided like the decoder's (batch, view, h, w, 3) buffer that StrongView reads
+    src = rng.integers(0, 256, (2, 2, *shape, 3)).astype(np.uint8)[1, 1]
+    h, w = shape
+    cases = [(False, (0, 1, 2, 3))] + [(True, order) for order in itertools.permutations(range(4))]
+    for (jitter, order), op in itertools.product(cases, (F.GRAYSCALE, F.SOLARIZE, F.BLUR)):
+        ref = one_op_at_a_time(src, jitter, order, op, sigma, 6)
+        expected = ref * SCALE + SHIFT
+        where = f"jitter={jitter} order={order} op={F.STRONG_OPS[op]}"
+        args = (jitter, FACTORS, np.array(order, np.int64), op, sigma, 128.0, 6)
+        channels_last = np.empty((h, w, 3), np.float32)
+        F.strong_view_fused(src, channels_last, *args, False, SCALE, SHIFT)
+        np.testing.assert_allclose(channels_last, expected, atol=1e-4, err_msg=where)  # 0.01 gray levels at most
+        planar = np.empty((3, h, w), np.float32)
+        F.strong_view_fused(src, planar, *args, True, SCALE, SHIFT)
+        np.testing.assert_allclose(planar.transpose(1, 2, 0), expected, atol=1e-4, err_msg=where)
+        as_uint8 = np.empty((h, w, 3), np.uint8)
+        F.strong_view_fused(src, as_uint8, *args, False, NO_NORM, NO_NORM)
+        rounded = np.clip(np.floor(ref + 0.5), 0, 255)
+        assert np.abs(as_uint8 - rounded).max() <= 1, where  # a value at .5 may round either way in float32
+        assert np.mean(as_uint8 == rounded) > 0.99, where
+
+
+def test_draw_strong_respects_the_spec():
+    strengths = np.array([0.4, 0.4, 0.2, 0.1])
+    only_blur = np.array([F.BLUR], np.int64)
+    draws = [F.draw_strong(1.0, strengths, only_blur, 0.1, 2.0) for _ in range(200)]
+    for jitter, factors, order, op, sigma in draws:
+        assert jitter and op == F.BLUR and 0.1 <= sigma <= 2.0 and sorted(order) == [0, 1, 2, 3]
+        assert np.all(factors[:3] >= 1 - strengths[:3]) and np.all(factors[:3] <= 1 + strengths[:3])
+        assert abs(factors[3]) <= strengths[3]
+    assert len({tuple(d[2]) for d in draws}) > 12  # the order is drawn, not fixed
+    never = [F.draw_strong(0.0, strengths, np.array([F.GRAYSCALE, F.SOLARIZE], np.int64), 0.1, 2.0) for _ in range(50)]
+    assert not any(d[0] for d in never) and {d[3] for d in never} == {F.GRAYSCALE, F.SOLARIZE}
+
+
+def test_normalize_view_equals_the_formula():
+    src = np.random.default_rng(1).integers(0, 256, (3, 2, 11, 13, 3)).astype(np.uint8)[2, 0]
+    expected = np.empty((11, 13, 3), np.float32)
+    F.normalize_into(src, expected, SCALE, SHIFT)
+    table = F.normalization_table(AugSpec())
+    channels_last, planar = np.empty((11, 13, 3), np.float32), np.empty((3, 11, 13), np.float32)
+    F.normalize_view(src, channels_last, False, table)
+    F.normalize_view(src, planar, True, table)
+    np.testing.assert_allclose(channels_last, expected, atol=1e-6)
+    np.testing.assert_allclose(planar.transpose(1, 2, 0), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("src_shape,window,out_shape", [
+    ((60, 75), (0, 60, 0, 75), (41, 52)),  # non-integer factors (the common case of ImageNet-sized photos)
+    ((64, 48), (0, 64, 0, 48), (32, 24)),  # exactly 2x (OpenCV's integer fast path)
+    ((90, 80), (7, 77, 11, 51), (33, 33)),  # a sub-window (MAE's RandomResizedCrop)
+])
+def test_area_shrink_matches_opencv(src_shape, window, out_shape):
+    """resize_area_down replaces OpenCV's INTER_AREA (FFCV's resize) on shrinks: same pixels up to rounding."""
+    import cv2
+
+    src = np.random.default_rng(2).integers(0, 256, (*src_shape, 3)).astype(np.uint8)
+    src[:, : src_shape[1] // 2] = np.linspace(0, 255, src_shape[1] // 2, dtype=np.uint8)[None, :, None]  # smooth too
+    top, bottom, left, right = window
+    ours = np.empty((*out_shape, 3), np.uint8)
+    F.resize_area_down(src, top, bottom, left, right, ours, np.empty(src_shape[1] * 3, np.float32))
+    opencv = cv2.resize(src[top:bottom, left:right], out_shape[::-1], interpolation=cv2.INTER_AREA)
+    diff = np.abs(ours.astype(int) - opencv)
+    assert diff.max() <= 1 and np.mean(diff > 0) < 0.01
+
+
+def test_src_crop_is_a_window_of_the_reflect_padded_image():
+    base = np.random.default_rng(3).integers(0, 256, (10, 13, 3)).astype(np.uint8)
+    s, pad = 8, 3
+    padded = np.pad(base, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    windows = {(t, left): padded[t : t + s, left : left + s] for t in range(10 + 2 * pad - s + 1)
+               for left in range(13 + 2 * pad - s + 1)}
+    flips = 0
+    for _ in range(40):
+        out = np.empty((s, s, 3), np.uint8)
+        F.src_crop(base, out, pad, 0.5)
+        plain = any(np.array_equal(out, w) for w in windows.values())
+        flipped = any(np.array_equal(out, w[:, ::-1]) for w in windows.values())
+        assert plain or flipped
+        flips += flipped and not plain
+    assert 5 < flips < 35
+
+
+@pytest.mark.parametrize("normalize,channels_last", [(False, True), (True, True), (True, False)])
+def test_strong_view_operation_wiring(normalize, channels_last):
+    """StrongView's generated code (called as plain Python) reads its view and writes its own buffer in the
+    declared dtype and layout: with no jitter and grayscale only, view 2 is the rounded (or normalised) luma."""
+    spec = AugSpec(img_size=12, jitter_p=0.0, strong_ops=("grayscale",))
+    images = np.random.default_rng(4).integers(0, 256, (3, 2, 12, 12, 3)).astype(np.uint8)
+    op = F.StrongView(spec, 1, normalize, channels_last)
+    shape = (12, 12, 3) if channels_last or not normalize else (3, 12, 12)
+    dst = np.empty((3, *shape), np.float32 if normalize else np.uint8)
+    out = op.generate_code()(images, dst)
+    gray = images[:, 1].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if not normalize:
+        assert out.dtype == np.uint8 and np.abs(out.astype(int) - np.floor(gray + 0.5)[..., None]).max() <= 1
+        return
+    expected = gray[..., None] * SCALE + SHIFT
+    np.testing.assert_allclose(out if channels_last else out.transpose(0, 2, 3, 1), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("index,channels_last", [(None, True), (None, False), (0, True), (1, False)])
+def test_normalize_view_operation_wiring(index, channels_last):
+    images = np.random.default_rng(5).integers(0, 256, (3, 2, 12, 12, 3)).astype(np.uint8)
+    source = images[:, 0] if index is None else images
+    op = F.NormalizeView(AugSpec(img_size=12), index, channels_last)
+    dst = np.empty((3, 12, 12, 3) if channels_last else (3, 3, 12, 12), np.float32)
+    out = op.generate_code()(np.ascontiguousarray(source), dst)
+    view = images[:, 0 if index is None else index].astype(np.float32) * SCALE + SHIFT
+    np.testing.assert_allclose(out if channels_last else out.transpose(0, 2, 3, 1), view, atol=1e-5)
