@@ -46,6 +46,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -226,6 +228,12 @@ def _src_views_op(size: int, pad: int, flip_p: float):
                          batch_processing=False, device="cpu")
 
 
+def fused_src_available() -> bool:
+    """numba is importable (the ``dali`` extra brings it): the CPU graph uses ``src_views_cpu``; without it,
+    the DALI operators the GPU graph uses (``reflect_pad``, ``src_crop``, a mirror), same pixels, slower."""
+    return importlib.util.find_spec("numba") is not None
+
+
 def src_views_cpu(image, spec: AugSpec, draws=None):
     """Both SRC views of the CPU graph (uint8 HWC, S x S, mirrored with probability flip_p) in one operator.
 
@@ -311,7 +319,7 @@ def flip_uint8(x, spec: AugSpec):
 def lut_views(jpegs, spec: AugSpec, device: str, layout: str, strong_in_graph: bool = True):
     images = decode(jpegs, device)
     base, h, w = resize_shorter(jpegs, images, spec)
-    if device == "cpu":  # both views cut and mirrored by one operator (src_views_cpu)
+    if device == "cpu" and fused_src_available():  # both views cut and mirrored by one operator
         view1, view2 = src_views_cpu(base, spec)
         if not strong_in_graph:  # photometric_on=device: uint8 crops out, view 2's ops run in finish_batch
             return view1, view2
@@ -373,6 +381,10 @@ class DaliLoader:
         self.photometric_on = resolve_photometric_on(photometric_on, self.device)
         self.uint8_out = self.device.type != "cuda" and self.photometric_on == "device"
         self.threads, self.shuffle_buffer, self.prefetch = max(1, num_workers), shuffle_buffer, prefetch
+        if spec.recipe == "lut" and self.device.type != "cuda" and rank == 0 and not fused_src_available():
+            print("lut-fast: warning: numba is not installed: DALI's CPU graph cuts the LUT views with its own "
+                  "operators, about 0.6 ms per image slower (pip install numba, or the dali extra)",
+                  file=sys.stderr, flush=True)
         if spec.img_size <= spec.src_padding:
             raise UserError(f"image size {spec.img_size} must exceed the SRC padding {spec.src_padding}")
         self.source = formats.detect(data, split)

@@ -291,6 +291,24 @@ def test_lut_channel_statistics_match_torch(lut, torch_lut):
         assert np.abs(std - ref_std).max() <= STD_TOL, (name, std, ref_std)
 
 
+def test_dali_operator_src_path_keeps_parity(probe, torch_lut, monkeypatch, capsys):
+    """Without numba the CPU graph cuts the views with DALI operators (reflect_pad, src_crop, a mirror in the
+    normalisation): the GPU graph's own path, checked here on the CPU against the same parity bounds."""
+    from lut_fast.pipelines import dali_backend
+
+    monkeypatch.setattr(dali_backend, "fused_src_available", lambda: False)
+    v = collect("dali", probe["shards"], "lut")
+    assert "numba is not installed" in capsys.readouterr().err
+    assert max_view1_change(v) <= PIXEL_TOL
+    assert abs(flip_rate(v) - 0.5) <= RATE_TOL
+    rates = strong_rates(v)
+    assert all(abs(rates[op] - 1 / 3) <= RATE_TOL for op in ("grayscale", "solarize", "blur")), rates
+    for stat in (np.mean, np.std):
+        got = stat(v.v1[v.of("b_ramp")].mean(axis=(1, 2, 3))) / 255
+        ref = stat(torch_lut.v1[torch_lut.of("b_ramp")].mean(axis=(1, 2, 3))) / 255
+        assert abs(got - ref) <= RAMP_TOL, (stat.__name__, got, ref)
+
+
 # ---------------------------------------------------------------- MAE recipe
 
 
