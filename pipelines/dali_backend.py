@@ -153,7 +153,7 @@ def _src_views_kernel(size: int, pad: int, flip_p: float):
     a uniformly drawn integer offset of the image reflect-padded by ``pad`` (numpy/torch 'reflect'),
     mirrored when its flip draw is below ``flip_p``; the padded image is never built: each output row
     reads its source row through the reflection, the columns inside the image are one contiguous copy
-    (mirrored: one reversed pixel loop) and at most ``pad`` columns on either side are reflected.
+    (mirrored: a reversed copy, 4 pixels per step) and at most ``pad`` columns on either side are reflected.
     Indices of the contiguous copy are unsigned: with signed ones numba guards every access against
     negative wraparound and the loop does not vectorise (30x slower).
     """
@@ -202,11 +202,18 @@ def _src_views_kernel(size: int, pad: int, flip_p: float):
                     copy_bytes(dst, do + 3 * a, src, so + 3 * (x0 + a), 3 * (b - a))
                 else:
                     s = so + 3 * (x0 + S - 1)  # source pixel of output column 0
-                    for c in range(S - b, S - a):
+                    c = S - b
+                    while c + 4 <= S - a:  # 4 pixels (12 bytes) at a time: a third of the time of pixel by pixel
+                        sc, dc = np.uint64(s - 3 * c - 9), np.uint64(do + 3 * c)  # sc: the 4 in source order
+                        dst[dc], dst[dc + 1], dst[dc + 2] = src[sc + 9], src[sc + 10], src[sc + 11]
+                        dst[dc + 3], dst[dc + 4], dst[dc + 5] = src[sc + 6], src[sc + 7], src[sc + 8]
+                        dst[dc + 6], dst[dc + 7], dst[dc + 8] = src[sc + 3], src[sc + 4], src[sc + 5]
+                        dst[dc + 9], dst[dc + 10], dst[dc + 11] = src[sc], src[sc + 1], src[sc + 2]
+                        c += 4
+                    while c < S - a:
                         sc, dc = s - 3 * c, do + 3 * c
-                        dst[dc] = src[sc]
-                        dst[dc + 1] = src[sc + 1]
-                        dst[dc + 2] = src[sc + 2]
+                        dst[dc], dst[dc + 1], dst[dc + 2] = src[sc], src[sc + 1], src[sc + 2]
+                        c += 1
 
     def setup(outs, ins):
         for o in range(len(outs)):
