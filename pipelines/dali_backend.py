@@ -57,6 +57,7 @@ import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 import torch
 from nvidia.dali import pipeline_def
+from nvidia.dali.pipeline import do_not_convert
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from lut_fast.datasets.dali_writer import read_manifest
@@ -235,6 +236,7 @@ def _src_views_op(size: int, pad: int, flip_p: float):
                          batch_processing=False, device="cpu")
 
 
+@do_not_convert  # called while the graph is traced: plain Python, not for DALI's conditionals to rewrite
 def fused_src_available() -> bool:
     """numba is importable (the ``dali`` extra brings it): the CPU graph uses ``src_views_cpu``; without it,
     the DALI operators the GPU graph uses (``reflect_pad``, ``src_crop``, a mirror), same pixels, slower."""
