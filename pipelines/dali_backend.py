@@ -110,18 +110,32 @@ def _filters(spec: AugSpec) -> dict:
                 antialias=True)
 
 
-def resize_shorter(jpegs, images, spec: AugSpec):
+def _resized_size(shape, s: int):
+    """(height, width) with the shorter side at s and the longer one rounded, from an image's (h, w, c)."""
+    h, w = _float(shape[0]), _float(shape[1])
+    short = dmath.min(h, w)
+    return (dmath.max(_int(dmath.floor(h * s / short + 0.5)), s),
+            dmath.max(_int(dmath.floor(w * s / short + 0.5)), s))
+
+
+def resize_shorter(jpegs, images, spec: AugSpec, need_size: bool = True):
     """Shorter side to S (longer side rounded); returns the images and their new (height, width).
 
     Images stored with their shorter side at S already (``convert dali --shorter-side S``) skip the
-    resize: it would be an identity that still costs a full resampling pass.
+    resize: it would be an identity that still costs a full resampling pass. ``need_size=False`` (the
+    CPU graph, whose views operator reads the sizes itself) returns no sizes and works them out only
+    for the samples it resizes: a dozen scalar operators per sample less, about 0.05 ms per image.
     """
     shape = fn.peek_image_shape(jpegs, adjust_orientation=False)
-    h, w = _float(shape[0]), _float(shape[1])
-    short = dmath.min(h, w)
-    nh = dmath.max(_int(dmath.floor(h * spec.img_size / short + 0.5)), spec.img_size)
-    nw = dmath.max(_int(dmath.floor(w * spec.img_size / short + 0.5)), spec.img_size)
-    if short == float(spec.img_size):
+    if not need_size:
+        if dmath.min(shape[0], shape[1]) == spec.img_size:
+            resized = images
+        else:
+            nh, nw = _resized_size(shape, spec.img_size)
+            resized = fn.resize(images, resize_y=_float(nh), resize_x=_float(nw), **_filters(spec))
+        return resized, None, None
+    nh, nw = _resized_size(shape, spec.img_size)
+    if dmath.min(shape[0], shape[1]) == spec.img_size:
         resized = images
     else:
         resized = fn.resize(images, resize_y=_float(nh), resize_x=_float(nw), **_filters(spec))
@@ -327,8 +341,9 @@ def flip_uint8(x, spec: AugSpec):
 
 def lut_views(jpegs, spec: AugSpec, device: str, layout: str, strong_in_graph: bool = True):
     images = decode(jpegs, device)
-    base, h, w = resize_shorter(jpegs, images, spec)
-    if device == "cpu" and fused_src_available():  # both views cut and mirrored by one operator
+    fused = device == "cpu" and fused_src_available()  # both views cut and mirrored by one operator
+    base, h, w = resize_shorter(jpegs, images, spec, need_size=not fused)
+    if fused:
         view1, view2 = src_views_cpu(base, spec)
         if not strong_in_graph:  # photometric_on=device: uint8 crops out, view 2's ops run in finish_batch
             return view1, view2
