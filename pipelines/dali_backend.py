@@ -4,7 +4,9 @@ One graph per recipe, built from the small functions below, every number
 from ``AugSpec``:
 
 * LUT: decode once -> resize the shorter side to S once -> reflect-pad once;
-  then per view an independent S x S crop and flip; view 2 also gets color
+  then per view an independent S x S crop and flip (on the CPU all of that
+  after the resize is one numba operator, ``src_views_cpu``: DALI's CPU
+  copy kernels made it cost more than the decode); view 2 also gets color
   jitter (``if coin(jitter_p)``) and exactly one of grayscale / solarize /
   blur, chosen per sample with DALI conditionals (``enable_conditionals``;
   computing all three and selecting was about 2x slower).
