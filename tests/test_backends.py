@@ -291,12 +291,15 @@ def test_lut_channel_statistics_match_torch(lut, torch_lut):
         assert np.abs(std - ref_std).max() <= STD_TOL, (name, std, ref_std)
 
 
-def test_dali_skips_the_resize_branch_only_when_every_stored_image_is_at_s(probe, tmp_path):
+def test_dali_skips_the_resize_branch_only_when_every_stored_image_is_at_s(probe, tmp_path, monkeypatch):
     """The converter counts the images it left at another shorter side; at 0 the CPU graph has no per-sample
     resize branch, and gives the same batches as the graph with it."""
     import json
 
     from lut_fast.datasets.dali_writer import MANIFEST, write_shards
+    from lut_fast.pipelines import formats
+
+    monkeypatch.setattr(formats, "_warned", set())  # the storage warnings printed here stay this test's
 
     spec = AugSpec(img_size=S)
     manifest = json.loads((probe["shards_at_s"] / MANIFEST).read_text())
