@@ -22,8 +22,7 @@ RGB and encoded once. ``shorter_side=S`` (``--shorter-side``) shrinks every
 image larger than that once, here (bicubic, antialiased: the SRC recipe's
 resize), so LUT training at image size S decodes small files and skips the
 resize. The manifest records how the images were stored (``shorter_side``,
-``max_resolution``, ``quality``, ``source``, ``num_samples``; with ``shorter_side``, also
-``not_at_shorter_side``: how many images kept another shorter side, being smaller).
+``max_resolution``, ``quality``, ``source``, ``num_samples``).
 """
 
 from __future__ import annotations
@@ -58,26 +57,24 @@ class _Job:
     shorter_side: int | None = None
 
 
-def prepare_sample(job: _Job) -> tuple[bytes | None, str | None, int]:
-    """(JPEG bytes, None, stored shorter side) for a good image, (None, reason, 0) for a bad one. Runs in a
-    worker process."""
+def prepare_sample(job: _Job) -> tuple[bytes | None, str | None]:
+    """(JPEG bytes, None) for a good image, (None, reason) for a bad one. Runs in a worker process."""
     from PIL import Image
 
     reason = sources.check_image(job.path)
     if reason is not None:
-        return None, reason, 0
+        return None, reason
     try:
         with Image.open(job.path) as img:
             passthrough = img.format == "JPEG" and img.mode == "RGB" and not (
                 job.max_resolution and max(img.size) > job.max_resolution
             ) and not (job.shorter_side and min(img.size) > job.shorter_side)
-            size = img.size
         if passthrough:
-            return Path(job.path).read_bytes(), None, min(size)
+            return Path(job.path).read_bytes(), None
         img = sources.open_rgb(job.path, job.max_resolution, job.shorter_side)
-        return sources.encode_jpeg(img, job.quality), None, min(img.size)
+        return sources.encode_jpeg(img, job.quality), None
     except Exception as e:  # noqa: BLE001 - anything here means the file is unusable
-        return None, f"unreadable ({type(e).__name__}: {e})", 0
+        return None, f"unreadable ({type(e).__name__}: {e})"
 
 
 class _ShardWriter:
@@ -160,14 +157,13 @@ def write_shards(
     tmp.mkdir()
     try:
         writer = _ShardWriter(tmp, shard_size)
-        written, off_size = 0, 0
-        for job, (data, reason, short) in zip(jobs, sources.parallel_map(prepare_sample, jobs, workers, "dali shards")):
+        written = 0
+        for job, (data, reason) in zip(jobs, sources.parallel_map(prepare_sample, jobs, workers, "dali shards")):
             if data is None:
                 skipped.append((job.path, reason))
                 continue
             writer.add(f"{written:08d}", data, job.label)
             written += 1
-            off_size += bool(shorter_side) and short != shorter_side
         writer.close_shard()
         if written == 0:
             raise UserError(f"no readable images in {listing.index.root}")
@@ -178,9 +174,6 @@ def write_shards(
             "num_samples": written, "classes": listing.classes, "image_ext": IMAGE_EXT, "label_ext": LABEL_EXT,
             "shards": writer.shards, "skipped": len(skipped), "seed": seed,
             "shorter_side": shorter_side, "max_resolution": max_resolution, "quality": jpeg_quality,
-            # images whose shorter side is not shorter_side (smaller ones are never enlarged); 0 lets the DALI
-            # loader drop its per-sample resize branch at image size shorter_side
-            "not_at_shorter_side": off_size if shorter_side else None,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         sources.commit(tmp, out)

@@ -120,19 +120,14 @@ def _resized_size(shape, s: int):
             dmath.max(_int(dmath.floor(w * s / short + 0.5)), s))
 
 
-def resize_shorter(jpegs, images, spec: AugSpec, need_size: bool = True, all_at_size: bool = False):
+def resize_shorter(jpegs, images, spec: AugSpec, need_size: bool = True):
     """Shorter side to S (longer side rounded); returns the images and their new (height, width).
 
     Images stored with their shorter side at S already (``convert dali --shorter-side S``) skip the
     resize: it would be an identity that still costs a full resampling pass. ``need_size=False`` (the
     CPU graph, whose views operator reads the sizes itself) returns no sizes and works them out only
     for the samples it resizes: a dozen scalar operators per sample less, about 0.05 ms per image.
-    ``all_at_size`` (with ``need_size=False``): the converter recorded that every stored image has its
-    shorter side at S, so there is nothing to resize and no per-sample branch (whose merge copies every
-    image once more: about 0.05 ms per image).
     """
-    if all_at_size and not need_size:
-        return images, None, None
     shape = fn.peek_image_shape(jpegs, adjust_orientation=False)
     if not need_size:
         if dmath.min(shape[0], shape[1]) == spec.img_size:
@@ -203,9 +198,6 @@ def _src_views_kernel(size: int, pad: int, flip_p: float):
         src = image.reshape(h * w * 3)
         for v in range(2):
             dst = (view1 if v == 0 else view2).reshape(S * S * 3)
-            if min(h, w) < S:  # unreachable (the resize comes first); never read outside the image
-                dst[:] = 0
-                continue
             n_top, n_left = h + 2 * P - S + 1, w + 2 * P - S + 1  # offsets of the window in the padded image
             top = min(int(np.floor(draws[3 * v] * n_top)), n_top - 1)
             left = min(int(np.floor(draws[3 * v + 1] * n_left)), n_left - 1)
@@ -349,11 +341,10 @@ def flip_uint8(x, spec: AugSpec):
                                     output_layout="HWC")
 
 
-def lut_views(jpegs, spec: AugSpec, device: str, layout: str, strong_in_graph: bool = True,
-              all_at_size: bool = False):
+def lut_views(jpegs, spec: AugSpec, device: str, layout: str, strong_in_graph: bool = True):
     images = decode(jpegs, device)
     fused = device == "cpu" and fused_src_available()  # both views cut and mirrored by one operator
-    base, h, w = resize_shorter(jpegs, images, spec, need_size=not fused, all_at_size=all_at_size)
+    base, h, w = resize_shorter(jpegs, images, spec, need_size=not fused)
     if fused:
         view1, view2 = src_views_cpu(base, spec)
         if not strong_in_graph:  # photometric_on=device: uint8 crops out, view 2's ops run in finish_batch
@@ -382,11 +373,11 @@ def mae_view(jpegs, spec: AugSpec, device: str, layout: str, uint8_out: bool = F
 
 
 @pipeline_def(enable_conditionals=True)
-def _views_pipeline(read, spec: AugSpec, device: str, layout: str, uint8_out: bool, all_at_size: bool = False):
+def _views_pipeline(read, spec: AugSpec, device: str, layout: str, uint8_out: bool):
     jpegs, labels = read()
     if spec.recipe == "mae":
         return mae_view(jpegs, spec, device, layout, uint8_out), labels
-    view1, view2 = lut_views(jpegs, spec, device, layout, strong_in_graph=not uint8_out, all_at_size=all_at_size)
+    view1, view2 = lut_views(jpegs, spec, device, layout, strong_in_graph=not uint8_out)
     return view1, view2, labels
 
 
@@ -433,13 +424,9 @@ class DaliLoader:
             formats.warn_if_storage_cannot_serve(self.source.path, spec.recipe, spec.img_size, split, rank)
             manifest = read_manifest(self.source.path)
             self.num_samples = manifest["num_samples"]
-            # every stored image has its shorter side at S (recorded by the converter; absent in older manifests)
-            self.all_at_size = (manifest.get("shorter_side") == spec.img_size
-                                and manifest.get("not_at_shorter_side") == 0)
             self.tars = [str(self.source.path / s["tar"]) for s in manifest["shards"]]
             self.indexes = [str(self.source.path / s["index"]) for s in manifest["shards"]]
         else:
-            self.all_at_size = False
             index = scan_image_folder(self.source.path, split)
             self.files = [p for p, _ in index.samples]
             self.labels = [label for _, label in index.samples]
@@ -480,8 +467,7 @@ class DaliLoader:
         gpu = self.device.type == "cuda"
         pipe = _views_pipeline(
             read=self._reader(epoch_seed), spec=self.spec, device="gpu" if gpu else "cpu",
-            layout="HWC" if self.channels_last else "CHW", uint8_out=self.uint8_out, all_at_size=self.all_at_size,
-            batch_size=self.batch_size, num_threads=self.threads,
+            layout="HWC" if self.channels_last else "CHW", uint8_out=self.uint8_out, batch_size=self.batch_size, num_threads=self.threads,
             device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None,
             seed=epoch_seed, prefetch_queue_depth=self.prefetch,
         )

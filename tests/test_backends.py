@@ -291,41 +291,6 @@ def test_lut_channel_statistics_match_torch(lut, torch_lut):
         assert np.abs(std - ref_std).max() <= STD_TOL, (name, std, ref_std)
 
 
-def test_dali_skips_the_resize_branch_only_when_every_stored_image_is_at_s(probe, tmp_path, monkeypatch):
-    """The converter counts the images it left at another shorter side; at 0 the CPU graph has no per-sample
-    resize branch, and gives the same batches as the graph with it."""
-    import json
-
-    from lut_fast.datasets.dali_writer import MANIFEST, write_shards
-    from lut_fast.pipelines import formats
-
-    monkeypatch.setattr(formats, "_warned", set())  # the storage warnings printed here stay this test's
-
-    spec = AugSpec(img_size=S)
-    manifest = json.loads((probe["shards_at_s"] / MANIFEST).read_text())
-    assert manifest["shorter_side"] == S and manifest["not_at_shorter_side"] == 0  # every probe image is larger
-    assert json.loads((probe["shards"] / MANIFEST).read_text())["not_at_shorter_side"] is None
-    assert not build_loader("dali", str(probe["shards"]), spec, BATCH, num_workers=1).all_at_size
-    assert not build_loader("dali", str(probe["shards_at_s"]), AugSpec(img_size=2 * S), BATCH).all_at_size
-
-    # one image smaller than S is kept at its size (never enlarged): counted, and the branch stays
-    (tmp_path / "train" / "c").mkdir(parents=True)
-    for i, (w, h) in enumerate([(S - 8, 40), (64, 48), (48, 70)]):
-        Image.new("RGB", (w, h), (10 * i, 90, 200)).save(tmp_path / "train" / "c" / f"{i}.jpg", quality=95)
-    small = write_shards(tmp_path, tmp_path / "shards", workers=1, shorter_side=S).output
-    assert json.loads((small / MANIFEST).read_text())["not_at_shorter_side"] == 1
-    assert not build_loader("dali", str(small), spec, 2, num_workers=1).all_at_size
-
-    loader = build_loader("dali", str(probe["shards_at_s"]), spec, BATCH, num_workers=2, seed=5,
-                          photometric_on="device")
-    assert loader.all_at_size
-    fast = [(b.view1.clone(), b.view2.clone()) for b in loader.raw_batches()]
-    loader.all_at_size = False
-    slow = [(b.view1.clone(), b.view2.clone()) for b in loader.raw_batches()]
-    for (a1, a2), (b1, b2) in zip(fast, slow, strict=True):
-        assert torch.equal(a1, b1) and torch.equal(a2, b2)
-
-
 def test_dali_operator_src_path_keeps_parity(probe, torch_lut, monkeypatch, capsys):
     """Without numba the CPU graph cuts the views with DALI operators (reflect_pad, src_crop, a mirror in the
     normalisation): the GPU graph's own path, checked here on the CPU against the same parity bounds."""
