@@ -4,7 +4,9 @@ One graph per recipe, built from the small functions below, every number
 from ``AugSpec``:
 
 * LUT: decode once -> resize the shorter side to S once -> reflect-pad once;
-  then per view an independent S x S crop and flip; view 2 also gets color
+  then per view an independent S x S crop and flip (on the CPU all of that
+  after the resize is one numba operator, ``src_views_cpu``: DALI's CPU
+  copy kernels made it cost more than the decode); view 2 also gets color
   jitter (``if coin(jitter_p)``) and exactly one of grayscale / solarize /
   blur, chosen per sample with DALI conditionals (``enable_conditionals``;
   computing all three and selecting was about 2x slower).
@@ -44,7 +46,10 @@ the samples in random order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -54,13 +59,14 @@ import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 import torch
 from nvidia.dali import pipeline_def
+from nvidia.dali.pipeline import do_not_convert
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from lut_fast.datasets.dali_writer import read_manifest
 from lut_fast.datasets.imagefolder import scan_image_folder
 from lut_fast.errors import UserError
 
-from . import formats
+from . import formats, malloc
 from .batch import Batch, RawBatch, finish_batch, resolve_photometric_on
 from .contract import LoaderOptions, check_aug_support
 from .spec import STRONG_OPS, AugSpec
@@ -106,18 +112,32 @@ def _filters(spec: AugSpec) -> dict:
                 antialias=True)
 
 
-def resize_shorter(jpegs, images, spec: AugSpec):
+def _resized_size(shape, s: int):
+    """(height, width) with the shorter side at s and the longer one rounded, from an image's (h, w, c)."""
+    h, w = _float(shape[0]), _float(shape[1])
+    short = dmath.min(h, w)
+    return (dmath.max(_int(dmath.floor(h * s / short + 0.5)), s),
+            dmath.max(_int(dmath.floor(w * s / short + 0.5)), s))
+
+
+def resize_shorter(jpegs, images, spec: AugSpec, need_size: bool = True):
     """Shorter side to S (longer side rounded); returns the images and their new (height, width).
 
     Images stored with their shorter side at S already (``convert dali --shorter-side S``) skip the
-    resize: it would be an identity that still costs a full resampling pass.
+    resize: it would be an identity that still costs a full resampling pass. ``need_size=False`` (the
+    CPU graph, whose views operator reads the sizes itself) returns no sizes and works them out only
+    for the samples it resizes: a dozen scalar operators per sample less, about 0.05 ms per image.
     """
     shape = fn.peek_image_shape(jpegs, adjust_orientation=False)
-    h, w = _float(shape[0]), _float(shape[1])
-    short = dmath.min(h, w)
-    nh = dmath.max(_int(dmath.floor(h * spec.img_size / short + 0.5)), spec.img_size)
-    nw = dmath.max(_int(dmath.floor(w * spec.img_size / short + 0.5)), spec.img_size)
-    if short == float(spec.img_size):
+    if not need_size:
+        if dmath.min(shape[0], shape[1]) == spec.img_size:
+            resized = images
+        else:
+            nh, nw = _resized_size(shape, spec.img_size)
+            resized = fn.resize(images, resize_y=_float(nh), resize_x=_float(nw), **_filters(spec))
+        return resized, None, None
+    nh, nw = _resized_size(shape, spec.img_size)
+    if dmath.min(shape[0], shape[1]) == spec.img_size:
         resized = images
     else:
         resized = fn.resize(images, resize_y=_float(nh), resize_x=_float(nw), **_filters(spec))
@@ -141,6 +161,117 @@ def src_crop(padded, hp, wp, s: int):
     top = _randint(hp - s + 1)
     left = _randint(wp - s + 1)
     return padded[top : top + s, left : left + s]
+
+
+def _src_views_kernel(size: int, pad: int, flip_p: float):
+    """The per-sample body of ``src_views_cpu``: both SRC views of one HWC uint8 image, written directly.
+
+    ``draws`` holds (top, left, flip) uniforms in [0, 1) for each view. Each view is the S x S window at
+    a uniformly drawn integer offset of the image reflect-padded by ``pad`` (numpy/torch 'reflect'),
+    mirrored when its flip draw is below ``flip_p``; the padded image is never built: each output row
+    reads its source row through the reflection, the columns inside the image are one contiguous copy
+    (mirrored: a reversed copy, 4 pixels per step) and at most ``pad`` columns on either side are reflected.
+    Indices of the contiguous copy are unsigned: with signed ones numba guards every access against
+    negative wraparound and the loop does not vectorise (30x slower).
+    """
+    import numba
+    import numpy as np  # numba resolves globals of the closure; keep them local and explicit
+
+    S, P = size, pad
+
+    @numba.njit(inline="always")
+    def reflect(i, n):
+        if i < 0:
+            return -i
+        if i >= n:
+            return 2 * (n - 1) - i
+        return i
+
+    @numba.njit
+    def copy_bytes(dst, d, src, s, n):
+        d, s = np.uint64(d), np.uint64(s)
+        for i in range(np.uint64(n)):
+            dst[d + i] = src[s + i]
+
+    def kernel(view1, view2, image, draws):
+        h, w = image.shape[0], image.shape[1]
+        src = image.reshape(h * w * 3)
+        for v in range(2):
+            dst = (view1 if v == 0 else view2).reshape(S * S * 3)
+            n_top, n_left = h + 2 * P - S + 1, w + 2 * P - S + 1  # offsets of the window in the padded image
+            top = min(int(np.floor(draws[3 * v] * n_top)), n_top - 1)
+            left = min(int(np.floor(draws[3 * v + 1] * n_left)), n_left - 1)
+            flip = draws[3 * v + 2] < flip_p
+            x0 = left - P  # image column of the window's first (unmirrored) column
+            a = min(max(-x0, 0), S)  # window columns [0, a) reflect about column 0,
+            b = max(min(w - x0, S), a)  # [b, S) about column w - 1; [a, b) lie inside the image
+            for r in range(S):
+                so = reflect(top + r - P, h) * w * 3
+                do = r * S * 3
+                for k in range(a + S - b):  # the window's columns in the padding
+                    wc = k if k < a else b + k - a
+                    c = S - 1 - wc if flip else wc
+                    s = so + 3 * reflect(x0 + wc, w)
+                    dst[do + 3 * c] = src[s]
+                    dst[do + 3 * c + 1] = src[s + 1]
+                    dst[do + 3 * c + 2] = src[s + 2]
+                if not flip:
+                    copy_bytes(dst, do + 3 * a, src, so + 3 * (x0 + a), 3 * (b - a))
+                else:
+                    s = so + 3 * (x0 + S - 1)  # source pixel of output column 0
+                    c = S - b
+                    while c + 4 <= S - a:  # 4 pixels (12 bytes) at a time: a third of the time of pixel by pixel
+                        sc, dc = np.uint64(s - 3 * c - 9), np.uint64(do + 3 * c)  # sc: the 4 in source order
+                        dst[dc], dst[dc + 1], dst[dc + 2] = src[sc + 9], src[sc + 10], src[sc + 11]
+                        dst[dc + 3], dst[dc + 4], dst[dc + 5] = src[sc + 6], src[sc + 7], src[sc + 8]
+                        dst[dc + 6], dst[dc + 7], dst[dc + 8] = src[sc + 3], src[sc + 4], src[sc + 5]
+                        dst[dc + 9], dst[dc + 10], dst[dc + 11] = src[sc], src[sc + 1], src[sc + 2]
+                        c += 4
+                    while c < S - a:
+                        sc, dc = s - 3 * c, do + 3 * c
+                        dst[dc], dst[dc + 1], dst[dc + 2] = src[sc], src[sc + 1], src[sc + 2]
+                        c += 1
+
+    def setup(outs, ins):
+        for o in range(len(outs)):
+            for i in range(len(outs[o])):
+                outs[o][i][0], outs[o][i][1], outs[o][i][2] = S, S, 3
+
+    return kernel, setup
+
+
+@functools.lru_cache(maxsize=8)
+def _src_views_op(size: int, pad: int, flip_p: float):
+    """DALI's numba operator around ``_src_views_kernel``, compiled once per process and setting (about
+    a second) and reused by every epoch's pipeline."""
+    from nvidia.dali.plugin.numba import NumbaFunction
+
+    kernel, setup = _src_views_kernel(size, pad, flip_p)
+    return NumbaFunction(run_fn=kernel, setup_fn=setup, out_types=[types.UINT8, types.UINT8],
+                         in_types=[types.UINT8, types.FLOAT], outs_ndim=[3, 3], ins_ndim=[3, 1],
+                         batch_processing=False, device="cpu")
+
+
+@do_not_convert  # called while the graph is traced: plain Python, not for DALI's conditionals to rewrite
+def fused_src_available() -> bool:
+    """numba is importable (the ``dali`` extra brings it): the CPU graph uses ``src_views_cpu``; without it,
+    the DALI operators the GPU graph uses (``reflect_pad``, ``src_crop``, a mirror), same pixels, slower."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def src_views_cpu(image, spec: AugSpec, draws=None):
+    """Both SRC views of the CPU graph (uint8 HWC, S x S, mirrored with probability flip_p) in one operator.
+
+    Same pixels as ``reflect_pad`` + ``src_crop`` + a mirror, but DALI's CPU slice, concatenation and
+    flip kernels move about 1 byte per nanosecond: padding, two crops and two flips cost 0.7 ms per
+    image, more than decoding a 224 px JPEG. This writes each view once at memory speed. ``draws``
+    (float32, 6 per sample: top, left, flip of view 1, then of view 2; uniform in [0, 1)) default to
+    one per-sample random draw.
+    """
+    if draws is None:
+        draws = fn.random.uniform(range=[0.0, 1.0], shape=[6])
+    views = _src_views_op(spec.img_size, spec.src_padding, float(spec.flip_p))(image, draws)
+    return tuple(fn.reshape(v, layout="HWC") for v in views)  # the numba operator sets no layout; no copy
 
 
 def color_jitter(x, spec: AugSpec, device: str):
@@ -194,10 +325,12 @@ def strong_augment(x, spec: AugSpec, device: str):
     return x
 
 
-def normalize_flip(x, spec: AugSpec, layout: str):
-    """uint8 HWC -> float32 (x/255 - mean) / std in ``layout``, mirrored with probability flip_p."""
+def normalize_flip(x, spec: AugSpec, layout: str, flip: bool = True):
+    """uint8 HWC -> float32 (x/255 - mean) / std in ``layout``, mirrored with probability flip_p (when ``flip``;
+    views from ``src_views_cpu`` are mirrored already)."""
+    mirror = fn.random.coin_flip(probability=spec.flip_p) if flip else 0
     return fn.crop_mirror_normalize(
-        x, mirror=fn.random.coin_flip(probability=spec.flip_p), dtype=types.FLOAT, output_layout=layout,
+        x, mirror=mirror, dtype=types.FLOAT, output_layout=layout,
         mean=[255.0 * m for m in spec.mean], std=[255.0 * s for s in spec.std],
     )
 
@@ -210,7 +343,14 @@ def flip_uint8(x, spec: AugSpec):
 
 def lut_views(jpegs, spec: AugSpec, device: str, layout: str, strong_in_graph: bool = True):
     images = decode(jpegs, device)
-    base, h, w = resize_shorter(jpegs, images, spec)
+    fused = device == "cpu" and fused_src_available()  # both views cut and mirrored by one operator
+    base, h, w = resize_shorter(jpegs, images, spec, need_size=not fused)
+    if fused:
+        view1, view2 = src_views_cpu(base, spec)
+        if not strong_in_graph:  # photometric_on=device: uint8 crops out, view 2's ops run in finish_batch
+            return view1, view2
+        view2 = strong_augment(view2, spec, device)
+        return normalize_flip(view1, spec, layout, flip=False), normalize_flip(view2, spec, layout, flip=False)
     pad = spec.src_padding
     padded = reflect_pad(base, h, w, pad)
     hp, wp = h + 2 * pad, w + 2 * pad
@@ -267,6 +407,13 @@ class DaliLoader:
         self.photometric_on = resolve_photometric_on(photometric_on, self.device)
         self.uint8_out = self.device.type != "cuda" and self.photometric_on == "device"
         self.threads, self.shuffle_buffer, self.prefetch = max(1, num_workers), shuffle_buffer, prefetch
+        # DALIGenericIterator allocates each batch's torch tensors afresh: keep the freed ones for reuse
+        # rather than faulting them in again (about 20 page faults per image less; pipelines/malloc.py)
+        malloc.keep_freed_memory()
+        if spec.recipe == "lut" and self.device.type != "cuda" and rank == 0 and not fused_src_available():
+            print("lut-fast: warning: numba is not installed: DALI's CPU graph cuts the LUT views with its own "
+                  "operators, about 0.6 ms per image slower (pip install numba, or the dali extra)",
+                  file=sys.stderr, flush=True)
         if spec.img_size <= spec.src_padding:
             raise UserError(f"image size {spec.img_size} must exceed the SRC padding {spec.src_padding}")
         self.source = formats.detect(data, split)

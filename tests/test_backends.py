@@ -295,6 +295,24 @@ def test_lut_channel_statistics_match_torch(lut, torch_lut):
         assert np.abs(std - ref_std).max() <= STD_TOL, (name, std, ref_std)
 
 
+def test_dali_operator_src_path_keeps_parity(probe, torch_lut, monkeypatch, capsys):
+    """Without numba the CPU graph cuts the views with DALI operators (reflect_pad, src_crop, a mirror in the
+    normalisation): the GPU graph's own path, checked here on the CPU against the same parity bounds."""
+    from lut_fast.pipelines import dali_backend
+
+    monkeypatch.setattr(dali_backend, "fused_src_available", lambda: False)
+    v = collect("dali", probe["shards"], "lut")
+    assert "numba is not installed" in capsys.readouterr().err
+    assert max_view1_change(v) <= PIXEL_TOL
+    assert abs(flip_rate(v) - 0.5) <= RATE_TOL
+    rates = strong_rates(v)
+    assert all(abs(rates[op] - 1 / 3) <= RATE_TOL for op in ("grayscale", "solarize", "blur")), rates
+    for stat in (np.mean, np.std):
+        got = stat(v.v1[v.of("b_ramp")].mean(axis=(1, 2, 3))) / 255
+        ref = stat(torch_lut.v1[torch_lut.of("b_ramp")].mean(axis=(1, 2, 3))) / 255
+        assert abs(got - ref) <= RAMP_TOL, (stat.__name__, got, ref)
+
+
 # ---------------------------------------------------------------- MAE recipe
 
 
@@ -437,6 +455,44 @@ def test_dali_reflect_pad_matches_numpy():
     pipe = pad(batch_size=1, num_threads=1, device_id=None)
     pipe.build()
     np.testing.assert_array_equal(np.array(pipe.run()[0][0]), np.pad(arr, ((4, 4), (4, 4), (0, 0)), mode="reflect"))
+
+
+def test_dali_cpu_src_views_match_numpy_reflect_pad_crop_and_flip():
+    """The CPU graph's fused SRC operator = numpy 'reflect' padding, the S x S window at the drawn offset, mirror."""
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    from lut_fast.pipelines.dali_backend import src_views_cpu
+
+    spec = AugSpec(img_size=16, src_padding=4, flip_p=0.5)
+    rng = np.random.default_rng(0)
+    # shorter side = S (every window touches the padding) or a little more; either orientation
+    shapes = [(16, 16), (16, 23), (23, 16), (19, 40), (16, 17), (30, 18)] * 4
+    images = [rng.integers(0, 256, (*hw, 3)).astype(np.uint8) for hw in shapes]
+    draws = rng.random((len(images), 6)).astype(np.float32)
+    draws[::3, [0, 1, 3]] = 0.0  # the first offsets
+    draws[1::3, [1, 3, 4]] = np.float32(1 - 2**-24)  # the last offsets
+    draws[:, [2, 5]] = np.where(np.arange(len(images))[:, None] % 2 == 0, 0.25, 0.75)  # both flip outcomes
+
+    @pipeline_def
+    def views():
+        img = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        return src_views_cpu(img, spec, fn.external_source(source=lambda: list(draws), batch=True))
+
+    pipe = views(batch_size=len(images), num_threads=2, device_id=None)
+    pipe.build()
+    out = pipe.run()
+    s, p = spec.img_size, spec.src_padding
+    for i, img in enumerate(images):
+        padded = np.pad(img, ((p, p), (p, p), (0, 0)), mode="reflect")
+        for v in range(2):
+            n_top, n_left = padded.shape[0] - s + 1, padded.shape[1] - s + 1
+            top = min(int(np.floor(draws[i, 3 * v] * n_top)), n_top - 1)
+            left = min(int(np.floor(draws[i, 3 * v + 1] * n_left)), n_left - 1)
+            want = padded[top:top + s, left:left + s]
+            if draws[i, 3 * v + 2] < spec.flip_p:
+                want = want[:, ::-1]
+            np.testing.assert_array_equal(np.array(out[v][i]), want, err_msg=f"image {i} {img.shape}, view {v + 1}")
 
 
 @pytest.mark.parametrize("backend,key", [("ffcv", "beton"), ("dali", "shards")])
