@@ -90,6 +90,21 @@ def resolve_beton(data: str | Path, split: str) -> Path:
                     f"`lut-fast convert ffcv {source.path} OUT.beton --split {split}` and pass --data OUT.beton")
 
 
+def stop_epoch_iterator(it: EpochIterator, timeout_s: float = 120.0) -> None:
+    """Stop FFCV's epoch thread, wait for it, then release its batch memory.
+
+    ``EpochIterator.close`` only raises a flag and frees the memory at once, and the thread looks at the flag
+    only when its output queue is full: a consumer leaving mid-epoch (a bench window, ``--max-steps``)
+    left it decoding into freed buffers, and still running numba/OpenCV code when the interpreter shut
+    down, which ended the process with "terminate called without an active exception" (exit 134). So:
+    flag, join (it finishes at most the few batches that fill its queue), and only then free.
+    """
+    it.terminate_event.set()
+    if it.is_alive():
+        it.join(timeout_s)
+    it.close()
+
+
 class FfcvLoader:
     """Dual-view (LUT) or single-view (MAE) batches from a ``.beton`` file (``contract.Loader``); see the module doc.
 
@@ -182,7 +197,7 @@ class FfcvLoader:
                     view2 = self._nchw(out["image2"], fresh) if "image2" in out else None
                 yield RawBatch(view1=view1, view2=view2, labels=out["label"].reshape(-1).clone(), strong_params=params)
         finally:
-            it.close()  # stops FFCV's thread when the consumer leaves mid-epoch
+            stop_epoch_iterator(it)
 
     def _nchw(self, x: torch.Tensor, fresh: bool) -> torch.Tensor:
         """A view as (B, 3, S, S) (NHWC buffers permuted: channels-last memory), copied out of FFCV's buffer if ``fresh``.

@@ -373,6 +373,22 @@ def test_ffcv_order_per_epoch_and_resume(probe):
     assert [y.tolist() for _, y in _batches(loader, 1)] == [y.tolist() for _, y in first]
 
 
+def test_ffcv_leaving_mid_epoch_stops_its_thread(probe):
+    """A consumer that stops mid-epoch (a bench window, --max-steps) must not leave FFCV's epoch thread
+    decoding into released memory, or running when the interpreter exits (which aborted with exit 134)."""
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    loader = build_loader("ffcv", str(probe["beton"]), AugSpec(recipe="lut", img_size=S), BATCH, num_workers=2, seed=3)
+    loader.set_epoch(0)
+    batches = loader.raw_batches()
+    next(batches)
+    assert any(isinstance(t, EpochIterator) and t.is_alive() for t in threading.enumerate())
+    batches.close()
+    assert not any(isinstance(t, EpochIterator) and t.is_alive() for t in threading.enumerate())
+
+
 def test_wrong_format_for_backend_says_what_to_do(probe):
     with pytest.raises(UserError, match="lut-fast convert ffcv"):
         build_loader("ffcv", str(probe["folder"]), AugSpec(img_size=S), BATCH)
