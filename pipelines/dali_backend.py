@@ -427,6 +427,7 @@ class DaliLoader:
             self.tars = [str(self.source.path / s["tar"]) for s in manifest["shards"]]
             self.indexes = [str(self.source.path / s["index"]) for s in manifest["shards"]]
         else:
+            formats.warn_if_storage_cannot_serve(data, spec.recipe, spec.img_size, split, rank)  # `convert folder` output
             index = scan_image_folder(self.source.path, split)
             self.files = [p for p, _ in index.samples]
             self.labels = [label for _, label in index.samples]
