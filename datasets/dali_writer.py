@@ -169,10 +169,7 @@ def write_shards(
 def read_manifest(folder: Path) -> dict:
     """The manifest of a shard folder, checked; a UserError says what is wrong."""
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    manifest = sources.read_json_record(path)
     if manifest.get("format") != FORMAT_TAG:
         raise UserError(f"{path} is not a lut-fast shard manifest (format {manifest.get('format')!r})")
     for shard in manifest["shards"]:

@@ -66,14 +66,9 @@ def stored_name(relative: Path) -> Path:
 def read_metadata(folder: Path) -> dict | None:
     """The metadata ``convert folder`` left in ``folder`` (one split), or None when there is none."""
     path = folder / METADATA
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_TAG:
-        raise UserError(f"{path} is not a lut-fast folder record (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    meta = sources.read_json_record(path, missing_ok=True)
+    if meta is not None and meta.get("format") != FORMAT_TAG:
+        raise UserError(f"{path} is not a lut-fast folder record (format {meta.get('format')!r})")
     return meta
 
 

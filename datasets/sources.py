@@ -15,6 +15,7 @@ every output format:
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing
 import os
 import shutil
@@ -211,6 +212,20 @@ def check_size_options(shorter_side: int | None, max_resolution: int | None) -> 
     if shorter_side and max_resolution and max_resolution < shorter_side:
         raise UserError(f"--max-resolution {max_resolution} is below --shorter-side {shorter_side}: "
                         "every image would end up with its shorter side below the training size")
+
+
+def read_json_record(path: Path, missing_ok: bool = False) -> dict | None:
+    """A JSON record a converter wrote (metadata, manifest): the dict, or None when it is absent and
+    ``missing_ok``; a UserError, in one line, when it cannot be read or is not a JSON object."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        if missing_ok and isinstance(e, FileNotFoundError):
+            return None
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return record
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -13,13 +13,13 @@ that storage is too small for the recipe and image size being trained.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from lut_fast.datasets.dali_writer import MANIFEST
+from lut_fast.datasets.sources import read_json_record
 from lut_fast.errors import UserError
 
 Kind = Literal["imagefolder", "beton", "shards"]
@@ -69,13 +69,9 @@ def stored_metadata(path: str | Path, split: str = "train") -> dict | None:
     elif source.kind == "beton":
         from lut_fast.datasets.ffcv_writer import metadata_path
 
-        meta_file = metadata_path(source.path)
-        try:
-            meta = json.loads(meta_file.read_text())
-        except FileNotFoundError:
+        meta = read_json_record(metadata_path(source.path), missing_ok=True)
+        if meta is None:
             return None
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {meta_file}: {e}") from None
         meta.setdefault("format", "ffcv")
     else:
         from lut_fast.datasets.dali_writer import read_manifest
