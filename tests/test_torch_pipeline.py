@@ -374,6 +374,51 @@ def test_leaving_mid_epoch_stops_the_threads_writing():
         assert not t.is_alive()
 
 
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_the_next_epoch_is_under_way_before_this_one_ends(workers):
+    """The key stream runs on across epoch boundaries (no epoch starts with one worker building a whole batch
+    alone), yet every epoch is the one asked for: continued, repeated or started anew."""
+    spec = AugSpec(img_size=32)
+
+    def loader_at(epoch, start=0):
+        loader = build_loader("torch", None, spec, batch_size=4, num_workers=2, seed=4, photometric_on="device",
+                              workers=workers)
+        loader.set_epoch(epoch, start)
+        return loader
+
+    loader = loader_at(0)
+    first = _raw(loader, len(loader))
+    stream = loader._stream
+    if workers == "threads":  # the next epoch's first batches were queued while this one ended
+        assert loader.threaded.made > len(loader)
+    loader.set_epoch(1)
+    second = _raw(loader, len(loader))
+    assert loader._stream is stream  # the same stream went on into epoch 1
+    loader.set_epoch(1)  # epoch 1 once more: a new stream, the same batches
+    again = _raw(loader, 2)
+    for got, want in ((first, _raw(loader_at(0), len(first))), (second, _raw(loader_at(1), len(second))),
+                      (again, second[:2])):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
+    assert not torch.equal(first[0][0], second[0][0])
+    loader.close()
+
+
+@pytest.mark.parametrize("workers,num", [("processes", 2), ("threads", 0)])
+def test_loading_leaves_the_global_rng_alone(workers, num):
+    """The trainer's own randomness (mixup, erasing) must not depend on when the loader starts a key stream."""
+    loader = build_loader("torch", None, AugSpec(img_size=32), batch_size=4, num_workers=num, seed=2,
+                          photometric_on="device", workers=workers)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for epoch, start in ((0, 0), (0, 1), (3, 0)):  # two new streams and a repeated position
+        loader.set_epoch(epoch, start)
+        _raw(loader, 2)
+    assert torch.equal(torch.get_rng_state(), before)
+    loader.close()
+
+
 def test_worker_kind_is_checked():
     with pytest.raises(UserError, match="torch_workers must be one of"):
         build_loader("torch", None, AugSpec(img_size=32), batch_size=4, num_workers=2, workers="fibres")
