@@ -19,6 +19,7 @@ data`` times for the GPU-training configuration) and iterates ``Batch`` as
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,28 @@ class Batch:
         return self.view1.shape[0]
 
 
+def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host tensor (parameters, indices, kernels) on ``device`` without waiting for the device.
+
+    A copy from pageable memory to a GPU first waits for everything already queued on the stream
+    (the previous training step too), so the trainer could not queue a step ahead of the GPU; from
+    pinned memory with ``non_blocking`` it is queued like a kernel. PyTorch keeps the pinned block
+    until the copy is done.
+    """
+    device = torch.device(device)
+    if dtype is not None and t.device.type == "cpu":
+        t = t.to(dtype)  # converted on the host: the copy moves the final bytes
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t if t.is_pinned() else t.pin_memory()
+    return t.to(device=device, dtype=dtype, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=64)
+def device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per (values, dtype, device); callers never write to it."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
+
+
 def normalize_uint8(
     x: torch.Tensor, spec: AugSpec, device: torch.device | str, channels_last: bool
 ) -> torch.Tensor:
@@ -113,8 +136,9 @@ def _normalize(x: torch.Tensor, spec: AugSpec, channels_last: bool, in_place: bo
 
 def normalize_constants(spec: AugSpec, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift), each (1, 3, 1, 1) float32: normalised = x * scale + shift for x on the 0..255 scale."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std], device=device).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std)], device=device).view(1, 3, 1, 1)
+    device = torch.device(device)
+    scale = device_constant(tuple(1.0 / (255.0 * s) for s in spec.std), torch.float32, device).view(1, 3, 1, 1)
+    shift = device_constant(tuple(-m / s for m, s in zip(spec.mean, spec.std)), torch.float32, device).view(1, 3, 1, 1)
     return scale, shift
 
 
@@ -156,7 +180,7 @@ def finish_batch(raw: RawBatch, spec: AugSpec, device: torch.device | str, chann
     return Batch(
         view1=finish_view(raw.view1, spec, device, channels_last),
         view2=None if raw.view2 is None else finish_view(raw.view2, spec, device, channels_last, raw.strong_params),
-        labels=raw.labels.to(device, non_blocking=True),
+        labels=to_device(raw.labels, device),
         bad_images=raw.bad_images,
         bad_paths=raw.bad_paths,
     )

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .batch import device_constant, to_device
 from .spec import STRONG_OPS, AugSpec
 
 # Column layout of the per-sample parameter tensor (B, NUM_PARAMS).
@@ -75,8 +76,6 @@ NUM_UNIFORMS = 7  # uniforms in [0, 1) that ``params_from_uniforms`` reads per s
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L") and torchvision
 # RGB -> YIQ (FCC NTSC). Row 0 is the luma; rows 1 and 2 sum to zero, so grays have no chroma.
 RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-_YIQ = torch.tensor(RGB_TO_YIQ, dtype=torch.float64)
-_YIQ_INV = torch.linalg.inv(_YIQ)
 
 
 # ---------------------------------------------------------------- parameters
@@ -114,19 +113,19 @@ def sample_params(spec: AugSpec, n: int, generator: torch.Generator | None = Non
 
 def luma(x: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) ITU-R 601-2 luma of (B, 3, H, W)."""
-    w = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    w = device_constant(LUMA, x.dtype, x.device).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma, kept as 3 identical channels (B, 3, H, W) (an expanded view)."""
     n, _, h, w = x.shape
-    weights = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 1, 3).expand(n, 1, 3)
+    weights = device_constant(LUMA, x.dtype, x.device).view(1, 1, 3).expand(n, 1, 3)
     return torch.bmm(weights, x.reshape(n, 3, h * w)).view(n, 1, h, w).expand(-1, 3, -1, -1)
 
 
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    return to_device(v, x.device, x.dtype).view(-1, 1, 1, 1)
 
 
 def _clamped(x: torch.Tensor, clamp: bool, value_range: float) -> torch.Tensor:
@@ -148,24 +147,38 @@ def adjust_saturation(x, f, clamp: bool = True, value_range: float = 1.0):
     return _clamped(f * x + (1 - f) * luma(x), clamp, value_range)
 
 
-def _chroma_block(hue: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
-    """(B, 3, 3) YIQ-space map: keep Y, scale I/Q by ``saturation`` and rotate them by -2 pi ``hue``."""
-    theta = 2 * math.pi * hue.double()
-    cos, sin = torch.cos(theta) * saturation.double(), torch.sin(theta) * saturation.double()
-    block = torch.zeros(hue.shape[0], 3, 3, dtype=torch.float64)
-    block[:, 0, 0] = 1.0
-    block[:, 1, 1], block[:, 1, 2] = cos, sin
-    block[:, 2, 1], block[:, 2, 2] = -sin, cos
-    return block
+def _yiq_maps() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The RGB -> RGB maps whose sum ``LUMA + s cos(t) COS + s sin(t) SIN`` keeps Y and turns I/Q by -t, scaled by s."""
+    yiq = np.array(RGB_TO_YIQ, dtype=np.float64)
+    inv = np.linalg.inv(yiq)
+    keep_y = np.diag([1.0, 0.0, 0.0])
+    cos_part = np.diag([0.0, 1.0, 1.0])
+    sin_part = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+    return inv @ keep_y @ yiq, inv @ cos_part @ yiq, inv @ sin_part @ yiq
+
+
+_MAP_LUMA, _MAP_COS, _MAP_SIN = _yiq_maps()
+
+
+def _chroma_map(hue: np.ndarray, saturation: np.ndarray | float) -> np.ndarray:
+    """(B, 3, 3) RGB -> RGB maps (float64): keep luma, scale I/Q by ``saturation``, rotate them by -2 pi ``hue``.
+
+    numpy on purpose: these are a few hundred numbers per batch, computed on the host next to the
+    training step, and torch's small batched matmuls wake its intra-op thread pool (whose threads
+    then spin, measured at 7-8x the single-thread time on 2 cores, and many cores' worth on a GPU host).
+    """
+    theta = 2 * math.pi * np.asarray(hue, dtype=np.float64)
+    cos, sin = np.cos(theta) * saturation, np.sin(theta) * saturation
+    return _MAP_LUMA + cos[:, None, None] * _MAP_COS + sin[:, None, None] * _MAP_SIN
 
 
 def hue_matrix(hue: torch.Tensor) -> torch.Tensor:
     """(B, 3, 3) RGB -> RGB hue rotation (float64): positive ``hue`` turns red towards green."""
-    return _YIQ_INV @ _chroma_block(hue, torch.ones_like(hue)) @ _YIQ
+    return torch.from_numpy(_chroma_map(hue.double().cpu().numpy().reshape(-1), 1.0))
 
 
 def _apply_matrix(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("bij,bjhw->bihw", m.to(device=x.device, dtype=x.dtype), x)
+    return torch.einsum("bij,bjhw->bihw", to_device(m, x.device, x.dtype), x)
 
 
 def adjust_hue(x, f, clamp: bool = True, value_range: float = 1.0):
@@ -216,7 +229,7 @@ def _blur_grouped_conv(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     size = k.shape[1]
     half = size // 2
-    k = k.to(device=x.device, dtype=x.dtype).repeat_interleave(c, dim=0)  # (n*c, size)
+    k = to_device(k, x.device, x.dtype).repeat_interleave(c, dim=0)  # (n*c, size)
     y = x.reshape(1, n * c, h, w)
     y = F.conv2d(F.pad(y, (half, half, 0, 0), mode="reflect"), k.view(n * c, 1, 1, size), groups=n * c)
     y = F.conv2d(F.pad(y, (0, 0, half, half), mode="reflect"), k.view(n * c, 1, size, 1), groups=n * c)
@@ -260,21 +273,20 @@ def jitter_matrix(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     luma (the contrast's centre), known before the image is. Images whose
     JITTER_ON is 0 get M = identity, k = 0.
     """
-    params = params.double().cpu()
-    on = params[:, JITTER_ON] > 0.5
-    one = torch.ones_like(params[:, 0])
-    b = torch.where(on, params[:, BRIGHTNESS], one)
-    c = torch.where(on, params[:, CONTRAST], one)
-    s = torch.where(on, params[:, SATURATION], one)
-    h = torch.where(on, params[:, HUE], torch.zeros_like(one))
-    m = (b * c).view(-1, 1, 1) * (_YIQ_INV @ _chroma_block(h, s) @ _YIQ)
-    return m, b * (1 - c)
+    p = params.detach().double().cpu().numpy()  # host math in numpy: see ``_chroma_map``
+    on = p[:, JITTER_ON] > 0.5
+    b = np.where(on, p[:, BRIGHTNESS], 1.0)
+    c = np.where(on, p[:, CONTRAST], 1.0)
+    s = np.where(on, p[:, SATURATION], 1.0)
+    h = np.where(on, p[:, HUE], 0.0)
+    m = (b * c)[:, None, None] * _chroma_map(h, s)
+    return torch.from_numpy(m), torch.from_numpy(b * (1 - c))
 
 
 def jitter_offset(k: torch.Tensor, mean_rgb: torch.Tensor) -> torch.Tensor:
     """(B, 3) offset t of the composed jitter from k (``jitter_matrix``) and each image's mean colour (B, 3)."""
-    w = torch.tensor(LUMA, dtype=mean_rgb.dtype, device=mean_rgb.device)
-    return (k.to(device=mean_rgb.device, dtype=mean_rgb.dtype) * (mean_rgb @ w)).view(-1, 1).expand(-1, 3)
+    w = device_constant(LUMA, mean_rgb.dtype, mean_rgb.device)
+    return (to_device(k, mean_rgb.device, mean_rgb.dtype) * (mean_rgb @ w)).view(-1, 1).expand(-1, 3)
 
 
 def mean_colour(x: torch.Tensor) -> torch.Tensor:
@@ -289,8 +301,8 @@ def apply_colour(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, value_range:
     NHWC memory, (B, H*W, 3) @ (B, 3, 3), was 4-5x slower.
     """
     n, _, h, w = x.shape
-    m = m.to(device=x.device, dtype=x.dtype)
-    t = t.to(device=x.device, dtype=x.dtype).reshape(n, 3, 1)
+    m = to_device(m, x.device, x.dtype)
+    t = to_device(t, x.device, x.dtype).reshape(n, 3, 1)
     y = torch.baddbmm(t, m, x.contiguous().view(n, 3, h * w)).view(n, 3, h, w)
     return y.clamp_(0, value_range)
 
@@ -307,7 +319,7 @@ def _on_subset(x: torch.Tensor, index: torch.Tensor, op) -> None:
         for i in index.tolist():
             x[i : i + 1] = op(x[i : i + 1])
         return
-    on_device = index.to(x.device)
+    on_device = to_device(index, x.device)
     x.index_copy_(0, on_device, op(x.index_select(0, on_device)).to(x.dtype))
 
 
@@ -330,7 +342,7 @@ def apply_strong_(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, value_ra
     # The blur stays batched on every device: per image, the convolutions' fixed costs dominate.
     blurred = select("blur")
     if blurred.numel():
-        on_device = blurred.to(x.device)
+        on_device = to_device(blurred, x.device)
         sigma = params[blurred, BLUR_SIGMA]
         x.index_copy_(0, on_device, gaussian_blur(x.index_select(0, on_device), sigma))
     return x

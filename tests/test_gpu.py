@@ -77,3 +77,32 @@ def test_device_stage_on_cuda_equals_the_cpu(tmp_path):
     assert float(diff.mean()) < 1e-4, float(diff.mean())
     assert float((diff > 1e-3).float().mean()) < 1e-3, float((diff > 1e-3).float().mean())
     assert torch.equal(on_gpu.labels.cpu(), on_cpu.labels)
+
+
+def test_device_stage_never_waits_for_the_gpu():
+    """``finish_batch`` queues its work and returns: no copy or op in it synchronises with the device.
+
+    A synchronising call there waits for the training step already queued, so the trainer could not
+    queue the next step while the GPU runs this one (``batch.to_device``: pinned, non-blocking copies).
+    """
+    from lut_fast.pipelines import photometric as ph
+    from lut_fast.pipelines.batch import RawBatch, finish_batch
+    from lut_fast.pipelines.spec import AugSpec
+
+    spec = AugSpec(img_size=64)
+    g = torch.Generator().manual_seed(1)
+    n = 32
+    views = torch.randint(0, 256, (2, n, 64, 64, 3), dtype=torch.uint8, generator=g).pin_memory()
+    params = ph.sample_params(spec, n, g)
+    params[:, ph.JITTER_ON] = 1.0
+    params[:, ph.STRONG_OP] = torch.arange(n) % 4 - 1  # none, grayscale, solarize and blur all occur
+    raw = RawBatch(views[0].permute(0, 3, 1, 2), views[1].permute(0, 3, 1, 2), torch.arange(n), params)
+    finish_batch(raw, spec, "cuda", channels_last=True)  # first call: the constants are made on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            batch = finish_batch(raw, spec, "cuda", channels_last=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert batch.view2.is_cuda and torch.isfinite(batch.view2).all()

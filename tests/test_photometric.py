@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter, ImageOps
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lut_fast.pipelines import photometric as ph
 from lut_fast.pipelines.spec import STRONG_OPS, AugSpec
@@ -150,6 +151,44 @@ def test_device_stage_keeps_any_memory_format():
     planar = ph.apply_strong_uint8(x, p, SPEC)
     nhwc = ph.apply_strong_uint8(x.contiguous(memory_format=torch.channels_last), p, SPEC)
     assert torch.equal(planar, nhwc)
+
+
+class _CrossDeviceCopies(TorchDispatchMode):
+    """Records every copy of a host tensor to another device: (shape, non_blocking)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" and out.device.type != "cpu":
+            self.copies.append((tuple(args[0].shape), kwargs.get("non_blocking", False)))
+        return out
+
+
+def test_device_stage_queues_every_copy_without_waiting():
+    """finish_batch sends its views, labels, view 2's parameters, indices and kernels as non-blocking copies.
+
+    A blocking copy (or one from pageable memory, which ``batch.to_device`` pins first on CUDA) waits for
+    the GPU to finish the step already queued, so the trainer could not run a step ahead. The 'meta'
+    device stands in for the GPU here: it runs the same code path with every op but no data.
+    """
+    from lut_fast.pipelines.batch import RawBatch, finish_batch
+
+    spec = AugSpec(img_size=32)
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    x = torch.randint(0, 256, (2, n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    params = ph.sample_params(spec, n, g)
+    params[:, ph.JITTER_ON] = 1.0
+    params[:, ph.STRONG_OP] = torch.arange(n) % 4 - 1  # none, grayscale, solarize and blur all occur
+    with _CrossDeviceCopies() as seen:
+        batch = finish_batch(RawBatch(x[0], x[1], torch.arange(n), params), spec, "meta", channels_last=True)
+    assert batch.view2.device.type == "meta" and batch.view2.shape == (n, 3, 32, 32)
+    assert len(seen.copies) >= 6  # views, labels, jitter matrix and offset, op indices, blur kernels
+    assert all(non_blocking for _, non_blocking in seen.copies), seen.copies
 
 
 def test_hue_sign_is_a_fraction_of_a_turn():
