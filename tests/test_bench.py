@@ -506,7 +506,13 @@ def test_gpu_check_preset_quick(tmp_path):
         r = keys[f"data/torch/lut/{conf}"]
         assert r["status"] == "ok" and r["frac_of_decode_floor"] > 0 and r["vs_official"] > 0
     assert keys["data/official/lut/cpu-only"]["status"] == "ok"
-    assert "bench train" in (tmp_path / "gpu_check.txt").read_text()
+    feed = keys["feed/torch/lut/threads-2/b4"]
+    assert feed["status"] == "ok" and feed["images_per_sec"] > 0 and feed["trainer_process_cpu_ms_per_image"] > 0
+    stage = keys["feed/device-stage-host/lut/b4"]
+    assert stage["status"] == "ok" and stage["host_cpu_ms_per_image"] > 0 and stage["host_cpu_ms_per_image_one_thread"] > 0
+    assert "aten::" in (tmp_path / "device_stage_profile.txt").read_text()  # the profiler's table of host ops
+    text = (tmp_path / "gpu_check.txt").read_text()
+    assert "bench train" in text and "bench feed" in text
 
 
 def test_bench_gpu_without_cuda_says_so_at_once(tmp_path):

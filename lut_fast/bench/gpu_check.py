@@ -14,7 +14,11 @@ What it measures (bf16, synthetic on-device inputs for the train step):
    for reference, the device stage (``finish_batch``: copy, view 2's
    photometric ops and normalisation on the GPU), and ``decode_jpeg`` on CUDA
    (decode only, then with the views built on the GPU);
-3. train step, ``torch.compile``: MAE and LUT symmetric for both models, as
+3. loader feed (``bench/feed.py``): the torch loader's ``Batch`` stream alone
+   at the trainer's batch size (images/s, CPU ms per image of the process tree
+   and of the training process), and the device stage's host CPU with its
+   ``torch.profiler`` table (``device_stage_profile.txt``);
+4. train step, ``torch.compile``: MAE and LUT symmetric for both models, as
    long as the time budget allows (a skipped row says so).
 
 Without a visible CUDA device it stops at once with exit code 2 (``--quick``
@@ -187,7 +191,12 @@ def run_gpu_check(out: Path, budget_s: float = 420.0, quick: bool = False, boot_
         add_time_ratios(report["results"])
         report["elapsed_s"] = round(time.perf_counter() - t0, 1)
         write_json(report, json_path)
-        status = r["status"] if r["status"] != "ok" else f"{r.get('images_per_sec', 0):.0f} img/s"
+        if r["status"] != "ok":
+            status = r["status"]
+        elif "images_per_sec" in r:
+            status = f"{r['images_per_sec']:.0f} img/s"
+        else:
+            status = f"{r.get('host_cpu_ms_per_image')} host CPU ms/img"
         print(f"[{time.perf_counter() - t0:6.1f}s] {r.get('label', r['key'])}: {status}", flush=True)
 
     def train_rows(model: str, batch: int, methods: list[str], v: Variant, need: float) -> None:
@@ -240,6 +249,33 @@ def run_gpu_check(out: Path, budget_s: float = 420.0, quick: bool = False, boot_
             add(row("data", "data/gpu_check", "failed", f"{type(e).__name__}: {str(e)[:300]}"))
     else:
         add(row("data", "data/torch/lut", "skipped", f"time budget ({left():.0f}s left)"))
+
+    # 2b. does the loader keep the GPU fed: the torch loader's Batch stream alone at the trainer's batch size
+    #     (process workers on all but two cores; threads, capped where the GIL caps them), and the host cost
+    #     of the device stage with its profile (device_stage_profile.txt).
+    def feed_rows() -> None:
+        from lut_fast.bench.data import resolve_data
+        from lut_fast.bench.feed import bench_loader_feed, profile_device_stage
+
+        data = resolve_data(f"photos:{n_files}")[0]
+        add(profile_device_stage(dev, feed_batch, img, out / "device_stage_profile.txt"))
+        for recipe, kind, n in feed_loaders:
+            if left() < 25:
+                add(row("feed", f"feed/torch/{recipe}/{kind}-{n}", "skipped", f"time budget ({left():.0f}s left)"))
+                continue
+            add(bench_loader_feed(data, recipe, feed_batch, n, kind, dev, img, timed_batches=feed_timed))
+
+    if quick:
+        feed_batch, feed_timed, feed_loaders = 4, 4, [("lut", "threads", 2)]
+    else:
+        feed_batch, feed_timed = 256, 16
+        procs = max(2, usable_cores() - 2)
+        feed_loaders = [("lut", "processes", procs), ("lut", "threads", min(8, procs)), ("mae", "processes", procs)]
+    if left() > 60:
+        try:
+            feed_rows()
+        except Exception as e:  # noqa: BLE001 - the compiled train steps below still run
+            add(row("feed", "feed/gpu_check", "failed", f"{type(e).__name__}: {str(e)[:300]}"))
 
     # 3. compiled train steps while the budget lasts: the larger model first (the paper's 1.18 is for ViT-B);
     #    a row starts only if its estimated cost (compile included) still fits in the budget.

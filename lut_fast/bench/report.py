@@ -46,7 +46,15 @@ COLUMNS = {
         ("data_wait_frac", "data wait", "{:.0%}", False),
         ("compute_images_per_sec", "no-wait img/s", "{:.1f}", True),
     ],
+    "feed": [  # the GPU check's loader-feed rows (bench/feed.py)
+        ("images_per_sec", "img/s", "{:.1f}", True),
+        ("cpu_ms_per_image", "CPU ms/img", "{:.2f}", False),
+        ("trainer_process_cpu_ms_per_image", "trainer proc. CPU ms/img", "{:.3f}", False),
+        ("host_cpu_ms_per_image", "host CPU ms/img", "{:.3f}", False),
+        ("host_cpu_ms_per_image_one_thread", "same, 1 thread", "{:.3f}", False),
+    ],
 }
+BENCH_KINDS = tuple(COLUMNS)
 
 
 def new_report(kind: str, settings: dict, machine: dict | None = None) -> dict:
@@ -121,7 +129,7 @@ def tables(report: dict) -> list:
     from rich.table import Table
 
     out = []
-    for bench in ("data", "train", "e2e"):
+    for bench in BENCH_KINDS:
         rows = [r for r in report["results"] if r.get("bench") == bench]
         if not rows:
             continue
@@ -174,7 +182,7 @@ def plain_text(report: dict, width: int = 160) -> str:
 def markdown(report: dict) -> str:
     """The report's tables as Markdown (for docs)."""
     lines = []
-    for bench in ("data", "train", "e2e"):
+    for bench in BENCH_KINDS:
         rows = [r for r in report["results"] if r.get("bench") == bench]
         if not rows:
             continue
