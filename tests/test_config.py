@@ -162,3 +162,26 @@ def test_run_header_shows_where_the_recipe_came_from(tmp_path):
     assert "lr 4.69e-06 (linear rule: blr 0.00015 x 8 / 256; rule: default of method mae)" in r.stderr
     assert "  default of method mae: aug.recipe=mae, optim.lr_scaling=linear" in r.stderr
     assert "  flags: method=mae, model.img_size=32" in r.stderr
+
+
+def test_default_loader_workers_follow_the_machine(monkeypatch):
+    """min(8, cores) without CUDA; with CUDA, the cores per local training process minus one, uncapped."""
+    import os
+
+    import torch
+
+    from lut_fast.config import DataConfig, default_num_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_num_workers() == 8 and DataConfig().num_workers == 8
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert default_num_workers() == 15  # one GPU: every core but the trainer's
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert default_num_workers() == 1  # 2 cores per GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 processes on this node, whatever the GPU count
+    assert default_num_workers() == 7
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_num_workers() == 1  # never 0
