@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -224,3 +225,26 @@ def test_uint8_ops_in_chunks_equal_the_whole_batch(monkeypatch):
     assert torch.equal(chunked, whole) and not torch.equal(whole, x)
     in_place = x.clone()
     assert ph.apply_strong_uint8(in_place, p, spec, out=in_place) is in_place and torch.equal(in_place, whole)
+
+
+def test_compiled_cpu_ops_equal_the_torch_ops(monkeypatch):
+    """The CPU loader's one-pass numba kernel (photometric_numba.py) against the torch ops it stands in for:
+    the same whole levels, except a value within float rounding of a half level (at most one level apart)."""
+    pytest.importorskip("numba")  # the dali / ffcv / fast extras bring it; CI installs them
+    spec = AugSpec(img_size=48)
+    g = torch.Generator().manual_seed(7)
+    n = 48
+    coarse = torch.rand(n, 3, 6, 6, generator=g) * 255  # smooth images with detail, as photographs are
+    x = F.interpolate(coarse, size=(48, 48), mode="bilinear").add_(torch.rand(n, 3, 48, 48, generator=g) * 20)
+    x = x.round_().clamp_(0, 255).to(torch.uint8)
+    params = ph.sample_params(spec, n, g)
+    params[:, ph.STRONG_OP] = torch.arange(n) % 4 - 1  # none, grayscale, solarize, blur
+    params[: n // 2, ph.JITTER_ON] = 1.0
+    assert ph._numba_kernels() is not None
+    compiled = ph.apply_strong_uint8(x, params, spec)
+    assert torch.equal(ph.apply_strong_uint8(x.contiguous(memory_format=torch.channels_last), params, spec), compiled)
+    monkeypatch.setattr(ph, "_NUMBA", None)  # numba not installed: the torch ops
+    reference = ph.apply_strong_uint8(x, params, spec)
+    diff = (compiled.int() - reference.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+    assert not torch.equal(compiled, x)  # the ops did something

@@ -1,0 +1,196 @@
+"""View 2's photometric ops on the CPU in one compiled pass per image (the torch backend's loader, numba).
+
+The same definitions as ``photometric.py`` (which documents them and stays the
+reference): the composed colour jitter ``clamp(M x + k Y(mean x))``, then one
+of grayscale / solarize / blur, then rounding to whole levels. There the ops
+are a handful of torch calls per chunk of images, each a pass over float32
+memory (about 0.67 CPU ms per 224 px image on a 2-core EPYC); here each image
+is read once, jittered and put through its 3-augment op in a cache-sized
+float buffer, and rounded on the way out, with the GIL released so the
+loader's threads run it in parallel.
+
+The results equal the torch ops up to float rounding: sums in another order
+or fused differently can move a value lying within a few ulps of a half
+level to the other whole level (``tests/test_photometric.py`` bounds how
+often). ``photometric.apply_strong_rounded`` uses this module for CPU tensors
+when numba is installed and the torch ops otherwise.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from .spec import STRONG_OPS, AugSpec
+
+GRAYSCALE, SOLARIZE, BLUR = (STRONG_OPS.index(op) for op in ("grayscale", "solarize", "blur"))
+_LR, _LG, _LB = np.float32(0.299), np.float32(0.587), np.float32(0.114)  # photometric.LUMA
+
+
+def _use_lut_fast_cache_dir() -> None:
+    """numba's on-disk cache under lut-fast's cache folder (see ``ffcv_ops``); ``NUMBA_CACHE_DIR`` wins."""
+    import os
+
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    from lut_fast.datasets.builtin import cache_root
+
+    numba.config.CACHE_DIR = str(cache_root() / "numba")
+
+
+_use_lut_fast_cache_dir()
+_jit = numba.njit(cache=True, nogil=True)
+
+
+@_jit
+def _reflect(i, n):
+    """Index ``i`` of a line of ``n`` values, mirrored about its end values (torch's 'reflect' padding)."""
+    if i < 0:
+        return -i
+    if i >= n:
+        return 2 * (n - 1) - i
+    return i
+
+
+@_jit
+def _blur_rows(src, dst, taps, half, line):
+    """The horizontal pass: each row padded by reflection into ``line``, then the taps as whole-row sums
+    (tap outer, pixel inner: contiguous loops the compiler vectorises). The shifted rows are slices, so
+    every index in the loops is a plain loop counter: an index numba cannot prove non-negative gets a
+    wrap-around check per access, which kept this loop scalar (10x slower)."""
+    c_n, h, w = src.shape
+    w0 = taps[half]
+    middle = line[half : half + w]
+    for c in range(c_n):
+        for y in range(h):
+            row = src[c, y]
+            for x in range(w):
+                middle[x] = row[x]
+            for d in range(1, half + 1):
+                line[half - d] = row[d]
+                line[half + w - 1 + d] = row[w - 1 - d]
+            out = dst[c, y]
+            for x in range(w):
+                out[x] = middle[x] * w0
+            for d in range(1, half + 1):
+                wd = taps[half + d]
+                left = line[half - d : half - d + w]
+                right = line[half + d : half + d + w]
+                for x in range(w):
+                    out[x] += wd * (left[x] + right[x])
+
+
+@_jit
+def _blur_columns(src, dst, taps, half):
+    """The vertical pass: each output row a weighted sum of whole (reflected) rows of ``src``."""
+    c_n, h, w = src.shape
+    w0 = taps[half]
+    for c in range(c_n):
+        for y in range(h):
+            out = dst[c, y]
+            centre = src[c, y]
+            for x in range(w):
+                out[x] = centre[x] * w0
+            for d in range(1, half + 1):
+                wd = taps[half + d]
+                above = src[c, _reflect(y - d, h)]
+                below = src[c, _reflect(y + d, h)]
+                for x in range(w):
+                    out[x] += wd * (above[x] + below[x])
+
+
+@_jit
+def strong_rounded_kernel(x, m, k, jitter, op, taps, halves, threshold, out, scratch, line):
+    """``out[i]`` = view 2's ops on ``x[i]`` (uint8, (n, 3, H, W), any strides), rounded, as float32.
+
+    m (n, 3, 3) and k (n,): the composed jitter (``photometric.jitter_matrix``), applied where
+    ``jitter[i]``; op (n,): the ``STRONG_OPS`` index or -1; taps (n, K) and halves (n,): each image's
+    blur weights, centred at ``taps[i, halves[i]]``; scratch: a float32 (3, H, W) buffer, line one of W + K.
+    """
+    n, _, h, w = x.shape
+    level = np.float32(threshold - 0.5)
+    for i in range(n):
+        y = out[i]
+        if jitter[i]:
+            sr = 0.0
+            sg = 0.0
+            sb = 0.0
+            for r in range(h):
+                for c in range(w):
+                    sr += x[i, 0, r, c]
+                    sg += x[i, 1, r, c]
+                    sb += x[i, 2, r, c]
+            count = h * w
+            mean_luma = np.float32(sr / count) * _LR + np.float32(sg / count) * _LG + np.float32(sb / count) * _LB
+            t = np.float32(k[i] * mean_luma)
+            m00, m01, m02 = m[i, 0, 0], m[i, 0, 1], m[i, 0, 2]
+            m10, m11, m12 = m[i, 1, 0], m[i, 1, 1], m[i, 1, 2]
+            m20, m21, m22 = m[i, 2, 0], m[i, 2, 1], m[i, 2, 2]
+            for r in range(h):
+                for c in range(w):
+                    vr = np.float32(x[i, 0, r, c])
+                    vg = np.float32(x[i, 1, r, c])
+                    vb = np.float32(x[i, 2, r, c])
+                    y[0, r, c] = min(max(m00 * vr + m01 * vg + m02 * vb + t, np.float32(0)), np.float32(255))
+                    y[1, r, c] = min(max(m10 * vr + m11 * vg + m12 * vb + t, np.float32(0)), np.float32(255))
+                    y[2, r, c] = min(max(m20 * vr + m21 * vg + m22 * vb + t, np.float32(0)), np.float32(255))
+        else:
+            for ch in range(3):
+                for r in range(h):
+                    for c in range(w):
+                        y[ch, r, c] = x[i, ch, r, c]
+        if op[i] == GRAYSCALE:
+            for r in range(h):
+                for c in range(w):
+                    g = _LR * y[0, r, c] + _LG * y[1, r, c] + _LB * y[2, r, c]
+                    y[0, r, c] = g
+                    y[1, r, c] = g
+                    y[2, r, c] = g
+        elif op[i] == SOLARIZE:
+            for ch in range(3):
+                for r in range(h):
+                    for c in range(w):
+                        if y[ch, r, c] >= level:
+                            y[ch, r, c] = np.float32(255) - y[ch, r, c]
+        elif op[i] == BLUR and halves[i] > 0:
+            _blur_rows(y, scratch, taps[i], halves[i], line)
+            _blur_columns(scratch, y, taps[i], halves[i])
+        for ch in range(3):
+            for r in range(h):
+                for c in range(w):
+                    y[ch, r, c] = np.rint(y[ch, r, c])
+
+
+def blur_taps(sigma: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(n, K) float32 Gaussian weights over each image's window ``photometric.blur_window`` (centred), and the halves."""
+    from .photometric import blur_window
+
+    sigma = sigma.double().view(-1, 1)
+    halves = (blur_window(sigma.view(-1)) // 2).view(-1, 1)
+    top = max(1, int(halves.max())) if halves.numel() else 1
+    coords = torch.arange(-top, top + 1, dtype=torch.float64).view(1, -1)
+    k = torch.exp(-(coords**2) / (2 * sigma**2)) * (coords.abs() <= halves)
+    k = k / k.sum(dim=1, keepdim=True)
+    # Each image's window centred at its own half: row i is taps[i, top - half_i : top + half_i + 1].
+    taps = np.zeros((sigma.shape[0], 2 * top + 1), dtype=np.float32)
+    for i, half in enumerate(halves.view(-1).tolist()):
+        taps[i, : 2 * half + 1] = k[i, top - half : top + half + 1].numpy()
+    return taps, halves.view(-1).numpy().astype(np.int64)
+
+
+def strong_rounded(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, out: torch.Tensor) -> None:
+    """View 2's ops on uint8 CPU images ``x`` (n, 3, H, W), rounded, into float32 ``out`` (contiguous, same shape)."""
+    from . import photometric as ph
+
+    p = params.detach().cpu().float()
+    n = x.shape[0]
+    m, k = ph.jitter_matrix(p)
+    op = p[:, ph.STRONG_OP].round().long().numpy()
+    sigma = torch.where(torch.from_numpy(op) == BLUR, p[:, ph.BLUR_SIGMA], torch.zeros(n))
+    taps, halves = blur_taps(sigma.clamp(min=1e-3))
+    halves[op != BLUR] = 0
+    strong_rounded_kernel(x.numpy(), m.float().numpy(), k.float().numpy(), (p[:, ph.JITTER_ON] > 0.5).numpy(), op,
+                          taps, halves, int(spec.solarize_threshold), out.numpy(),
+                          np.empty(tuple(x.shape[1:]), dtype=np.float32),
+                          np.empty(x.shape[3] + taps.shape[1], dtype=np.float32))
