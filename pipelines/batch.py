@@ -146,10 +146,19 @@ def normalize_into(out: torch.Tensor, x: torch.Tensor, spec: AugSpec) -> torch.T
     """Write ``x`` (uint8 or float, (B, 3, H, W), 0..255 scale) normalised into float32 ``out``; returns ``out``.
 
     Off the CPU one ``addcmul(shift, x, scale)`` (convert, scale, shift in one
-    kernel). On a CPU a converting copy and two in-place passes: measured 2-3x
-    cheaper than the mixed-dtype broadcasting ``addcmul``, which TensorIterator
-    runs through its slow type-promoting path.
+    kernel). On a CPU, uint8 in: one numba pass where numba is installed
+    (``photometric_numba.normalize``); else a converting copy and two in-place
+    passes, measured 2-3x cheaper than the mixed-dtype broadcasting ``addcmul``,
+    which TensorIterator runs through its slow type-promoting path. Both round
+    twice (the product, then the sum), so they give the same floats.
     """
+    if out.device.type == "cpu" and x.dtype == torch.uint8 and x.device.type == "cpu":
+        from .photometric import _numba_kernels
+
+        kernels = _numba_kernels()
+        if kernels is not None:  # one compiled pass, the same two roundings as below
+            kernels.normalize(x, out, spec)
+            return out
     scale, shift = normalize_constants(spec, out.device)
     if out.device.type != "cpu":
         return torch.addcmul(shift, x, scale, out=out)

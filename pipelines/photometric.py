@@ -401,6 +401,18 @@ def apply_strong_rounded(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, w
         write(i, stop, y)
 
 
+def apply_strong_normalised(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, out: torch.Tensor) -> None:
+    """The ops on uint8 CPU ``x``, rounded, then normalised into float32 ``out`` as ``batch.normalize_into`` does
+    (the CPU-only loader's view 2); with numba, one compiled pass per image straight into ``out``."""
+    kernels = _numba_kernels()
+    if kernels is not None and x.device.type == "cpu" and x.dtype == torch.uint8:
+        kernels.strong_rounded(x, params, spec, out, normalise=True)
+        return
+    from .batch import normalize_into
+
+    apply_strong_rounded(x, params, spec, lambda a, b, y: normalize_into(out[a:b], y, spec))
+
+
 def _numba_kernels():
     """``photometric_numba`` when numba is installed (the ``fast`` extra), else None: the torch ops run instead."""
     global _NUMBA

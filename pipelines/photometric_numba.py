@@ -101,17 +101,19 @@ def _blur_columns(src, dst, taps, half):
 
 
 @_jit
-def strong_rounded_kernel(x, m, k, jitter, op, taps, halves, threshold, out, scratch, line):
+def strong_rounded_kernel(x, m, k, jitter, op, taps, halves, threshold, scale, shift, normalise, out, work, scratch, line):
     """``out[i]`` = view 2's ops on ``x[i]`` (uint8, (n, 3, H, W), any strides), rounded, as float32.
 
     m (n, 3, 3) and k (n,): the composed jitter (``photometric.jitter_matrix``), applied where
     ``jitter[i]``; op (n,): the ``STRONG_OPS`` index or -1; taps (n, K) and halves (n,): each image's
-    blur weights, centred at ``taps[i, halves[i]]``; scratch: a float32 (3, H, W) buffer, line one of W + K.
+    blur weights, centred at ``taps[i, halves[i]]``. With ``normalise``, ``out`` receives
+    ``level * scale[c] + shift[c]`` (``batch.normalize_into``'s two roundings) instead of the level.
+    ``out`` may have any strides; work and scratch: float32 (3, H, W) buffers, line one of W + K.
     """
     n, _, h, w = x.shape
     level = np.float32(threshold - 0.5)
+    y = work
     for i in range(n):
-        y = out[i]
         if jitter[i]:
             sr = 0.0
             sg = 0.0
@@ -156,10 +158,29 @@ def strong_rounded_kernel(x, m, k, jitter, op, taps, halves, threshold, out, scr
         elif op[i] == BLUR and halves[i] > 0:
             _blur_rows(y, scratch, taps[i], halves[i], line)
             _blur_columns(scratch, y, taps[i], halves[i])
+        dst = out[i]
         for ch in range(3):
+            if normalise:
+                a, b = scale[ch], shift[ch]
+                for r in range(h):
+                    for c in range(w):
+                        dst[ch, r, c] = np.rint(y[ch, r, c]) * a + b
+            else:
+                for r in range(h):
+                    for c in range(w):
+                        dst[ch, r, c] = np.rint(y[ch, r, c])
+
+
+@_jit
+def normalize_kernel(x, scale, shift, out):
+    """``out = x * scale[c] + shift[c]`` for uint8 ``x`` (n, 3, H, W), any strides: one pass, same roundings."""
+    n, c_n, h, w = x.shape
+    for i in range(n):
+        for ch in range(c_n):
+            a, b = scale[ch], shift[ch]
             for r in range(h):
                 for c in range(w):
-                    y[ch, r, c] = np.rint(y[ch, r, c])
+                    out[i, ch, r, c] = np.float32(x[i, ch, r, c]) * a + b
 
 
 def blur_taps(sigma: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -179,8 +200,17 @@ def blur_taps(sigma: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return taps, halves.view(-1).numpy().astype(np.int64)
 
 
-def strong_rounded(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, out: torch.Tensor) -> None:
-    """View 2's ops on uint8 CPU images ``x`` (n, 3, H, W), rounded, into float32 ``out`` (contiguous, same shape)."""
+def _normalize_constants(spec: AugSpec) -> tuple[np.ndarray, np.ndarray]:
+    from .batch import normalize_constants
+
+    scale, shift = normalize_constants(spec, "cpu")
+    return scale.view(-1).numpy(), shift.view(-1).numpy()
+
+
+def strong_rounded(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, out: torch.Tensor,
+                   normalise: bool = False) -> None:
+    """View 2's ops on uint8 CPU images ``x`` (n, 3, H, W), rounded, into float32 ``out`` (same shape, any
+    strides); with ``normalise``, normalised as ``batch.normalize_into`` would."""
     from . import photometric as ph
 
     p = params.detach().cpu().float()
@@ -190,7 +220,15 @@ def strong_rounded(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, out: to
     sigma = torch.where(torch.from_numpy(op) == BLUR, p[:, ph.BLUR_SIGMA], torch.zeros(n))
     taps, halves = blur_taps(sigma.clamp(min=1e-3))
     halves[op != BLUR] = 0
+    scale, shift = _normalize_constants(spec)
+    plane = tuple(x.shape[1:])
     strong_rounded_kernel(x.numpy(), m.float().numpy(), k.float().numpy(), (p[:, ph.JITTER_ON] > 0.5).numpy(), op,
-                          taps, halves, int(spec.solarize_threshold), out.numpy(),
-                          np.empty(tuple(x.shape[1:]), dtype=np.float32),
+                          taps, halves, int(spec.solarize_threshold), scale, shift, normalise, out.numpy(),
+                          np.empty(plane, dtype=np.float32), np.empty(plane, dtype=np.float32),
                           np.empty(x.shape[3] + taps.shape[1], dtype=np.float32))
+
+
+def normalize(x: torch.Tensor, out: torch.Tensor, spec: AugSpec) -> None:
+    """uint8 CPU images (n, 3, H, W) normalised into float32 ``out`` (any strides), equal to ``batch.normalize_into``."""
+    scale, shift = _normalize_constants(spec)
+    normalize_kernel(x.numpy(), scale, shift, out.numpy())

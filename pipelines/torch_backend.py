@@ -482,9 +482,7 @@ class DualViewDataset(torch.utils.data.Dataset):
                 if normalised is None:
                     photometric.apply_strong_uint8(view2, params, spec, out=view2)
                 else:  # straight from the ops' rounded floats: the same values as through uint8, one pass less
-                    out2 = normalised[1]
-                    photometric.apply_strong_rounded(
-                        view2, params, spec, lambda a, b, y: normalize_into(out2[a:b], y, spec))
+                    photometric.apply_strong_normalised(view2, params, spec, normalised[1])
                 params = None
         if normalised is not None:
             if params is not None:

@@ -248,3 +248,35 @@ def test_compiled_cpu_ops_equal_the_torch_ops(monkeypatch):
     diff = (compiled.int() - reference.int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
     assert not torch.equal(compiled, x)  # the ops did something
+
+
+def test_compiled_normalisation_gives_the_same_floats(monkeypatch):
+    """The CPU-only loader's compiled normalisation (view 1) and view 2's ops written normalised in the same
+    pass equal the torch passes bit for bit (the same two roundings), into planar or channels-last memory."""
+    pytest.importorskip("numba")
+    from lut_fast.pipelines.batch import normalize_into
+
+    spec = AugSpec(img_size=40)
+    g = torch.Generator().manual_seed(3)
+    n = 12
+    x = torch.randint(0, 256, (n, 3, 40, 40), dtype=torch.uint8, generator=g)
+    params = ph.sample_params(spec, n, g)
+    params[:, ph.STRONG_OP] = torch.arange(n) % 4 - 1
+
+    def run():
+        view1 = normalize_into(torch.empty(n, 3, 40, 40), x, spec)
+        planar = torch.empty(n, 3, 40, 40)
+        ph.apply_strong_normalised(x, params, spec, planar)
+        nhwc = torch.empty(n, 40, 40, 3).permute(0, 3, 1, 2)
+        ph.apply_strong_normalised(x, params, spec, nhwc)
+        assert torch.equal(planar, nhwc)
+        return view1, planar
+
+    assert ph._numba_kernels() is not None
+    compiled = run()
+    compiled_rounded = ph.apply_strong_uint8(x, params, spec)
+    monkeypatch.setattr(ph, "_NUMBA", None)
+    torch_ops = run()
+    assert torch.equal(compiled[0], torch_ops[0])
+    # view 2: both paths normalise their own rounded levels the same way
+    assert torch.equal(compiled[1], normalize_into(torch.empty(n, 3, 40, 40), compiled_rounded, spec))
