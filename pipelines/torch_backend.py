@@ -935,7 +935,10 @@ class TorchLoader:
             # key stream (resume) would otherwise shift that. The views never use these seeds.
             generator=torch.Generator().manual_seed(seed),
             worker_init_fn=_worker_init,
-            prefetch_factor=4 if num_workers > 0 else None,
+            # Batches in flight live in shared memory (77 MB each for LUT at 256 x 224 px): 4 per worker on
+            # small machines, 2 each where there are many workers (a GPU node's default), still several
+            # times what the consumer needs while a worker builds its next batch.
+            prefetch_factor=(4 if num_workers <= AUTO_THREADS_MAX else 2) if num_workers > 0 else None,
         )
 
     def __len__(self) -> int:
