@@ -511,8 +511,10 @@ def test_gpu_check_preset_quick(tmp_path):
     stage = keys["feed/device-stage-host/lut/b4"]
     assert stage["status"] == "ok" and stage["host_cpu_ms_per_image"] > 0 and stage["host_cpu_ms_per_image_one_thread"] > 0
     assert "aten::" in (tmp_path / "device_stage_profile.txt").read_text()  # the profiler's table of host ops
+    e2e = keys["e2e/torch/lut_sym/vit_tiny"]
+    assert e2e["status"] == "ok" and e2e["images_per_sec"] > 0 and 0 <= e2e["data_wait_frac"] <= 1
     text = (tmp_path / "gpu_check.txt").read_text()
-    assert "bench train" in text and "bench feed" in text
+    assert "bench train" in text and "bench feed" in text and "bench e2e" in text
 
 
 def test_bench_gpu_without_cuda_says_so_at_once(tmp_path):

@@ -18,7 +18,9 @@ What it measures (bf16, synthetic on-device inputs for the train step):
    at the trainer's batch size (images/s, CPU ms per image of the process tree
    and of the training process), and the device stage's host CPU with its
    ``torch.profiler`` table (``device_stage_profile.txt``);
-4. train step, ``torch.compile``: MAE and LUT symmetric for both models, as
+4. end to end (``bench e2e``): the real train loop on the torch backend, ViT-B
+   LUT symmetric, eager: images/s and the share of each step spent waiting for data;
+5. train step, ``torch.compile``: MAE and LUT symmetric for both models, as
    long as the time budget allows (a skipped row says so).
 
 Without a visible CUDA device it stops at once with exit code 2 (``--quick``
@@ -276,6 +278,22 @@ def run_gpu_check(out: Path, budget_s: float = 420.0, quick: bool = False, boot_
             feed_rows()
         except Exception as e:  # noqa: BLE001 - the compiled train steps below still run
             add(row("feed", "feed/gpu_check", "failed", f"{type(e).__name__}: {str(e)[:300]}"))
+
+    # 2c. end to end: the real train loop on the torch backend (ViT-B LUT, eager), whether it waits for data.
+    if left() > 75:
+        from lut_fast.bench.e2e import run_e2e
+
+        e2e_model, e2e_batch = ("vit_tiny", 4) if quick else ("vit_base", 256)
+        e2e_steps, e2e_warmup = (4, 1) if quick else (30, 8)
+        try:
+            r, _ = run_e2e("lut", e2e_model, "torch", f"photos:{n_files}", e2e_batch, feed_loaders[0][2], e2e_steps,
+                           e2e_warmup, img, dev.type, precision, False, sets + [f"model.patch_size={patch}"])
+            r["key"], r["label"] = f"e2e/torch/lut_sym/{e2e_model}", f"e2e {e2e_model} LUT symmetric, torch backend"
+            add(r)
+        except Exception as e:  # noqa: BLE001 - the compiled train steps below still run
+            add(row("e2e", f"e2e/torch/lut_sym/{e2e_model}", "failed", f"{type(e).__name__}: {str(e)[:300]}"))
+    else:
+        add(row("e2e", "e2e/torch/lut_sym", "skipped", f"time budget ({left():.0f}s left)"))
 
     # 3. compiled train steps while the budget lasts: the larger model first (the paper's 1.18 is for ViT-B);
     #    a row starts only if its estimated cost (compile included) still fits in the budget.
