@@ -6,7 +6,9 @@ from ``AugSpec``:
 * LUT: decode once -> resize the shorter side to S once -> reflect-pad once;
   then per view an independent S x S crop and flip (on the CPU all of that
   after the resize is one numba operator, ``src_views_cpu``: DALI's CPU
-  copy kernels made it cost more than the decode); view 2 also gets color
+  copy kernels made it cost more than the decode; and the CPU shrink is
+  FFCV's area filter as a numba operator, ``area_shrink_cpu``: DALI's
+  antialiased resize cost more than the decode too); view 2 also gets color
   jitter (``if coin(jitter_p)``) and exactly one of grayscale / solarize /
   blur, chosen per sample with DALI conditionals (``enable_conditionals``;
   computing all three and selecting was about 2x slower).

@@ -38,7 +38,7 @@ floats on the 0..255 scale inside the kernels.
 The one deviation: shrinking to the shorter side S uses an area filter
 (what FFCV's own decoders use, through OpenCV's INTER_AREA: an antialiased
 box filter) rather than bicubic, computed here with OpenCV's weights
-(``resize_area_down``, several times faster than OpenCV at non-integer
+(``area_resize.resize_area_down``, shared with DALI's CPU graph, several times faster than OpenCV at non-integer
 factors); enlarging (images stored below S) is bicubic, in numba here. JPEGs much larger than S are
 decoded at 1/2, 1/4 or 1/8 scale by libjpeg-turbo first (the scaled
 shorter side stays >= S).
