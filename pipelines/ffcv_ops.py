@@ -38,7 +38,7 @@ floats on the 0..255 scale inside the kernels.
 The one deviation: shrinking to the shorter side S uses an area filter
 (what FFCV's own decoders use, through OpenCV's INTER_AREA: an antialiased
 box filter) rather than bicubic, computed here with OpenCV's weights
-(``resize_area_down``, several times faster than OpenCV at non-integer
+(``area_resize.resize_area_down``, shared with DALI's CPU graph, several times faster than OpenCV at non-integer
 factors); enlarging (images stored below S) is bicubic, in numba here. JPEGs much larger than S are
 decoded at 1/2, 1/4 or 1/8 scale by libjpeg-turbo first (the scaled
 shorter side stays >= S).
@@ -65,25 +65,9 @@ from ffcv.pipeline.operation import Operation  # noqa: E402
 
 torch.set_num_threads(_torch_threads)
 
+from .area_resize import resize_area_down  # noqa: E402  (numba cache folder set there, before the kernels below)
 from .spec import STRONG_OPS, AugSpec  # noqa: E402
 
-def _use_lut_fast_cache_dir() -> None:
-    """Keep numba's on-disk cache under lut-fast's cache folder (``$LUT_FAST_CACHE``, else ~/.cache/lut_fast).
-
-    Without it numba writes beside the installed sources, or, where those are read-only (a system
-    install, a container image), under a per-user folder of its own; one known place is easier to
-    keep between container runs (mount it) and to clear. ``NUMBA_CACHE_DIR`` set by the user wins.
-    """
-    import os
-
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
-    from lut_fast.datasets.builtin import cache_root
-
-    numba.config.CACHE_DIR = str(cache_root() / "numba")
-
-
-_use_lut_fast_cache_dir()
 # Small kernels called from FFCV's generated code. cache=True keeps their
 # machine code on disk (first use compiles; later processes load it), so a new
 # Loader compiles only FFCV's own generated stage functions, which numba cannot
@@ -186,80 +170,6 @@ def resize_bicubic_up(src, dst, tmp):
                     if 0 <= i < h:
                         acc += wts[o, t] * rows[i, x, c]
                 dst[o, x, c] = np.uint8(min(max(np.floor(acc + 0.5), 0.0), 255.0))
-
-
-@_jit
-def _area_taps(n_in, n_out):
-    """Per output index: source indices and weights of the area (box) filter shrinking n_in to n_out.
-
-    The weights are each source pixel's share of the output pixel's footprint [o * scale, (o + 1) * scale),
-    computed as OpenCV's INTER_AREA computes them (partial pixels below 1e-3 of a pixel dropped), so this
-    filter and FFCV's resize (OpenCV's) make the same pixels up to float rounding.
-    """
-    scale = n_in / n_out
-    k = int(np.ceil(scale)) + 1
-    index = np.zeros((n_out, k), np.int64)
-    weights = np.zeros((n_out, k), np.float32)
-    for o in range(n_out):
-        lo = o * scale
-        hi = lo + scale
-        cell = min(scale, n_in - lo)
-        first = min(int(np.ceil(lo)), n_in - 1)
-        last = min(int(np.floor(hi)), n_in - 1)
-        first = min(first, last)
-        t = 0
-        if first - lo > 1e-3:
-            index[o, t], weights[o, t] = first - 1, (first - lo) / cell
-            t += 1
-        for i in range(first, last):
-            index[o, t], weights[o, t] = i, 1.0 / cell
-            t += 1
-        if hi - last > 1e-3:
-            index[o, t], weights[o, t] = last, min(min(hi - last, 1.0), cell) / cell
-            t += 1
-        for u in range(t, k):  # unused taps: weight 0 on a valid index
-            index[o, u] = index[o, 0]
-    return index, weights
-
-
-@_jit
-def resize_area_down(src, top, bottom, left, right, dst, acc):
-    """Area (box) shrink of uint8 ``src[top:bottom, left:right]`` (h, w, 3) into dst (H, W, 3), H <= h, W <= w
-    (the arguments of FFCV's ``resize_crop``); ``acc``: >= w*3 floats.
-
-    Separable: each output row is first the weighted sum of its source rows (one contiguous multiply-add
-    per tap over the whole row, which numba vectorises), then the few taps across. About three times
-    faster than OpenCV's INTER_AREA at the non-integer factors that ImageNet-sized photos need (OpenCV
-    has a fast path for integer factors only), with the same weights (``_area_taps``).
-    """
-    h, w, big_h, big_w = bottom - top, right - left, dst.shape[0], dst.shape[1]
-    full = 3 * src.shape[1]
-    rows_i, rows_w = _area_taps(h, big_h)
-    cols_i, cols_w = _area_taps(w, big_w)
-    n = 3 * w
-    row = acc[:n]
-    half = np.float32(0.5)
-    for o in range(big_h):
-        for e in range(n):
-            row[e] = 0.0
-        for t in range(rows_i.shape[1]):
-            wt = rows_w[o, t]
-            if wt == 0.0:
-                continue
-            line = src[top + rows_i[o, t]].reshape(full)[3 * left : 3 * right]  # 1-d C slices: vectorised
-            for e in range(n):
-                row[e] += wt * line[e]
-        out = dst[o]
-        for x in range(big_w):
-            v0 = v1 = v2 = np.float32(0.0)
-            for t in range(cols_i.shape[1]):
-                wt, i = cols_w[x, t], 3 * cols_i[x, t]
-                v0 += wt * row[i]
-                v1 += wt * row[i + 1]
-                v2 += wt * row[i + 2]
-            out[x, 0] = np.uint8(min(np.floor(v0 + half), np.float32(255.0)))
-            out[x, 1] = np.uint8(min(np.floor(v1 + half), np.float32(255.0)))
-            out[x, 2] = np.uint8(min(np.floor(v2 + half), np.float32(255.0)))
 
 
 @_jit

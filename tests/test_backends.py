@@ -511,6 +511,56 @@ def test_dali_cpu_src_views_match_numpy_reflect_pad_crop_and_flip():
             np.testing.assert_array_equal(np.array(out[v][i]), want, err_msg=f"image {i} {img.shape}, view {v + 1}")
 
 
+def test_dali_cpu_shorter_side_shrink_is_the_shared_area_filter():
+    """The CPU graph (numba available) shrinks the shorter side to S with ``area_resize.resize_area_down`` (FFCV's
+    filter, OpenCV's INTER_AREA weights): equal to the kernel, and to OpenCV within test_ffcv_ops' tolerance;
+    an image at S passes unchanged, a smaller one is enlarged by ``fn.resize`` to the same rounded size."""
+    import io
+
+    import cv2
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+    from PIL import Image
+
+    from lut_fast.pipelines.area_resize import resize_area_down
+    from lut_fast.pipelines.dali_backend import decode, resize_shorter
+
+    spec = AugSpec(img_size=16)
+    rng = np.random.default_rng(4)
+    # (shape, resized shape): shrinks in both orientations at non-integer and integer factors, S, an enlargement
+    cases = [((40, 50), (16, 20)), ((50, 33), (24, 16)), ((32, 64), (16, 32)), ((16, 30), (16, 30)),
+             ((12, 20), (16, 27))]
+    jpegs = []
+    for (h, w), _ in cases:
+        img = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        img[:, : w // 2] = np.linspace(0, 255, w // 2, dtype=np.uint8)[None, :, None]  # smooth too
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        jpegs.append(np.frombuffer(buf.getvalue(), np.uint8))
+
+    @pipeline_def(enable_conditionals=True)
+    def shorter_side():
+        data = fn.external_source(source=lambda: jpegs, batch=True)
+        images = decode(data, "cpu")
+        resized, _, _ = resize_shorter(data, images, spec, need_size=False)
+        return images, resized
+
+    pipe = shorter_side(batch_size=len(jpegs), num_threads=2, device_id=None)
+    pipe.build()
+    decoded, resized = pipe.run()
+    for i, ((h, w), (nh, nw)) in enumerate(cases):
+        src, got = np.array(decoded[i]), np.array(resized[i])
+        assert got.shape == (nh, nw, 3), (i, got.shape)
+        if min(h, w) == spec.img_size:
+            np.testing.assert_array_equal(got, src)
+        elif min(h, w) > spec.img_size:
+            kernel = np.empty((nh, nw, 3), np.uint8)
+            resize_area_down(src, 0, h, 0, w, kernel, np.empty(3 * w, np.float32))
+            np.testing.assert_array_equal(got, kernel, err_msg=f"image {i} {src.shape}")
+            diff = np.abs(got.astype(int) - cv2.resize(src, (nw, nh), interpolation=cv2.INTER_AREA))
+            assert diff.max() <= 1 and np.mean(diff > 0) < 0.01, (i, diff.max(), np.mean(diff > 0))
+
+
 @pytest.mark.parametrize("backend,key", [("ffcv", "beton"), ("dali", "shards")])
 def test_device_mode_hands_over_uint8_and_resumable_params(probe, backend, key):
     """photometric_on=device: raw batches are uint8 NCHW with view 2's parameters, which depend on (seed, epoch,
