@@ -9,29 +9,9 @@ than DALI's antialiased ``fn.resize`` on the CPU.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
-
-def _use_lut_fast_cache_dir() -> None:
-    """Keep numba's on-disk cache under lut-fast's cache folder (``$LUT_FAST_CACHE``, else ~/.cache/lut_fast).
-
-    Without it numba writes beside the installed sources, or, where those are read-only (a system
-    install, a container image), under a per-user folder of its own; one known place is easier to
-    keep between container runs (mount it) and to clear. ``NUMBA_CACHE_DIR`` set by the user wins.
-    """
-    import os
-
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
-    from lut_fast.datasets.builtin import cache_root
-
-    numba.config.CACHE_DIR = str(cache_root() / "numba")
-
-
-_use_lut_fast_cache_dir()
-# cache=True keeps the machine code on disk (first use compiles; later processes load it).
-_jit = numba.njit(cache=True, nogil=True)
+from .numba_cache import jit as _jit  # numba's cache folder is set there
 
 
 @_jit

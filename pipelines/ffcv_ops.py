@@ -68,11 +68,9 @@ torch.set_num_threads(_torch_threads)
 from .area_resize import resize_area_down  # noqa: E402  (numba cache folder set there, before the kernels below)
 from .spec import STRONG_OPS, AugSpec  # noqa: E402
 
-# Small kernels called from FFCV's generated code. cache=True keeps their
-# machine code on disk (first use compiles; later processes load it), so a new
-# Loader compiles only FFCV's own generated stage functions, which numba cannot
-# cache (they are closures).
-_jit = numba.njit(cache=True, nogil=True)
+# Small kernels called from FFCV's generated code, cached on disk (numba_cache), so a new Loader
+# compiles only FFCV's own generated stage functions, which numba cannot cache (they are closures).
+from .numba_cache import jit as _jit  # noqa: E402
 # FFCV's ctypes wrappers, compiled once here rather than once per Loader: a per-Loader copy
 # is garbage collected with its Loader, and numba's finaliser then prints a KeyError.
 _imdecode = numba.njit(nogil=True)(imdecode)

@@ -18,29 +18,16 @@ when numba is installed and the torch ops otherwise.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 
+from .numba_cache import jit as _jit
 from .spec import STRONG_OPS, AugSpec
 
 GRAYSCALE, SOLARIZE, BLUR = (STRONG_OPS.index(op) for op in ("grayscale", "solarize", "blur"))
 _LR, _LG, _LB = np.float32(0.299), np.float32(0.587), np.float32(0.114)  # photometric.LUMA
 
 
-def _use_lut_fast_cache_dir() -> None:
-    """numba's on-disk cache under lut-fast's cache folder (see ``ffcv_ops``); ``NUMBA_CACHE_DIR`` wins."""
-    import os
-
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
-    from lut_fast.datasets.builtin import cache_root
-
-    numba.config.CACHE_DIR = str(cache_root() / "numba")
-
-
-_use_lut_fast_cache_dir()
-_jit = numba.njit(cache=True, nogil=True)
 
 
 @_jit
