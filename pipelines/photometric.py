@@ -5,7 +5,9 @@ One implementation, used in two places: in the torch backend's data workers
 training device (``batch.finish_batch``, ``photometric_on=device``) for every
 backend that hands over uint8 views. Every op takes per-sample parameters,
 so a batch is processed in a handful of vectorised calls and the result does
-not depend on which other images share the batch.
+not depend on which other images share the batch. In the CPU loader, where
+numba is installed, ``photometric_numba`` runs these same definitions in one
+compiled pass per image (pinned against this module by the tests).
 
 What the ops are (every number from ``AugSpec``):
 

@@ -12,8 +12,9 @@ loader's threads run it in parallel.
 The results equal the torch ops up to float rounding: sums in another order
 or fused differently can move a value lying within a few ulps of a half
 level to the other whole level (``tests/test_photometric.py`` bounds how
-often). ``photometric.apply_strong_rounded`` uses this module for CPU tensors
-when numba is installed and the torch ops otherwise.
+often). ``photometric.apply_strong_rounded`` / ``apply_strong_normalised`` and
+``batch.normalize_into`` use this module for uint8 CPU tensors when numba is
+installed, and the torch ops otherwise (``photometric._numba_kernels``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from .spec import STRONG_OPS, AugSpec
 
 GRAYSCALE, SOLARIZE, BLUR = (STRONG_OPS.index(op) for op in ("grayscale", "solarize", "blur"))
 _LR, _LG, _LB = np.float32(0.299), np.float32(0.587), np.float32(0.114)  # photometric.LUMA
-
-
 
 
 @_jit
