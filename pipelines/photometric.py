@@ -211,19 +211,28 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int | None 
     shifted slices (``_blur_shifted``); elsewhere one grouped convolution for
     the batch (the taps beyond an image's window have weight 0).
     """
-    n = x.shape[0]
-    sigma = sigma.to(dtype=torch.float64).view(-1, 1).cpu()
-    half_each = (blur_window(sigma.view(-1)) // 2).view(-1, 1) if kernel_size is None else None
-    half = int(half_each.max()) if half_each is not None else kernel_size // 2
-    coords = torch.arange(-half, half + 1, dtype=torch.float64).view(1, -1)
-    k = torch.exp(-(coords**2) / (2 * sigma**2))
-    if half_each is not None:
-        k = k * (coords.abs() <= half_each)
-    k = k / k.sum(dim=1, keepdim=True)  # (n, 2*half+1), float64
+    k, halves = gaussian_taps(sigma, kernel_size)
     if x.device.type == "cpu":
-        halves = [half] * n if half_each is None else half_each.view(-1).tolist()
-        return _blur_shifted(x, k, halves)
+        return _blur_shifted(x, k, halves.tolist())
     return _blur_grouped_conv(x, k)
+
+
+def gaussian_taps(sigma: torch.Tensor, kernel_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's normalised Gaussian weights (n, 2 * half + 1), float64, centred, and its own half-window (n,).
+
+    ``kernel_size=None``: image i's window is ``blur_window(sigma[i])`` (the taps beyond it are 0, the
+    row is as wide as the widest window); an int: every image over that window.
+    """
+    sigma = sigma.to(dtype=torch.float64).view(-1, 1).cpu()
+    if kernel_size is None:
+        halves = blur_window(sigma.view(-1)) // 2
+        half = int(halves.max()) if halves.numel() else 0
+    else:
+        half = kernel_size // 2
+        halves = torch.full((sigma.shape[0],), half, dtype=torch.long)
+    coords = torch.arange(-half, half + 1, dtype=torch.float64).view(1, -1)
+    k = torch.exp(-(coords**2) / (2 * sigma**2)) * (coords.abs() <= halves.view(-1, 1))
+    return k / k.sum(dim=1, keepdim=True), halves
 
 
 def _blur_grouped_conv(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -92,9 +92,9 @@ def strong_rounded_kernel(x, m, k, jitter, op, taps, halves, threshold, scale, s
 
     m (n, 3, 3) and k (n,): the composed jitter (``photometric.jitter_matrix``), applied where
     ``jitter[i]``; op (n,): the ``STRONG_OPS`` index or -1; taps (n, K) and halves (n,): each image's
-    blur weights, centred at ``taps[i, halves[i]]``. With ``normalise``, ``out`` receives
-    ``level * scale[c] + shift[c]`` (``batch.normalize_into``'s two roundings) instead of the level.
-    ``out`` may have any strides; work and scratch: float32 (3, H, W) buffers, line one of W + K.
+    blur weights (``photometric.gaussian_taps``: every row centred at column K // 2). With
+    ``normalise``, ``out`` receives ``level * scale[c] + shift[c]`` (``batch.normalize_into``'s two
+    roundings) instead of the level. ``out`` may have any strides; work and scratch: float32 (3, H, W) buffers, line one of W + K.
     """
     n, _, h, w = x.shape
     level = np.float32(threshold - 0.5)
@@ -142,8 +142,9 @@ def strong_rounded_kernel(x, m, k, jitter, op, taps, halves, threshold, scale, s
                         if y[ch, r, c] >= level:
                             y[ch, r, c] = np.float32(255) - y[ch, r, c]
         elif op[i] == BLUR and halves[i] > 0:
-            _blur_rows(y, scratch, taps[i], halves[i], line)
-            _blur_columns(scratch, y, taps[i], halves[i])
+            image_taps = taps[i, taps.shape[1] // 2 - halves[i] :]  # centred at its own half
+            _blur_rows(y, scratch, image_taps, halves[i], line)
+            _blur_columns(scratch, y, image_taps, halves[i])
         dst = out[i]
         for ch in range(3):
             if normalise:
@@ -169,23 +170,6 @@ def normalize_kernel(x, scale, shift, out):
                     out[i, ch, r, c] = np.float32(x[i, ch, r, c]) * a + b
 
 
-def blur_taps(sigma: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(n, K) float32 Gaussian weights over each image's window ``photometric.blur_window`` (centred), and the halves."""
-    from .photometric import blur_window
-
-    sigma = sigma.double().view(-1, 1)
-    halves = (blur_window(sigma.view(-1)) // 2).view(-1, 1)
-    top = max(1, int(halves.max())) if halves.numel() else 1
-    coords = torch.arange(-top, top + 1, dtype=torch.float64).view(1, -1)
-    k = torch.exp(-(coords**2) / (2 * sigma**2)) * (coords.abs() <= halves)
-    k = k / k.sum(dim=1, keepdim=True)
-    # Each image's window centred at its own half: row i is taps[i, top - half_i : top + half_i + 1].
-    taps = np.zeros((sigma.shape[0], 2 * top + 1), dtype=np.float32)
-    for i, half in enumerate(halves.view(-1).tolist()):
-        taps[i, : 2 * half + 1] = k[i, top - half : top + half + 1].numpy()
-    return taps, halves.view(-1).numpy().astype(np.int64)
-
-
 def _normalize_constants(spec: AugSpec) -> tuple[np.ndarray, np.ndarray]:
     from .batch import normalize_constants
 
@@ -204,12 +188,13 @@ def strong_rounded(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, out: to
     m, k = ph.jitter_matrix(p)
     op = p[:, ph.STRONG_OP].round().long().numpy()
     sigma = torch.where(torch.from_numpy(op) == BLUR, p[:, ph.BLUR_SIGMA], torch.zeros(n))
-    taps, halves = blur_taps(sigma.clamp(min=1e-3))
+    taps, halves = ph.gaussian_taps(sigma.clamp(min=1e-3))  # rows centred at column taps.shape[1] // 2
+    halves = halves.numpy().copy()
     halves[op != BLUR] = 0
     scale, shift = _normalize_constants(spec)
     plane = tuple(x.shape[1:])
     strong_rounded_kernel(x.numpy(), m.float().numpy(), k.float().numpy(), (p[:, ph.JITTER_ON] > 0.5).numpy(), op,
-                          taps, halves, int(spec.solarize_threshold), scale, shift, normalise, out.numpy(),
+                          taps.float().numpy(), halves, int(spec.solarize_threshold), scale, shift, normalise, out.numpy(),
                           np.empty(plane, dtype=np.float32), np.empty(plane, dtype=np.float32),
                           np.empty(x.shape[3] + taps.shape[1], dtype=np.float32))
 
