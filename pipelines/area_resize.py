@@ -15,6 +15,14 @@ from .numba_cache import jit as _jit  # numba's cache folder is set there
 
 
 @_jit
+def shorter_side_size(h, w, s):
+    """(height, width) after resizing the shorter side to s (longer side rounded, never below s)."""
+    if h <= w:
+        return s, max(s, int(np.floor(w * s / h + 0.5)))
+    return max(s, int(np.floor(h * s / w + 0.5))), s
+
+
+@_jit
 def _area_taps(n_in, n_out):
     """Per output index: source indices and weights of the area (box) filter shrinking n_in to n_out.
 

@@ -154,7 +154,7 @@ def _area_shrink_kernel(size: int):
     """Per-sample body and output shapes of ``area_shrink_cpu``: shorter side to ``size`` (longer side rounded)."""
     import numpy as np  # numba resolves globals of the closure; keep them local and explicit
 
-    from .area_resize import resize_area_down
+    from .area_resize import resize_area_down, shorter_side_size
 
     S = size
 
@@ -164,11 +164,7 @@ def _area_shrink_kernel(size: int):
 
     def setup(outs, ins):
         for i in range(len(outs[0])):
-            h, w = ins[0][i][0], ins[0][i][1]
-            if h <= w:  # as ``_resized_size``: the longer side rounded half up, never below S
-                nh, nw = S, max(S, int(np.floor(w * S / h + 0.5)))
-            else:
-                nh, nw = max(S, int(np.floor(h * S / w + 0.5))), S
+            nh, nw = shorter_side_size(ins[0][i][0], ins[0][i][1], S)  # as ``_resized_size``
             outs[0][i][0], outs[0][i][1], outs[0][i][2] = nh, nw, 3
 
     return kernel, setup

@@ -65,7 +65,7 @@ from ffcv.pipeline.operation import Operation  # noqa: E402
 
 torch.set_num_threads(_torch_threads)
 
-from .area_resize import resize_area_down  # noqa: E402  (numba cache folder set there, before the kernels below)
+from .area_resize import resize_area_down, shorter_side_size  # noqa: E402  (numba cache folder set there, before the kernels below)
 from .spec import STRONG_OPS, AugSpec  # noqa: E402
 
 # Small kernels called from FFCV's generated code, cached on disk (numba_cache), so a new Loader
@@ -100,14 +100,6 @@ def jpeg_scale_denominator(short, target):
         if (short + d - 1) // d >= target:
             return d
     return 1
-
-
-@_jit
-def shorter_side_size(h, w, s):
-    """(height, width) after resizing the shorter side to s (longer side rounded, never below s)."""
-    if h <= w:
-        return s, max(s, int(np.floor(w * s / h + 0.5)))
-    return max(s, int(np.floor(h * s / w + 0.5))), s
 
 
 @_jit
