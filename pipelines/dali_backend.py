@@ -9,11 +9,17 @@ from ``AugSpec``:
   copy kernels made it cost more than the decode; and the CPU shrink is
   FFCV's area filter as a numba operator, ``area_shrink_cpu``: DALI's
   antialiased resize cost more than the decode too); view 2 also gets color
-  jitter (``if coin(jitter_p)``) and exactly one of grayscale / solarize /
-  blur, chosen per sample with DALI conditionals (``enable_conditionals``;
-  computing all three and selecting was about 2x slower).
+  jitter and exactly one of grayscale / solarize / blur. On the CPU with
+  numba those ops and the normalisation are one numba operator,
+  ``strong_normalised_cpu``, running the torch backend's compiled CPU ops
+  (``photometric_numba``) on parameters drawn per batch in the loader's
+  process (an external source). Elsewhere (the GPU graph; no numba) they
+  are DALI's operators: jitter under ``if coin(jitter_p)`` and the op chosen
+  per sample with DALI conditionals (``enable_conditionals``; computing all
+  three and selecting was about 2x slower).
 * MAE: ``decoders.image_random_crop`` (decodes only the crop) -> resize to
-  S x S -> flip.
+  S x S (on the CPU with numba, crops with both sides >= S shrink with the
+  area filter, ``area_shrink_cpu``) -> flip.
 
 Devices: with a CUDA device the JPEG decode is ``mixed`` (nvJPEG) and every
 image op, view 2's photometric ops included, runs on the GPU; the views
@@ -21,9 +27,10 @@ arrive normalised there, whatever ``photometric_on`` says. Otherwise the
 whole graph is CPU-only (``device_id=None``), and ``photometric_on`` picks:
 ``loader`` runs view 2's ops and the normalisation in DALI's threads (float
 views out: what CPU training wants); ``device`` stops at the uint8 crops and
-hands view 2's parameters, drawn per batch in this process
-(``strong_params.py``), to ``finish_batch``, which applies the ops batched
+hands view 2's parameters to ``finish_batch``, which applies the ops batched
 wherever the batch goes (what a GPU run that decodes on the CPU wants).
+Either way the CPU graph's view-2 parameters are drawn per batch in this
+process (``strong_params.py``): batch k gets the same ones in both modes.
 
 Color jitter is an implementation of torchvision's, not a copy: brightness
 and contrast are one arithmetic expression around the image's mean luma,
@@ -150,8 +157,9 @@ def resize_shorter(jpegs, images, spec: AugSpec, need_size: bool = True):
     return resized, nh, nw
 
 
-def _area_shrink_kernel(size: int):
-    """Per-sample body and output shapes of ``area_shrink_cpu``: shorter side to ``size`` (longer side rounded)."""
+def _area_shrink_kernel(size: int, square: bool = False):
+    """Per-sample body and output shapes of ``area_shrink_cpu``: shorter side to ``size`` (longer side rounded),
+    or with ``square`` both sides to ``size``."""
     import numpy as np  # numba resolves globals of the closure; keep them local and explicit
 
     from .area_resize import resize_area_down, shorter_side_size
@@ -164,27 +172,31 @@ def _area_shrink_kernel(size: int):
 
     def setup(outs, ins):
         for i in range(len(outs[0])):
-            nh, nw = shorter_side_size(ins[0][i][0], ins[0][i][1], S)  # as ``_resized_size``
+            if square:
+                nh, nw = S, S
+            else:
+                nh, nw = shorter_side_size(ins[0][i][0], ins[0][i][1], S)  # as ``_resized_size``
             outs[0][i][0], outs[0][i][1], outs[0][i][2] = nh, nw, 3
 
     return kernel, setup
 
 
 @functools.lru_cache(maxsize=8)
-def _area_shrink_op(size: int):
-    """DALI's numba operator around ``_area_shrink_kernel``, compiled once per process and size."""
+def _area_shrink_op(size: int, square: bool = False):
+    """DALI's numba operator around ``_area_shrink_kernel``, compiled once per process and setting."""
     from nvidia.dali.plugin.numba import NumbaFunction
 
-    kernel, setup = _area_shrink_kernel(size)
+    kernel, setup = _area_shrink_kernel(size, square)
     return NumbaFunction(run_fn=kernel, setup_fn=setup, out_types=[types.UINT8], in_types=[types.UINT8],
                          outs_ndim=[3], ins_ndim=[3], batch_processing=False, device="cpu")
 
 
-def area_shrink_cpu(images, size: int):
-    """Shorter side of uint8 HWC CPU images, all with both sides above ``size``, down to ``size`` with the
-    area filter of ``area_resize`` (OpenCV's INTER_AREA weights; FFCV's filter): a third of the CPU time
-    of ``fn.resize``'s antialiased filter on ImageNet-sized photos (docs/benchmarks/README.md)."""
-    return fn.reshape(_area_shrink_op(size)(images), layout="HWC")  # the numba operator sets no layout; no copy
+def area_shrink_cpu(images, size: int, square: bool = False):
+    """Shorter side of uint8 HWC CPU images, all with both sides above ``size``, down to ``size`` (with
+    ``square``: both sides) with the area filter of ``area_resize`` (OpenCV's INTER_AREA weights; FFCV's
+    filter): a third of the CPU time of ``fn.resize``'s antialiased filter on ImageNet-sized photos
+    (docs/benchmarks/README.md)."""
+    return fn.reshape(_area_shrink_op(size, square)(images), layout="HWC")  # the numba operator sets no layout; no copy
 
 
 def reflect_pad(img, h, w, p: int):
@@ -213,7 +225,7 @@ def _src_views_kernel(size: int, pad: int, flip_p: float):
     a uniformly drawn integer offset of the image reflect-padded by ``pad`` (numpy/torch 'reflect'),
     mirrored when its flip draw is below ``flip_p``; the padded image is never built: each output row
     reads its source row through the reflection, the columns inside the image are one contiguous copy
-    (mirrored: a reversed copy, 4 pixels per step) and at most ``pad`` columns on either side are reflected.
+    (mirrored: ``mirror_copy``) and at most ``pad`` columns on either side are reflected.
     Indices of the contiguous copy are unsigned: with signed ones numba guards every access against
     negative wraparound and the loop does not vectorise (30x slower).
     """
@@ -235,6 +247,15 @@ def _src_views_kernel(size: int, pad: int, flip_p: float):
         d, s = np.uint64(d), np.uint64(s)
         for i in range(np.uint64(n)):
             dst[d + i] = src[s + i]
+
+    @numba.njit
+    def mirror_copy(dst, d, src, s, first, stop):
+        """Output pixels [first, stop) of a mirrored row: pixel c from source pixel (s - 3c) / 3. A plain
+        pixel loop on unsigned offsets vectorises; the 4-pixel unrolled copy it replaced was 20x slower."""
+        d, s, three = np.uint64(d), np.uint64(s), np.uint64(3)
+        for c in range(np.uint64(first), np.uint64(stop)):
+            sc, dc = s - three * c, d + three * c
+            dst[dc], dst[dc + np.uint64(1)], dst[dc + np.uint64(2)] = src[sc], src[sc + np.uint64(1)], src[sc + np.uint64(2)]
 
     def kernel(view1, view2, image, draws):
         h, w = image.shape[0], image.shape[1]
@@ -261,19 +282,7 @@ def _src_views_kernel(size: int, pad: int, flip_p: float):
                 if not flip:
                     copy_bytes(dst, do + 3 * a, src, so + 3 * (x0 + a), 3 * (b - a))
                 else:
-                    s = so + 3 * (x0 + S - 1)  # source pixel of output column 0
-                    c = S - b
-                    while c + 4 <= S - a:  # 4 pixels (12 bytes) at a time: a third of the time of pixel by pixel
-                        sc, dc = np.uint64(s - 3 * c - 9), np.uint64(do + 3 * c)  # sc: the 4 in source order
-                        dst[dc], dst[dc + 1], dst[dc + 2] = src[sc + 9], src[sc + 10], src[sc + 11]
-                        dst[dc + 3], dst[dc + 4], dst[dc + 5] = src[sc + 6], src[sc + 7], src[sc + 8]
-                        dst[dc + 6], dst[dc + 7], dst[dc + 8] = src[sc + 3], src[sc + 4], src[sc + 5]
-                        dst[dc + 9], dst[dc + 10], dst[dc + 11] = src[sc], src[sc + 1], src[sc + 2]
-                        c += 4
-                    while c < S - a:
-                        sc, dc = s - 3 * c, do + 3 * c
-                        dst[dc], dst[dc + 1], dst[dc + 2] = src[sc], src[sc + 1], src[sc + 2]
-                        c += 1
+                    mirror_copy(dst, do, src, so + 3 * (x0 + S - 1), S - b, S - a)
 
     def setup(outs, ins):
         for o in range(len(outs)):
@@ -315,6 +324,55 @@ def src_views_cpu(image, spec: AugSpec, draws=None):
         draws = fn.random.uniform(range=[0.0, 1.0], shape=[6])
     views = _src_views_op(spec.img_size, spec.src_padding, float(spec.flip_p))(image, draws)
     return tuple(fn.reshape(v, layout="HWC") for v in views)  # the numba operator sets no layout; no copy
+
+
+def _strong_normalised_kernel(spec: AugSpec, layout: str):
+    """The per-sample body of ``strong_normalised_cpu``: ``photometric_numba.strong_hwc`` on one HWC view, into
+    a float32 view in ``layout`` (CHW: contiguous writes; HWC, for channels-last: strided ones)."""
+    from .photometric_numba import normalize_constants_np, strong_hwc
+
+    threshold = int(spec.solarize_threshold)
+    scale, shift = normalize_constants_np(spec)
+
+    def kernel_chw(out, image, packed):
+        strong_hwc(image, packed, threshold, scale, shift, True, out)
+
+    def kernel_hwc(out, image, packed):
+        strong_hwc(image, packed, threshold, scale, shift, True, out.transpose((2, 0, 1)))
+
+    channels_first = layout == "CHW"
+
+    def setup(outs, ins):
+        for i in range(len(outs[0])):
+            h, w = ins[0][i][0], ins[0][i][1]
+            if channels_first:
+                outs[0][i][0], outs[0][i][1], outs[0][i][2] = 3, h, w
+            else:
+                outs[0][i][0], outs[0][i][1], outs[0][i][2] = h, w, 3
+
+    return (kernel_chw if channels_first else kernel_hwc), setup
+
+
+@functools.lru_cache(maxsize=8)
+def _strong_normalised_op(spec: AugSpec, layout: str):
+    """DALI's numba operator around ``_strong_normalised_kernel``, compiled once per process and setting."""
+    from nvidia.dali.plugin.numba import NumbaFunction
+
+    kernel, setup = _strong_normalised_kernel(spec, layout)
+    return NumbaFunction(run_fn=kernel, setup_fn=setup, out_types=[types.FLOAT], in_types=[types.UINT8, types.FLOAT],
+                         outs_ndim=[3], ins_ndim=[3, 1], batch_processing=False, device="cpu")
+
+
+def strong_normalised_cpu(view, packed, spec: AugSpec, layout: str):
+    """View 2's ops and the normalisation of the CPU graph in one numba operator: float32 views in ``layout``.
+
+    ``packed``: each sample's ``photometric_numba.packed_params`` row, from parameters drawn per batch in the
+    loader's process (``strong_params.py``; an external source), so the ops and their parameters are the
+    torch backend's and ``finish_batch``'s, computed by the same compiled function as the torch backend's
+    CPU loader. DALI's own operators (``strong_augment``, then ``normalize_flip``) cost about 1.9 ms per
+    224 px view here; this, about 0.3.
+    """
+    return fn.reshape(_strong_normalised_op(spec, layout)(view, packed), layout=layout)
 
 
 def color_jitter(x, spec: AugSpec, device: str):
@@ -384,7 +442,9 @@ def flip_uint8(x, spec: AugSpec):
                                     output_layout="HWC")
 
 
-def lut_views(jpegs, spec: AugSpec, device: str, layout: str, strong_in_graph: bool = True):
+def lut_views(jpegs, spec: AugSpec, device: str, layout: str, strong_in_graph: bool = True, packed=None):
+    """Both LUT views. ``packed``: view 2's parameters (``strong_normalised_cpu``) for the CPU graph with numba
+    and ``strong_in_graph``; None elsewhere (DALI draws them: ``strong_augment``)."""
     images = decode(jpegs, device)
     fused = device == "cpu" and fused_src_available()  # both views cut and mirrored by one operator
     base, h, w = resize_shorter(jpegs, images, spec, need_size=not fused)
@@ -392,8 +452,10 @@ def lut_views(jpegs, spec: AugSpec, device: str, layout: str, strong_in_graph: b
         view1, view2 = src_views_cpu(base, spec)
         if not strong_in_graph:  # photometric_on=device: uint8 crops out, view 2's ops run in finish_batch
             return view1, view2
-        view2 = strong_augment(view2, spec, device)
-        return normalize_flip(view1, spec, layout, flip=False), normalize_flip(view2, spec, layout, flip=False)
+        view1 = normalize_flip(view1, spec, layout, flip=False)
+        if packed is not None:
+            return view1, strong_normalised_cpu(view2, packed, spec, layout)
+        return view1, normalize_flip(strong_augment(view2, spec, device), spec, layout, flip=False)
     pad = spec.src_padding
     padded = reflect_pad(base, h, w, pad)
     hp, wp = h + 2 * pad, w + 2 * pad
@@ -411,16 +473,29 @@ def mae_view(jpegs, spec: AugSpec, device: str, layout: str, uint8_out: bool = F
         random_area=list(spec.rrc_scale), random_aspect_ratio=list(spec.rrc_ratio), num_attempts=10,
     )
     s = float(spec.img_size)
-    crop = fn.resize(crop, resize_x=s, resize_y=s, **_filters(spec))
+    if device == "cpu" and fused_src_available():
+        # Crops with both sides at least S (most, from ImageNet-sized photos) shrink with the area filter, as
+        # LUT's shorter side does on the CPU; the others are enlarged along a side: fn.resize.
+        shape = crop.shape()
+        if dmath.min(shape[0], shape[1]) >= spec.img_size:
+            crop = area_shrink_cpu(crop, spec.img_size, square=True)
+        else:
+            crop = fn.resize(crop, resize_x=s, resize_y=s, **_filters(spec))
+    else:
+        crop = fn.resize(crop, resize_x=s, resize_y=s, **_filters(spec))
     return flip_uint8(crop, spec) if uint8_out else normalize_flip(crop, spec, layout)
 
 
 @pipeline_def(enable_conditionals=True)
-def _views_pipeline(read, spec: AugSpec, device: str, layout: str, uint8_out: bool):
+def _views_pipeline(read, spec: AugSpec, device: str, layout: str, uint8_out: bool, strong_source=None):
+    """``strong_source``: batch index -> that batch's ``packed_params`` (the CPU graph with numba), or None."""
     jpegs, labels = read()
     if spec.recipe == "mae":
         return mae_view(jpegs, spec, device, layout, uint8_out), labels
-    view1, view2 = lut_views(jpegs, spec, device, layout, strong_in_graph=not uint8_out)
+    packed = None
+    if strong_source is not None:
+        packed = fn.external_source(source=strong_source, batch=True, dtype=types.FLOAT, ndim=1)
+    view1, view2 = lut_views(jpegs, spec, device, layout, strong_in_graph=not uint8_out, packed=packed)
     return view1, view2, labels
 
 
@@ -511,7 +586,9 @@ class DaliLoader:
         gpu = self.device.type == "cuda"
         pipe = _views_pipeline(
             read=self._reader(epoch_seed), spec=self.spec, device="gpu" if gpu else "cpu",
-            layout="HWC" if self.channels_last else "CHW", uint8_out=self.uint8_out, batch_size=self.batch_size, num_threads=self.threads,
+            layout="HWC" if self.channels_last else "CHW", uint8_out=self.uint8_out,
+            strong_source=self._strong_source(),
+            batch_size=self.batch_size, num_threads=self.threads,
             device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None,
             seed=epoch_seed, prefetch_queue_depth=self.prefetch,
         )
@@ -520,6 +597,20 @@ class DaliLoader:
         # DROP: an incomplete last batch is never returned (len() counts full batches only).
         return DALIGenericIterator(pipe, names, reader_name="reader", last_batch_policy=LastBatchPolicy.DROP,
                                    auto_reset=False)
+
+    def _batch_params(self, batch_index: int) -> torch.Tensor:
+        return strong_params_for_batch(self.spec, self.batch_size, self.seed, self.epoch, self.rank, batch_index)
+
+    def _strong_source(self):
+        """The CPU graph's external source for ``strong_normalised_cpu``: batch k of this epoch -> its packed
+        view-2 parameters, the parameters ``raw_batches`` hands to ``finish_batch`` for batch k when uint8
+        views come out. None where DALI draws its own (the GPU graph; no numba) or there is no view 2 to
+        augment in the graph (MAE; uint8 views out)."""
+        from .photometric_numba import packed_params
+
+        if self.spec.recipe != "lut" or self.device.type == "cuda" or self.uint8_out or not fused_src_available():
+            return None
+        return lambda batch_index: packed_params(self._batch_params(batch_index))
 
     def _to_torch(self, x: torch.Tensor) -> torch.Tensor:
         # HWC out of DALI (uint8 views always, float ones when channels-last) = NCHW in channels-last memory.
@@ -542,7 +633,7 @@ class DaliLoader:
                 view2 = self._to_torch(out["view2"]) if "view2" in out else None
                 params = None
                 if self.uint8_out and view2 is not None:
-                    params = strong_params_for_batch(self.spec, view2.shape[0], self.seed, self.epoch, self.rank, k)
+                    params = self._batch_params(k)
                 yield RawBatch(view1=self._to_torch(out["view1"]), view2=view2,
                                labels=out["labels"].reshape(-1).to(torch.int64), strong_params=params)
         finally:

@@ -39,6 +39,7 @@ makes it set only numba's.
 from __future__ import annotations
 
 import os
+import queue
 from pathlib import Path
 from typing import Iterator
 
@@ -88,6 +89,50 @@ def resolve_beton(data: str | Path, split: str) -> Path:
                         "or convert the image folder with `lut-fast convert ffcv SRC_DIR OUT.beton`")
     raise UserError(f"FFCV reads .beton files, and {source.path} is an image folder: convert it first with "
                     f"`lut-fast convert ffcv {source.path} OUT.beton --split {split}` and pass --data OUT.beton")
+
+
+class _WatchedQueue(queue.Queue):
+    """FFCV's output queue, watched: if its producer thread has died, ``get`` raises instead of waiting forever."""
+
+    def __init__(self, maxsize: int, producer: "WatchedEpochIterator"):
+        super().__init__(maxsize)
+        self.producer = producer
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        if not block or timeout is not None:
+            return super().get(block, timeout)
+        while True:
+            try:
+                return super().get(timeout=0.5)
+            except queue.Empty:
+                if self.producer.is_alive():
+                    continue
+                try:
+                    return super().get_nowait()  # anything it put before it ended
+                except queue.Empty:
+                    error = self.producer.error
+                    raise RuntimeError(f"FFCV's loader thread failed: {type(error).__name__}: {error}") from error
+
+
+class WatchedEpochIterator(EpochIterator):
+    """FFCV's ``EpochIterator`` whose failures reach the training loop.
+
+    FFCV's thread catches only the end of the epoch: any other exception in it (a numba error, a bad
+    sample, memory) ended the thread and left the consumer waiting on its queue forever, a hang with
+    nothing printed. Here the exception is kept and the consumer's next batch raises it.
+    """
+
+    error: BaseException | None = None
+
+    def start(self) -> None:  # EpochIterator.__init__ ends with start(): swap the queue before the thread runs
+        self.output_queue = _WatchedQueue(self.output_queue.maxsize, self)
+        super().start()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as e:  # kept for the consumer, whose RuntimeError chains it (with its traceback)
+            self.error = e
 
 
 def stop_epoch_iterator(it: EpochIterator, timeout_s: float = 120.0) -> None:
@@ -183,7 +228,7 @@ class FfcvLoader:
         self.loader.next_epoch = self.epoch
         order = self.loader.next_traversal_order()[: len(self) * self.batch_size]
         Compiler.set_num_threads(self.loader.num_workers)
-        it = EpochIterator(self.loader, order[self.start_batch * self.batch_size :])
+        it = WatchedEpochIterator(self.loader, order[self.start_batch * self.batch_size :])
         names = self.outputs
         try:
             for k, out in enumerate(it, start=self.start_batch):

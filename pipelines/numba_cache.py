@@ -23,7 +23,10 @@ def use_lut_fast_cache_dir() -> None:
         return
     from lut_fast.datasets.builtin import cache_root
 
-    numba.config.CACHE_DIR = str(cache_root() / "numba")
+    # One folder per import name: numba keys its cache by source file, and a kernel cached while imported
+    # as ``pipelines.*`` (a script run from a checkout's root) names that module, so a process that has
+    # only ``lut_fast.pipelines`` failed to load it ("No module named 'pipelines'").
+    numba.config.CACHE_DIR = str(cache_root() / "numba" / __name__.split(".")[0])
 
 
 use_lut_fast_cache_dir()

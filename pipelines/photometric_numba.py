@@ -86,76 +86,110 @@ def _blur_columns(src, dst, taps, half):
                     out[x] += wd * (above[x] + below[x])
 
 
-@_jit
-def strong_rounded_kernel(x, m, k, jitter, op, taps, halves, threshold, scale, shift, normalise, out, work, scratch, line):
-    """``out[i]`` = view 2's ops on ``x[i]`` (uint8, (n, 3, H, W), any strides), rounded, as float32.
+# One image's parameters, as the compiled ops read them: a float32 row (``packed_params``).
+PACK_JITTER = 0  # 1: apply the jitter
+PACK_M = 1  # 9 values: the jitter's 3 x 3 matrix M, row-major (``photometric.jitter_matrix``)
+PACK_K = 10  # the jitter offset's weight k on the image's mean luma
+PACK_OP = 11  # the ``STRONG_OPS`` index, or -1
+PACK_HALF = 12  # the blur's half-window; 0: no blur
+PACK_TAPS = 13  # 2 * half + 1 blur weights (``photometric.gaussian_taps``), then zeros
 
-    m (n, 3, 3) and k (n,): the composed jitter (``photometric.jitter_matrix``), applied where
-    ``jitter[i]``; op (n,): the ``STRONG_OPS`` index or -1; taps (n, K) and halves (n,): each image's
-    blur weights (``photometric.gaussian_taps``: every row centred at column K // 2). With
-    ``normalise``, ``out`` receives ``level * scale[c] + shift[c]`` (``batch.normalize_into``'s two
-    roundings) instead of the level. ``out`` may have any strides; work and scratch: float32 (3, H, W) buffers, line one of W + K.
+
+@_jit
+def strong_one(x, packed, threshold, scale, shift, normalise, dst, work, scratch, line):
+    """``dst`` = view 2's ops on one image ``x`` (uint8, (3, H, W), any strides), rounded, as float32.
+
+    ``packed``: the image's row of ``packed_params``. With ``normalise``, ``dst`` receives
+    ``level * scale[c] + shift[c]`` (``batch.normalize_into``'s two roundings) instead of the level.
+    ``dst`` may have any strides; work and scratch: float32 (3, H, W) buffers, line one of W + 2 * half + 1.
     """
-    n, _, h, w = x.shape
+    _, h, w = x.shape
     level = np.float32(threshold - 0.5)
     y = work
-    for i in range(n):
-        if jitter[i]:
-            sr = 0.0
-            sg = 0.0
-            sb = 0.0
-            for r in range(h):
-                for c in range(w):
-                    sr += x[i, 0, r, c]
-                    sg += x[i, 1, r, c]
-                    sb += x[i, 2, r, c]
-            count = h * w
-            mean_luma = np.float32(sr / count) * _LR + np.float32(sg / count) * _LG + np.float32(sb / count) * _LB
-            t = np.float32(k[i] * mean_luma)
-            m00, m01, m02 = m[i, 0, 0], m[i, 0, 1], m[i, 0, 2]
-            m10, m11, m12 = m[i, 1, 0], m[i, 1, 1], m[i, 1, 2]
-            m20, m21, m22 = m[i, 2, 0], m[i, 2, 1], m[i, 2, 2]
-            for r in range(h):
-                for c in range(w):
-                    vr = np.float32(x[i, 0, r, c])
-                    vg = np.float32(x[i, 1, r, c])
-                    vb = np.float32(x[i, 2, r, c])
-                    y[0, r, c] = min(max(m00 * vr + m01 * vg + m02 * vb + t, np.float32(0)), np.float32(255))
-                    y[1, r, c] = min(max(m10 * vr + m11 * vg + m12 * vb + t, np.float32(0)), np.float32(255))
-                    y[2, r, c] = min(max(m20 * vr + m21 * vg + m22 * vb + t, np.float32(0)), np.float32(255))
-        else:
-            for ch in range(3):
-                for r in range(h):
-                    for c in range(w):
-                        y[ch, r, c] = x[i, ch, r, c]
-        if op[i] == GRAYSCALE:
-            for r in range(h):
-                for c in range(w):
-                    g = _LR * y[0, r, c] + _LG * y[1, r, c] + _LB * y[2, r, c]
-                    y[0, r, c] = g
-                    y[1, r, c] = g
-                    y[2, r, c] = g
-        elif op[i] == SOLARIZE:
-            for ch in range(3):
-                for r in range(h):
-                    for c in range(w):
-                        if y[ch, r, c] >= level:
-                            y[ch, r, c] = np.float32(255) - y[ch, r, c]
-        elif op[i] == BLUR and halves[i] > 0:
-            image_taps = taps[i, taps.shape[1] // 2 - halves[i] :]  # centred at its own half
-            _blur_rows(y, scratch, image_taps, halves[i], line)
-            _blur_columns(scratch, y, image_taps, halves[i])
-        dst = out[i]
+    if packed[PACK_JITTER] > 0.5:
+        sr = 0.0
+        sg = 0.0
+        sb = 0.0
+        for r in range(h):
+            for c in range(w):
+                sr += x[0, r, c]
+                sg += x[1, r, c]
+                sb += x[2, r, c]
+        count = h * w
+        mean_luma = np.float32(sr / count) * _LR + np.float32(sg / count) * _LG + np.float32(sb / count) * _LB
+        t = np.float32(packed[PACK_K] * mean_luma)
+        m00, m01, m02 = packed[PACK_M], packed[PACK_M + 1], packed[PACK_M + 2]
+        m10, m11, m12 = packed[PACK_M + 3], packed[PACK_M + 4], packed[PACK_M + 5]
+        m20, m21, m22 = packed[PACK_M + 6], packed[PACK_M + 7], packed[PACK_M + 8]
+        for r in range(h):
+            for c in range(w):
+                vr = np.float32(x[0, r, c])
+                vg = np.float32(x[1, r, c])
+                vb = np.float32(x[2, r, c])
+                y[0, r, c] = min(max(m00 * vr + m01 * vg + m02 * vb + t, np.float32(0)), np.float32(255))
+                y[1, r, c] = min(max(m10 * vr + m11 * vg + m12 * vb + t, np.float32(0)), np.float32(255))
+                y[2, r, c] = min(max(m20 * vr + m21 * vg + m22 * vb + t, np.float32(0)), np.float32(255))
+    else:
         for ch in range(3):
-            if normalise:
-                a, b = scale[ch], shift[ch]
-                for r in range(h):
-                    for c in range(w):
-                        dst[ch, r, c] = np.rint(y[ch, r, c]) * a + b
-            else:
-                for r in range(h):
-                    for c in range(w):
-                        dst[ch, r, c] = np.rint(y[ch, r, c])
+            for r in range(h):
+                for c in range(w):
+                    y[ch, r, c] = x[ch, r, c]
+    op = int(packed[PACK_OP])
+    half = int(packed[PACK_HALF])
+    if op == GRAYSCALE:
+        for r in range(h):
+            for c in range(w):
+                g = _LR * y[0, r, c] + _LG * y[1, r, c] + _LB * y[2, r, c]
+                y[0, r, c] = g
+                y[1, r, c] = g
+                y[2, r, c] = g
+    elif op == SOLARIZE:
+        for ch in range(3):
+            for r in range(h):
+                for c in range(w):
+                    if y[ch, r, c] >= level:
+                        y[ch, r, c] = np.float32(255) - y[ch, r, c]
+    elif op == BLUR and half > 0:
+        taps = packed[PACK_TAPS : PACK_TAPS + 2 * half + 1]
+        _blur_rows(y, scratch, taps, half, line)
+        _blur_columns(scratch, y, taps, half)
+    for ch in range(3):
+        if normalise:
+            a, b = scale[ch], shift[ch]
+            for r in range(h):
+                for c in range(w):
+                    dst[ch, r, c] = np.rint(y[ch, r, c]) * a + b
+        else:
+            for r in range(h):
+                for c in range(w):
+                    dst[ch, r, c] = np.rint(y[ch, r, c])
+
+
+@_jit
+def strong_hwc(image, packed, threshold, scale, shift, normalise, dst):
+    """``strong_one`` for one C-contiguous HWC uint8 image (DALI's operator sees one at a time), with buffers
+    of its own. The image is split into planes first: ``strong_one`` on a transposed view compiles to
+    strided loops that do not vectorise, twice the time of the split and the planar pass together."""
+    h, w = image.shape[0], image.shape[1]
+    n = h * w
+    planar = np.empty((3, h, w), np.uint8)
+    flat = image.reshape(3 * n)
+    red, green, blue = planar[0].reshape(n), planar[1].reshape(n), planar[2].reshape(n)
+    for i in range(n):
+        red[i] = flat[3 * i]
+        green[i] = flat[3 * i + 1]
+        blue[i] = flat[3 * i + 2]
+    work = np.empty((3, h, w), np.float32)
+    scratch = np.empty((3, h, w), np.float32)
+    line = np.empty(w + 2 * int(packed[PACK_HALF]) + 1, np.float32)
+    strong_one(planar, packed, threshold, scale, shift, normalise, dst, work, scratch, line)
+
+
+@_jit
+def strong_rounded_kernel(x, packed, threshold, scale, shift, normalise, out, work, scratch, line):
+    """``strong_one`` for each image of ``x`` (uint8, (n, 3, H, W)) into ``out[i]``, sharing the buffers."""
+    for i in range(x.shape[0]):
+        strong_one(x[i], packed[i], threshold, scale, shift, normalise, out[i], work, scratch, line)
 
 
 @_jit
@@ -170,36 +204,52 @@ def normalize_kernel(x, scale, shift, out):
                     out[i, ch, r, c] = np.float32(x[i, ch, r, c]) * a + b
 
 
-def _normalize_constants(spec: AugSpec) -> tuple[np.ndarray, np.ndarray]:
+def normalize_constants_np(spec: AugSpec) -> tuple[np.ndarray, np.ndarray]:
+    """``batch.normalize_constants`` as two float32 arrays of 3: what the kernels' ``scale`` and ``shift`` are."""
     from .batch import normalize_constants
 
     scale, shift = normalize_constants(spec, "cpu")
     return scale.view(-1).numpy(), shift.view(-1).numpy()
 
 
+def packed_params(params: torch.Tensor) -> np.ndarray:
+    """(n, PACK_TAPS + widest window) float32 rows of the compiled ops' parameters, from
+    (n, ``photometric.NUM_PARAMS``) ``params``: the jitter composed (``photometric.jitter_matrix``) and the
+    blur's weights made (``photometric.gaussian_taps``) once per image, here, not per pixel or per loader."""
+    from . import photometric as ph
+
+    p = params.detach().cpu().float()
+    n = p.shape[0]
+    m, k = ph.jitter_matrix(p)
+    op = p[:, ph.STRONG_OP].round().long()
+    blur = op == BLUR
+    taps, halves = ph.gaussian_taps(torch.where(blur, p[:, ph.BLUR_SIGMA], torch.ones(n)))
+    halves = torch.where(blur, halves, 0).tolist()
+    centre = taps.shape[1] // 2
+    packed = np.zeros((n, PACK_TAPS + taps.shape[1]), dtype=np.float32)
+    packed[:, PACK_JITTER] = (p[:, ph.JITTER_ON] > 0.5).numpy()
+    packed[:, PACK_M : PACK_M + 9] = m.reshape(n, 9).numpy()
+    packed[:, PACK_K] = k.numpy()
+    packed[:, PACK_OP] = op.numpy()
+    packed[:, PACK_HALF] = halves
+    for i, half in enumerate(halves):
+        packed[i, PACK_TAPS : PACK_TAPS + 2 * half + 1] = taps[i, centre - half : centre + half + 1].numpy()
+    return packed
+
+
 def strong_rounded(x: torch.Tensor, params: torch.Tensor, spec: AugSpec, out: torch.Tensor,
                    normalise: bool = False) -> None:
     """View 2's ops on uint8 CPU images ``x`` (n, 3, H, W), rounded, into float32 ``out`` (same shape, any
     strides); with ``normalise``, normalised as ``batch.normalize_into`` would."""
-    from . import photometric as ph
-
-    p = params.detach().cpu().float()
-    n = x.shape[0]
-    m, k = ph.jitter_matrix(p)
-    op = p[:, ph.STRONG_OP].round().long().numpy()
-    sigma = torch.where(torch.from_numpy(op) == BLUR, p[:, ph.BLUR_SIGMA], torch.zeros(n))
-    taps, halves = ph.gaussian_taps(sigma.clamp(min=1e-3))  # rows centred at column taps.shape[1] // 2
-    halves = halves.numpy().copy()
-    halves[op != BLUR] = 0
-    scale, shift = _normalize_constants(spec)
+    packed = packed_params(params)
+    scale, shift = normalize_constants_np(spec)
     plane = tuple(x.shape[1:])
-    strong_rounded_kernel(x.numpy(), m.float().numpy(), k.float().numpy(), (p[:, ph.JITTER_ON] > 0.5).numpy(), op,
-                          taps.float().numpy(), halves, int(spec.solarize_threshold), scale, shift, normalise, out.numpy(),
+    strong_rounded_kernel(x.numpy(), packed, int(spec.solarize_threshold), scale, shift, normalise, out.numpy(),
                           np.empty(plane, dtype=np.float32), np.empty(plane, dtype=np.float32),
-                          np.empty(x.shape[3] + taps.shape[1], dtype=np.float32))
+                          np.empty(x.shape[3] + packed.shape[1] - PACK_TAPS, dtype=np.float32))
 
 
 def normalize(x: torch.Tensor, out: torch.Tensor, spec: AugSpec) -> None:
     """uint8 CPU images (n, 3, H, W) normalised into float32 ``out`` (any strides), equal to ``batch.normalize_into``."""
-    scale, shift = _normalize_constants(spec)
+    scale, shift = normalize_constants_np(spec)
     normalize_kernel(x.numpy(), scale, shift, out.numpy())

@@ -13,12 +13,14 @@ every backend (no backend reports its own decisions):
   ratios: the sign of the horizontal gradient of view 1 is the flip, its
   mean brightness the horizontal crop position, and view 1 must stay gray.
 * two classes of the built-in dataset: per-channel mean and std of each view,
-  compared with the torch reference.
+  compared with the torch reference (averaged over four seeded torch runs).
 
 Tolerances, stated once below: rates within 0.12 (about four binomial
 standard errors at these sample sizes); per-channel statistics of the
 normalised views within 0.05 (mean, view 1: about 3 gray levels), 0.20
-(mean, view 2: its random jitter makes the run-to-run spread about 0.05)
+(mean, view 2: its random jitter makes one run's mean spread by about 0.05
+per channel, up to 0.1 from run to run; hence a reference averaged over
+seeds: against one seed's, unseeded FFCV missed 0.20 once in seven runs)
 and 0.10 (std: OpenCV's area resize in FFCV smooths a little more than
 bicubic); ramp brightness (crop position) within 0.03 of torch. The same
 tolerances hold for views made from storage pre-resized to the view size
@@ -53,6 +55,7 @@ MEAN_TOL = {"v1": 0.05, "v2": 0.20}  # per-channel mean of normalised views vs t
 STD_TOL = 0.10  # per-channel std of normalised views vs torch
 RAMP_TOL = 0.03  # mean / std of view-1 brightness on ramps (0..1) vs torch: where crops land
 N_FLAT, N_RAMP = 64, 64
+REFERENCE_SEEDS = (0, 1, 2, 3)  # torch runs whose channel statistics are the reference
 
 FLAT = [(230, 40, 40), (40, 220, 60), (60, 90, 235), (235, 200, 30), (30, 210, 220), (220, 50, 210),
         (250, 140, 20), (140, 40, 240), (20, 240, 140), (240, 120, 160), (120, 230, 40), (200, 100, 250)]
@@ -123,9 +126,10 @@ def _unnormalize(x: torch.Tensor, spec: AugSpec) -> np.ndarray:
     return (x.float() * std + mean).double().numpy()
 
 
-def collect(backend: str, data: Path, recipe: str, channels_last: bool = False, photometric_on: str = "loader") -> Views:
+def collect(backend: str, data: Path, recipe: str, channels_last: bool = False, photometric_on: str = "loader",
+            seed: int = 0) -> Views:
     spec = AugSpec(recipe=recipe, img_size=S)
-    loader = build_loader(backend, str(data), spec, BATCH, num_workers=2, seed=0, channels_last=channels_last,
+    loader = build_loader(backend, str(data), spec, BATCH, num_workers=2, seed=seed, channels_last=channels_last,
                           photometric_on=photometric_on)
     v1, v2, labels, ok = [], [], [], True
     for epoch in range(EPOCHS):
@@ -187,6 +191,15 @@ def mae(request, probe) -> Views:
 @pytest.fixture(scope="module")
 def torch_lut(probe) -> Views:
     return _views(probe, "torch", "folder", "lut", False)
+
+
+@pytest.fixture(scope="module")
+def torch_lut_statistics(probe, torch_lut) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel mean and std of each torch view on the built-in images, averaged over REFERENCE_SEEDS runs:
+    one seeded run's view-2 mean sits up to 0.1 from another's (its random jitter), too close to MEAN_TOL."""
+    runs = [torch_lut] + [collect("torch", probe["folder"], "lut", seed=seed) for seed in REFERENCE_SEEDS[1:]]
+    return {name: tuple(np.mean([channel_stats(builtin(v, getattr(v, name)))[i] for v in runs], axis=0) for i in (0, 1))
+            for name in ("v1", "v2")}
 
 
 @pytest.fixture(scope="module")
@@ -287,10 +300,10 @@ def test_lut_crop_geometry_matches_torch(lut, torch_lut):
         assert abs(got - ref) <= RAMP_TOL, (stat.__name__, got, ref)
 
 
-def test_lut_channel_statistics_match_torch(lut, torch_lut):
+def test_lut_channel_statistics_match_torch(lut, torch_lut_statistics):
     for name in ("v1", "v2"):
         mean, std = channel_stats(builtin(lut, getattr(lut, name)))
-        ref_mean, ref_std = channel_stats(builtin(torch_lut, getattr(torch_lut, name)))
+        ref_mean, ref_std = torch_lut_statistics[name]
         assert np.abs(mean - ref_mean).max() <= MEAN_TOL[name], (name, mean, ref_mean)
         assert np.abs(std - ref_std).max() <= STD_TOL, (name, std, ref_std)
 
@@ -582,6 +595,55 @@ def test_device_mode_hands_over_uint8_and_resumable_params(probe, backend, key):
     assert not torch.equal(full[0].strong_params, full[1].strong_params)
     loader.set_epoch(2)
     assert not torch.equal(next(iter(loader.raw_batches())).strong_params, full[0].strong_params)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dali_cpu_graph_view2_is_finish_batchs(probe, channels_last):
+    """With numba, DALI's CPU graph runs view 2's ops as one compiled operator fed the parameters that
+    photometric_on=device hands to finish_batch for the same batch: the two make the same views up to the
+    rounding to whole levels (within half a level; one more on a few pixels in a thousand, where the compiled
+    ops and the torch ops round a value near a half level apart), resumed epochs included."""
+    from lut_fast.pipelines import dali_backend
+
+    assert dali_backend.fused_src_available()
+    spec = AugSpec(img_size=S)
+
+    def views(photometric_on: str, start_batch: int = 0) -> list:
+        loader = build_loader("dali", str(probe["shards"]), spec, BATCH, num_workers=2, seed=5,
+                              channels_last=channels_last, photometric_on=photometric_on)
+        loader.set_epoch(1, start_batch=start_batch)
+        return [(_unnormalize(b.view1, spec), _unnormalize(b.view2, spec)) for b in loader]
+
+    in_graph, on_device = views("loader"), views("device")
+    assert len(in_graph) == len(on_device) >= 3
+    for (g1, g2), (d1, d2) in zip(in_graph, on_device):
+        assert np.abs(g1 - d1).max() < 1e-3  # same crops and flips, same normalisation
+        # finish_batch leaves view 2 unrounded (float ops on the device); the CPU loader rounds to whole levels
+        level = np.abs(g2 - d2)
+        assert level.max() < 1.5 + 1e-3 and np.mean(level > 0.5 + 1e-3) < 1e-3, (level.max(), np.mean(level > 0.501))
+    for (a1, a2), (b1, b2) in zip(in_graph[2:], views("loader", start_batch=2)):
+        assert np.array_equal(a1, b1) and np.array_equal(a2, b2)
+
+
+def test_ffcv_thread_failure_reaches_the_training_loop(probe, monkeypatch):
+    """An exception in FFCV's loader thread used to end the thread and leave the consumer waiting on its queue
+    forever (a numba dispatch error did, with nothing printed); now the next batch raises it."""
+    from lut_fast.pipelines import ffcv_backend
+
+    run_pipeline = ffcv_backend.EpochIterator.run_pipeline
+
+    def fail_on_batch_two(self, b_ix, *args, **kwargs):
+        if b_ix == 2:
+            raise ValueError("boom")
+        return run_pipeline(self, b_ix, *args, **kwargs)
+
+    monkeypatch.setattr(ffcv_backend.EpochIterator, "run_pipeline", fail_on_batch_two)
+    loader = build_loader("ffcv", str(probe["beton"]), AugSpec(img_size=S), BATCH, num_workers=2, seed=0)
+    got = []
+    with pytest.raises(RuntimeError, match="FFCV's loader thread failed: ValueError: boom") as info:
+        for batch in loader:
+            got.append(batch)
+    assert len(got) == 2 and isinstance(info.value.__cause__, ValueError)
 
 
 def test_bad_beton_files_are_one_line_errors(probe, tmp_path):

@@ -335,8 +335,11 @@ def describe_failure(backend: str, e: BaseException) -> tuple[str, str]:
         if (e.name or "").startswith("lut_fast.pipelines."):
             return "unavailable", f"the {backend} backend's module ({e.name}) is not in this checkout"
         return "unavailable", f"the {backend} backend needs a module that is not installed: {e.name}"
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return "failed", f"{type(e).__name__}: {msg[:300]}"
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    msg = lines[0] if lines else ""
+    if len(lines) > 1:  # a traced error (DALI's graph, numba) says what went wrong on its last line
+        msg = f"{msg[:150]} ... {lines[-1][:300]}"
+    return "failed", f"{type(e).__name__}: {msg[:450]}"
 
 
 # ---------------------------------------------------------------- the device stage (finish_batch)
