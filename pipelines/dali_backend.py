@@ -370,7 +370,7 @@ def strong_normalised_cpu(view, packed, spec: AugSpec, layout: str):
     loader's process (``strong_params.py``; an external source), so the ops and their parameters are the
     torch backend's and ``finish_batch``'s, computed by the same compiled function as the torch backend's
     CPU loader. DALI's own operators (``strong_augment``, then ``normalize_flip``) cost about 1.9 ms per
-    224 px view here; this, about 0.3.
+    224 px view here; this, 0.2-0.3.
     """
     return fn.reshape(_strong_normalised_op(spec, layout)(view, packed), layout=layout)
 
