@@ -57,31 +57,87 @@ def _area_taps(n_in, n_out):
 
 
 @_jit
+def _cubic(x):
+    """Keys' cubic with a = -0.5, PIL's and torchvision's bicubic kernel."""
+    x = abs(x)
+    if x < 1.0:
+        return (1.5 * x - 2.5) * x * x + 1.0
+    if x < 2.0:
+        return ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0
+    return 0.0
+
+
+@_jit
+def cubic_taps(n_in, n_out):
+    """Per output index: the first of 4 source taps and their weights (taps outside the image dropped)."""
+    first = np.empty(n_out, np.int64)
+    weights = np.zeros((n_out, 4), np.float32)
+    for o in range(n_out):
+        center = (o + 0.5) * n_in / n_out - 0.5
+        first[o] = int(np.floor(center)) - 1
+        total = 0.0
+        for t in range(4):
+            i = first[o] + t
+            if 0 <= i < n_in:
+                weights[o, t] = _cubic(i - center)
+                total += weights[o, t]
+        weights[o] /= total
+    return first, weights
+
+
+@_jit
+def _axis_taps(n_in, n_out):
+    """Source indices and weights per output index along one axis: ``_area_taps`` where the axis shrinks (or
+    keeps its size), ``cubic_taps`` where it grows (taps outside the image get weight 0 on a valid index)."""
+    if n_out <= n_in:
+        return _area_taps(n_in, n_out)
+    first, weights = cubic_taps(n_in, n_out)
+    index = np.empty((n_out, 4), np.int64)
+    for o in range(n_out):
+        for t in range(4):
+            index[o, t] = min(max(first[o] + t, 0), n_in - 1)  # weight 0 where clamped
+    return index, weights
+
+
+@_jit
 def _column_taps(n_in, n_out):
-    """``_area_taps`` across a row, in the form the horizontal pass reads: per output pixel the flat offset
+    """``_axis_taps`` across a row, in the form the horizontal pass reads: per output pixel the flat offset
     (3 values per pixel) of its first source pixel and the weights of consecutive source pixels from there.
 
-    An area filter's taps are consecutive; the unused ones (weight 0) trail. Where they would run past the
-    row's end, the window starts that many pixels earlier with as many leading zero weights: adding an exact
-    zero first changes no sum, and every read stays inside the row.
+    Both filters' taps are consecutive; the unused ones (weight 0) lead (cubic, at the left edge) or trail.
+    The window is moved to start at the first used tap and, where it would then run past the row's end,
+    that many pixels earlier with as many leading zero weights: adding an exact zero first changes no sum,
+    and every read stays inside the row.
     """
-    index, weights = _area_taps(n_in, n_out)
+    index, weights = _axis_taps(n_in, n_out)
     k = index.shape[1]
+    if n_in < k:  # a row narrower than the filter (a crop of a few pixels enlarged): the whole row is the window
+        start = np.zeros(n_out, np.uint64)
+        taps = np.zeros((n_out, n_in), np.float32)
+        for x in range(n_out):
+            for t in range(k):
+                taps[x, index[x, t]] += weights[x, t]
+        return start, taps
     start = np.empty(n_out, np.uint64)
     taps = np.zeros((n_out, k), np.float32)
     for x in range(n_out):
-        shift = max(index[x, 0] + k - n_in, 0)
-        start[x] = 3 * (index[x, 0] - shift)
-        for t in range(k):
-            if t + shift < k:
-                taps[x, t + shift] = weights[x, t]
+        lead = 0
+        while lead < k - 1 and weights[x, lead] == 0.0:
+            lead += 1
+        first = index[x, lead]
+        shift = min(max(first + k - n_in, 0), first)  # never before the row's start
+        start[x] = 3 * (first - shift)
+        for t in range(lead, k):
+            if weights[x, t] != 0.0 and t - lead + shift < k:
+                taps[x, t - lead + shift] = weights[x, t]
     return start, taps
 
 
 @_jit
-def resize_area_down(src, top, bottom, left, right, dst, acc):
-    """Area (box) shrink of uint8 ``src[top:bottom, left:right]`` (h, w, 3) into dst (H, W, 3), H <= h, W <= w
-    (the arguments of FFCV's ``resize_crop``); ``acc``: >= w*3 floats.
+def resize_area(src, top, bottom, left, right, dst, acc):
+    """Resize of uint8 ``src[top:bottom, left:right]`` (h, w, 3) into dst (H, W, 3) (the arguments of FFCV's
+    ``resize_crop``): the area (box) filter along an axis that shrinks, bicubic along one that grows (a crop
+    enlarged along one side and shrunk along the other gets both); ``acc``: >= w*3 floats.
 
     Separable: each output row is first the weighted sum of its source rows (one contiguous multiply-add
     per tap over the whole row, which numba vectorises), then the few taps across. About three times
@@ -97,12 +153,12 @@ def resize_area_down(src, top, bottom, left, right, dst, acc):
     """
     h, w, big_h, big_w = bottom - top, right - left, dst.shape[0], dst.shape[1]
     full = 3 * src.shape[1]
-    rows_i, rows_w = _area_taps(h, big_h)
+    rows_i, rows_w = _axis_taps(h, big_h)
     start, taps = _column_taps(w, big_w)
     k = taps.shape[1]
     n = 3 * w
     row = acc[:n]
-    half, top_level = np.float32(0.5), np.float32(255.0)
+    half, zero, top_level = np.float32(0.5), np.float32(0.0), np.float32(255.0)
     one, two = np.uint64(1), np.uint64(2)
     for o in range(big_h):
         for e in range(n):
@@ -136,7 +192,7 @@ def resize_area_down(src, top, bottom, left, right, dst, acc):
                     v0 += wt * row[i]
                     v1 += wt * row[i + one]
                     v2 += wt * row[i + two]
-            # v >= 0: truncation is the floor
-            out[x, 0] = np.uint8(min(v0 + half, top_level))
-            out[x, 1] = np.uint8(min(v1 + half, top_level))
-            out[x, 2] = np.uint8(min(v2 + half, top_level))
+            # clamped to [0, 255.5): truncation is then the floor (the cubic's lobes overshoot)
+            out[x, 0] = np.uint8(min(max(v0 + half, zero), top_level))
+            out[x, 1] = np.uint8(min(max(v1 + half, zero), top_level))
+            out[x, 2] = np.uint8(min(max(v2 + half, zero), top_level))

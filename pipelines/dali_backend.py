@@ -18,8 +18,8 @@ from ``AugSpec``:
   per sample with DALI conditionals (``enable_conditionals``; computing all
   three and selecting was about 2x slower).
 * MAE: ``decoders.image_random_crop`` (decodes only the crop) -> resize to
-  S x S (on the CPU with numba, crops with both sides >= S shrink with the
-  area filter, ``area_shrink_cpu``) -> flip.
+  S x S -> flip (on the CPU with numba, one operator, ``square_flip_cpu``:
+  the area filter along a side that shrinks, bicubic along one that grows).
 
 Devices: with a CUDA device the JPEG decode is ``mixed`` (nvJPEG) and every
 image op, view 2's photometric ops included, runs on the GPU; the views
@@ -157,46 +157,94 @@ def resize_shorter(jpegs, images, spec: AugSpec, need_size: bool = True):
     return resized, nh, nw
 
 
-def _area_shrink_kernel(size: int, square: bool = False):
-    """Per-sample body and output shapes of ``area_shrink_cpu``: shorter side to ``size`` (longer side rounded),
-    or with ``square`` both sides to ``size``."""
+def _area_shrink_kernel(size: int):
+    """Per-sample body and output shapes of ``area_shrink_cpu``: shorter side to ``size`` (longer side rounded)."""
     import numpy as np  # numba resolves globals of the closure; keep them local and explicit
 
-    from .area_resize import resize_area_down, shorter_side_size
+    from .area_resize import resize_area, shorter_side_size
 
     S = size
 
     def kernel(out, image):
         h, w = image.shape[0], image.shape[1]
-        resize_area_down(image, 0, h, 0, w, out, np.empty(3 * w, np.float32))
+        resize_area(image, 0, h, 0, w, out, np.empty(3 * w, np.float32))
 
     def setup(outs, ins):
         for i in range(len(outs[0])):
-            if square:
-                nh, nw = S, S
-            else:
-                nh, nw = shorter_side_size(ins[0][i][0], ins[0][i][1], S)  # as ``_resized_size``
+            nh, nw = shorter_side_size(ins[0][i][0], ins[0][i][1], S)  # as ``_resized_size``
             outs[0][i][0], outs[0][i][1], outs[0][i][2] = nh, nw, 3
 
     return kernel, setup
 
 
 @functools.lru_cache(maxsize=8)
-def _area_shrink_op(size: int, square: bool = False):
-    """DALI's numba operator around ``_area_shrink_kernel``, compiled once per process and setting."""
+def _area_shrink_op(size: int):
+    """DALI's numba operator around ``_area_shrink_kernel``, compiled once per process and size."""
     from nvidia.dali.plugin.numba import NumbaFunction
 
-    kernel, setup = _area_shrink_kernel(size, square)
+    kernel, setup = _area_shrink_kernel(size)
     return NumbaFunction(run_fn=kernel, setup_fn=setup, out_types=[types.UINT8], in_types=[types.UINT8],
                          outs_ndim=[3], ins_ndim=[3], batch_processing=False, device="cpu")
 
 
-def area_shrink_cpu(images, size: int, square: bool = False):
-    """Shorter side of uint8 HWC CPU images, all with both sides above ``size``, down to ``size`` (with
-    ``square``: both sides) with the area filter of ``area_resize`` (OpenCV's INTER_AREA weights; FFCV's
-    filter): a third of the CPU time of ``fn.resize``'s antialiased filter on ImageNet-sized photos
-    (docs/benchmarks/README.md)."""
-    return fn.reshape(_area_shrink_op(size, square)(images), layout="HWC")  # the numba operator sets no layout; no copy
+def area_shrink_cpu(images, size: int):
+    """Shorter side of uint8 HWC CPU images, all with both sides above ``size``, down to ``size`` with the
+    area filter of ``area_resize`` (OpenCV's INTER_AREA weights; FFCV's filter): a third of the CPU time
+    of ``fn.resize``'s antialiased filter on ImageNet-sized photos (docs/benchmarks/README.md)."""
+    return fn.reshape(_area_shrink_op(size)(images), layout="HWC")  # the numba operator sets no layout; no copy
+
+
+def _square_flip_kernel(size: int, flip_p: float):
+    """Per-sample body and output shapes of ``square_flip_cpu``: ``area_resize.resize_area`` to ``size`` x
+    ``size``, then a mirror in place when the sample's draw is below ``flip_p``."""
+    import numba
+    import numpy as np  # numba resolves globals of the closure; keep them local and explicit
+
+    from .area_resize import resize_area
+
+    S = size
+
+    @numba.njit
+    def mirror_rows(img):
+        """Each row's pixels reversed in place; unsigned offsets, so the swaps carry no negative-index checks."""
+        flat = img.reshape(img.shape[0] * img.shape[1] * 3)
+        w, three = np.uint64(img.shape[1]), np.uint64(3)
+        for r in range(np.uint64(img.shape[0])):
+            row = r * w * three
+            for c in range(w // np.uint64(2)):
+                a, b = row + three * c, row + three * (w - np.uint64(1) - c)
+                for k in range(three):
+                    flat[a + k], flat[b + k] = flat[b + k], flat[a + k]
+
+    def kernel(out, image, draw):
+        h, w = image.shape[0], image.shape[1]
+        resize_area(image, 0, h, 0, w, out, np.empty(3 * w, np.float32))
+        if draw[0] < flip_p:
+            mirror_rows(out)
+
+    def setup(outs, ins):
+        for i in range(len(outs[0])):
+            outs[0][i][0], outs[0][i][1], outs[0][i][2] = S, S, 3
+
+    return kernel, setup
+
+
+@functools.lru_cache(maxsize=8)
+def _square_flip_op(size: int, flip_p: float):
+    """DALI's numba operator around ``_square_flip_kernel``, compiled once per process and setting."""
+    from nvidia.dali.plugin.numba import NumbaFunction
+
+    kernel, setup = _square_flip_kernel(size, flip_p)
+    return NumbaFunction(run_fn=kernel, setup_fn=setup, out_types=[types.UINT8], in_types=[types.UINT8, types.FLOAT],
+                         outs_ndim=[3], ins_ndim=[3, 1], batch_processing=False, device="cpu")
+
+
+def square_flip_cpu(crops, spec: AugSpec):
+    """MAE's uint8 HWC CPU crops to S x S (``area_resize.resize_area``: the area filter along a side that
+    shrinks, as ``area_shrink_cpu``; bicubic along one that grows) and mirrored with probability flip_p, in one
+    numba operator. DALI's ``fn.resize`` cost 0.7-1.0 ms per crop on the CPU, and a flip pass 0.1 ms more."""
+    draw = fn.random.uniform(range=[0.0, 1.0], shape=[1])
+    return fn.reshape(_square_flip_op(spec.img_size, float(spec.flip_p))(crops, draw), layout="HWC")
 
 
 def reflect_pad(img, h, w, p: int):
@@ -473,16 +521,10 @@ def mae_view(jpegs, spec: AugSpec, device: str, layout: str, uint8_out: bool = F
         random_area=list(spec.rrc_scale), random_aspect_ratio=list(spec.rrc_ratio), num_attempts=10,
     )
     s = float(spec.img_size)
-    if device == "cpu" and fused_src_available():
-        # Crops with both sides at least S (most, from ImageNet-sized photos) shrink with the area filter, as
-        # LUT's shorter side does on the CPU; the others are enlarged along a side: fn.resize.
-        shape = crop.shape()
-        if dmath.min(shape[0], shape[1]) >= spec.img_size:
-            crop = area_shrink_cpu(crop, spec.img_size, square=True)
-        else:
-            crop = fn.resize(crop, resize_x=s, resize_y=s, **_filters(spec))
-    else:
-        crop = fn.resize(crop, resize_x=s, resize_y=s, **_filters(spec))
+    if device == "cpu" and fused_src_available():  # resize and mirror in one numba operator
+        crop = square_flip_cpu(crop, spec)
+        return crop if uint8_out else normalize_flip(crop, spec, layout, flip=False)
+    crop = fn.resize(crop, resize_x=s, resize_y=s, **_filters(spec))
     return flip_uint8(crop, spec) if uint8_out else normalize_flip(crop, spec, layout)
 
 

@@ -38,7 +38,7 @@ floats on the 0..255 scale inside the kernels.
 The one deviation: shrinking to the shorter side S uses an area filter
 (what FFCV's own decoders use, through OpenCV's INTER_AREA: an antialiased
 box filter) rather than bicubic, computed here with OpenCV's weights
-(``area_resize.resize_area_down``, shared with DALI's CPU graph, several times faster than OpenCV at non-integer
+(``area_resize.resize_area``, shared with DALI's CPU graph, several times faster than OpenCV at non-integer
 factors); enlarging (images stored below S) is bicubic, in numba here. JPEGs much larger than S are
 decoded at 1/2, 1/4 or 1/8 scale by libjpeg-turbo first (the scaled
 shorter side stays >= S).
@@ -65,7 +65,7 @@ from ffcv.pipeline.operation import Operation  # noqa: E402
 
 torch.set_num_threads(_torch_threads)
 
-from .area_resize import resize_area_down, shorter_side_size  # noqa: E402  (numba cache folder set there, before the kernels below)
+from .area_resize import cubic_taps, resize_area, shorter_side_size  # noqa: E402  (numba cache folder set there, before the kernels below)
 from .spec import STRONG_OPS, AugSpec  # noqa: E402
 
 # Small kernels called from FFCV's generated code, cached on disk (numba_cache), so a new Loader
@@ -103,35 +103,6 @@ def jpeg_scale_denominator(short, target):
 
 
 @_jit
-def _cubic(x):
-    """Keys' cubic with a = -0.5, PIL's and torchvision's bicubic kernel."""
-    x = abs(x)
-    if x < 1.0:
-        return (1.5 * x - 2.5) * x * x + 1.0
-    if x < 2.0:
-        return ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0
-    return 0.0
-
-
-@_jit
-def _cubic_taps(n_in, n_out):
-    """Per output index: the first of 4 source taps and their weights (taps outside the image dropped)."""
-    first = np.empty(n_out, np.int64)
-    weights = np.zeros((n_out, 4), np.float32)
-    for o in range(n_out):
-        center = (o + 0.5) * n_in / n_out - 0.5
-        first[o] = int(np.floor(center)) - 1
-        total = 0.0
-        for t in range(4):
-            i = first[o] + t
-            if 0 <= i < n_in:
-                weights[o, t] = _cubic(i - center)
-                total += weights[o, t]
-        weights[o] /= total
-    return first, weights
-
-
-@_jit
 def resize_bicubic_up(src, dst, tmp):
     """Bicubic enlargement of src (h, w, 3) into dst (H, W, 3), H >= h, W >= w; ``tmp`` holds >= h*W*3 floats.
 
@@ -140,7 +111,7 @@ def resize_bicubic_up(src, dst, tmp):
     """
     h, w, big_h, big_w = src.shape[0], src.shape[1], dst.shape[0], dst.shape[1]
     rows = tmp[: h * big_w * 3].reshape(h, big_w, 3)
-    first, wts = _cubic_taps(w, big_w)
+    first, wts = cubic_taps(w, big_w)
     for y in range(h):
         for o in range(big_w):
             for c in range(3):
@@ -150,7 +121,7 @@ def resize_bicubic_up(src, dst, tmp):
                     if 0 <= i < w:
                         acc += wts[o, t] * src[y, i, c]
                 rows[y, o, c] = min(max(np.floor(acc + 0.5), 0.0), 255.0)  # 8-bit between passes, as PIL
-    first, wts = _cubic_taps(h, big_h)
+    first, wts = cubic_taps(h, big_h)
     for o in range(big_h):
         for x in range(big_w):
             for c in range(3):
@@ -685,7 +656,7 @@ class SrcViewsDecoder(SimpleRGBImageDecoder):
                     if min(hd, wd) < s:
                         resize_bicubic_up(img, base, scratch[i])
                     elif hd >= nh and wd >= nw:
-                        resize_area_down(img, 0, hd, 0, wd, base, scratch[i])
+                        resize_area(img, 0, hd, 0, wd, base, scratch[i])
                     else:  # one side a pixel short of its target through rounding
                         resize_c(img, 0, hd, 0, wd, base)
                 for v in range(views):
@@ -844,7 +815,7 @@ class RrcFlipDecoder(SimpleRGBImageDecoder):
                     img = data.reshape(h, w, 3)
                 top, left, ch, cw = rrc_box(h, w, scale_lo, scale_hi, ratio_lo, ratio_hi)
                 if ch >= dst.shape[1] and cw >= dst.shape[2]:  # a shrink: the area filter, faster than OpenCV's
-                    resize_area_down(img, top, top + ch, left, left + cw, dst[i], row[i])
+                    resize_area(img, top, top + ch, left, left + cw, dst[i], row[i])
                 else:  # enlarging either side: OpenCV's INTER_AREA (bilinear when enlarging)
                     resize_c(img, top, top + ch, left, left + cw, dst[i])
                 if np.random.random() < flip_p:

@@ -525,7 +525,7 @@ def test_dali_cpu_src_views_match_numpy_reflect_pad_crop_and_flip():
 
 
 def test_dali_cpu_shorter_side_shrink_is_the_shared_area_filter():
-    """The CPU graph (numba available) shrinks the shorter side to S with ``area_resize.resize_area_down`` (FFCV's
+    """The CPU graph (numba available) shrinks the shorter side to S with ``area_resize.resize_area`` (FFCV's
     filter, OpenCV's INTER_AREA weights): equal to the kernel, and to OpenCV within test_ffcv_ops' tolerance;
     an image at S passes unchanged, a smaller one is enlarged by ``fn.resize`` to the same rounded size."""
     import io
@@ -535,7 +535,7 @@ def test_dali_cpu_shorter_side_shrink_is_the_shared_area_filter():
     from nvidia.dali import pipeline_def
     from PIL import Image
 
-    from lut_fast.pipelines.area_resize import resize_area_down
+    from lut_fast.pipelines.area_resize import resize_area
     from lut_fast.pipelines.dali_backend import decode, resize_shorter
 
     spec = AugSpec(img_size=16)
@@ -568,10 +568,43 @@ def test_dali_cpu_shorter_side_shrink_is_the_shared_area_filter():
             np.testing.assert_array_equal(got, src)
         elif min(h, w) > spec.img_size:
             kernel = np.empty((nh, nw, 3), np.uint8)
-            resize_area_down(src, 0, h, 0, w, kernel, np.empty(3 * w, np.float32))
+            resize_area(src, 0, h, 0, w, kernel, np.empty(3 * w, np.float32))
             np.testing.assert_array_equal(got, kernel, err_msg=f"image {i} {src.shape}")
             diff = np.abs(got.astype(int) - cv2.resize(src, (nw, nh), interpolation=cv2.INTER_AREA))
             assert diff.max() <= 1 and np.mean(diff > 0) < 0.01, (i, diff.max(), np.mean(diff > 0))
+
+
+def test_dali_cpu_mae_square_flip_is_the_shared_resize_then_a_mirror():
+    """MAE's crops on the CPU: one numba operator resizes them to S x S with ``area_resize.resize_area`` (area
+    filter where a side shrinks, bicubic where it grows) and mirrors about half of them; each output is exactly
+    the kernel's result, or that result mirrored."""
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    from lut_fast.pipelines.area_resize import resize_area
+    from lut_fast.pipelines.dali_backend import square_flip_cpu
+
+    spec = AugSpec(recipe="mae", img_size=16)
+    rng = np.random.default_rng(5)
+    shapes = [(40, 50), (16, 30), (33, 17), (64, 64), (20, 90), (16, 16), (9, 12), (12, 40)] * 6
+    images = [rng.integers(0, 256, (*hw, 3)).astype(np.uint8) for hw in shapes]
+
+    @pipeline_def
+    def square():
+        return square_flip_cpu(fn.external_source(source=lambda: images, batch=True, layout="HWC"), spec)
+
+    pipe = square(batch_size=len(images), num_threads=2, device_id=None, seed=3)
+    pipe.build()
+    (out,) = pipe.run()
+    flips = 0
+    for i, src in enumerate(images):
+        got = np.array(out[i])
+        kernel = np.empty((16, 16, 3), np.uint8)
+        resize_area(src, 0, src.shape[0], 0, src.shape[1], kernel, np.empty(3 * src.shape[1], np.float32))
+        mirrored = np.array_equal(got, kernel[:, ::-1])
+        assert mirrored or np.array_equal(got, kernel), (i, src.shape)
+        flips += mirrored
+    assert 0.2 < flips / len(images) < 0.8, flips
 
 
 @pytest.mark.parametrize("backend,key", [("ffcv", "beton"), ("dali", "shards")])

@@ -90,17 +90,44 @@ def test_normalize_view_equals_the_formula():
     ((90, 80), (7, 77, 11, 51), (33, 33)),  # a sub-window (MAE's RandomResizedCrop)
 ])
 def test_area_shrink_matches_opencv(src_shape, window, out_shape):
-    """resize_area_down replaces OpenCV's INTER_AREA (FFCV's resize) on shrinks: same pixels up to rounding."""
+    """resize_area replaces OpenCV's INTER_AREA (FFCV's resize) on shrinks: same pixels up to rounding."""
     import cv2
 
     src = np.random.default_rng(2).integers(0, 256, (*src_shape, 3)).astype(np.uint8)
     src[:, : src_shape[1] // 2] = np.linspace(0, 255, src_shape[1] // 2, dtype=np.uint8)[None, :, None]  # smooth too
     top, bottom, left, right = window
     ours = np.empty((*out_shape, 3), np.uint8)
-    F.resize_area_down(src, top, bottom, left, right, ours, np.empty(src_shape[1] * 3, np.float32))
+    F.resize_area(src, top, bottom, left, right, ours, np.empty(src_shape[1] * 3, np.float32))
     opencv = cv2.resize(src[top:bottom, left:right], out_shape[::-1], interpolation=cv2.INTER_AREA)
     diff = np.abs(ours.astype(int) - opencv)
     assert diff.max() <= 1 and np.mean(diff > 0) < 0.01
+
+
+@pytest.mark.parametrize("src_shape,out_shape", [
+    ((20, 25), (32, 40)),  # both sides grow
+    ((40, 20), (32, 32)),  # one shrinks, one grows (MAE's crops)
+    ((3, 30), (16, 16)),  # rows narrower than the cubic's four taps grow too
+])
+def test_resize_area_grows_a_side_with_the_bicubic(src_shape, out_shape):
+    """Along a side that grows, resize_area is the bicubic (Keys, a = -0.5) of resize_bicubic_up; along one that
+    shrinks, the area filter. Reference: each axis resized on its own, area shrink then bicubic growth. The
+    reference rounds and clamps between its passes and resize_area does neither, so the image is smooth (no
+    cubic overshoot to clamp; on noise the two differ by up to ~10 levels where the overshoot is clipped):
+    at most one level apart."""
+    from lut_fast.pipelines.area_resize import resize_area
+
+    (h, w), (big_h, big_w) = src_shape, out_shape
+    y, x = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    src = np.stack([40 + 170 * x, 30 + 180 * y, 128 + 90 * np.sin(3 * x + 2 * y)], axis=2).round().astype(np.uint8)
+    ours = np.empty((big_h, big_w, 3), np.uint8)
+    resize_area(src, 0, h, 0, w, ours, np.empty(w * 3, np.float32))
+    mid_h, mid_w = min(h, big_h), min(w, big_w)  # shrink first
+    mid = np.empty((mid_h, mid_w, 3), np.uint8)
+    F.resize_area(src, 0, h, 0, w, mid, np.empty(w * 3, np.float32))
+    ref = np.empty((big_h, big_w, 3), np.uint8)
+    F.resize_bicubic_up(mid, ref, np.empty(mid_h * big_w * 3, np.float32))
+    diff = np.abs(ours.astype(int) - ref)
+    assert diff.max() <= 1, diff.max()
 
 
 def test_src_crop_is_a_window_of_the_reflect_padded_image():
