@@ -1,11 +1,11 @@
-"""Area (box) shrinking of uint8 RGB images in numba, with OpenCV's INTER_AREA weights; no FFCV or DALI needed.
+"""Resizing uint8 RGB images in numba: the area (box) filter with OpenCV's INTER_AREA weights where a side
+shrinks, bicubic (Keys, a = -0.5, as PIL and torchvision) where it grows; no FFCV or DALI needed.
 
-Both CPU backends that resize on their own shrink with it: FFCV's decoders (``ffcv_ops``) and DALI's CPU
-graph (a numba operator in ``dali_backend``), for the shorter-side resize of the LUT recipe (and FFCV's MAE
-crops). It is the filter FFCV's own decoders use (OpenCV's INTER_AREA, an antialiased box filter), several
-times faster than OpenCV at the non-integer factors that ImageNet-sized photos need, and about 4x cheaper
-than DALI's antialiased ``fn.resize`` on the CPU.
-"""
+Both CPU backends that resize on their own use it: FFCV's decoders (``ffcv_ops``) and DALI's CPU graph
+(numba operators in ``dali_backend``), for the shorter-side resize of the LUT recipe and for MAE's crops
+(FFCV's that shrink, all of DALI's). Shrinking, it is the filter FFCV's own decoders use (OpenCV's
+INTER_AREA, an antialiased box filter), several times faster than OpenCV at the non-integer factors that
+ImageNet-sized photos need, and about 4x cheaper than DALI's antialiased ``fn.resize`` on the CPU."""
 
 from __future__ import annotations
 
