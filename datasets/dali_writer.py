@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from lut_fast.errors import UserError
+from lut_fast.fileio import os_error_message
 
 from . import sources
 
@@ -160,6 +161,8 @@ def write_shards(
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         sources.commit(tmp, out)
+    except OSError as e:  # reading is the workers' (a bad file is skipped): this is a write, e.g. a full disk
+        raise UserError(os_error_message(e, out)) from None
     finally:
         sources.remove_path(tmp)
     return sources.ConversionReport(out, written, listing.classes, sources.path_size(out),

@@ -12,6 +12,9 @@ scale, which still parses all of its data) finds the bad files first, and
 only good ones reach the writer. Should a file fail anyway (changed on disk
 between the passes), the worker stores a placeholder, notes the path, and the
 conversion is discarded with an error rather than kept with a gray image.
+A worker that dies for any other reason (a full disk, the OOM killer) is
+seen by a watchdog (``_watched_workers``), which stops the wait with a
+one-line error instead of a hang.
 
 ``shorter_side=S`` (``--shorter-side``) shrinks every image once, here, so
 its shorter side is S (bicubic, antialiased, the SRC recipe's resize; smaller
@@ -28,12 +31,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from lut_fast.errors import UserError
+from lut_fast.fileio import os_error_message
 
 from . import sources
 
@@ -90,11 +98,111 @@ def _rich_progress():
     import ffcv.writer
 
     saved = ffcv.writer.tqdm
-    ffcv.writer.tqdm = _RichTqdm
+    bars: list[_RichTqdm] = []
+
+    def make_bar(*args, **kwargs) -> _RichTqdm:
+        bars.append(_RichTqdm(*args, **kwargs))
+        return bars[-1]
+
+    ffcv.writer.tqdm = make_bar
     try:
         yield
     finally:
         ffcv.writer.tqdm = saved
+        for bar in bars:  # an interrupted write never reaches FFCV's close(): stop the live display here
+            bar.close()
+
+
+class _WorkerDied(Exception):
+    """Raised in the main thread, by the watchdog's signal, while FFCV's writer waits on a dead worker."""
+
+
+class _WatchedProcess(multiprocessing.Process):
+    """What ``ffcv.writer.Process`` is during a watched write: a worker that leaves its last error in a file."""
+
+    error_file: Path | None = None  # set by _watched_workers for the processes it creates
+    created: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error_file = _WatchedProcess.error_file
+        _WatchedProcess.created.append(self)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as e:
+            with open(self.error_file, "a") as f:
+                f.write(f"{getattr(e, 'errno', None) or ''}\t{type(e).__name__}: {e}\n")
+            raise
+
+
+@contextlib.contextmanager
+def _watched_workers(error_file: Path, out: Path):
+    """Turn a dead FFCV writer process into a ``UserError`` instead of an endless wait.
+
+    FFCV's parent process polls a shared counter until every sample is written
+    and then blocks on a queue that each worker fills at its very end: a worker
+    that dies on the way (ENOSPC while flushing a page, SIGKILL from the OOM
+    killer) leaves it waiting forever. A thread here polls the workers' exit
+    codes and, on a failure, sends SIGUSR1 to the main thread, whose handler
+    raises out of FFCV's wait (a signal interrupts the blocking read, which a
+    thread cannot). Signals reach only the main thread, so elsewhere the write
+    runs unwatched, as FFCV's own.
+    """
+    import ffcv.writer
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    armed = threading.Event()
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if armed.is_set():
+            armed.clear()
+            raise _WorkerDied
+
+    def watch() -> None:
+        while not stop.wait(0.2):
+            if any(p.exitcode not in (None, 0) for p in list(_WatchedProcess.created)) and armed.is_set():
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                return
+
+    saved_process, saved_handler = ffcv.writer.Process, signal.signal(signal.SIGUSR1, on_signal)
+    _WatchedProcess.error_file, _WatchedProcess.created = error_file, []
+    ffcv.writer.Process = _WatchedProcess
+    watcher = threading.Thread(target=watch, name="ffcv-writer-watchdog", daemon=True)
+    armed.set()
+    watcher.start()
+    try:
+        yield
+    except _WorkerDied:
+        raise UserError(_worker_failure(error_file, out, _WatchedProcess.created)) from None
+    finally:
+        armed.clear()
+        stop.set()
+        watcher.join()
+        ffcv.writer.Process = saved_process
+        signal.signal(signal.SIGUSR1, saved_handler)
+        for p in _WatchedProcess.created:  # the survivors would wait on a queue nobody reads
+            if p.is_alive():
+                p.terminate()
+            p.join()
+
+
+def _worker_failure(error_file: Path, out: Path, processes: list) -> str:
+    """One line: what killed an FFCV writer process (its own error when it left one, else its exit code)."""
+    lines = error_file.read_text().splitlines() if error_file.exists() else []
+    if lines:
+        code, _, message = lines[0].partition("\t")
+        if code.isdigit():
+            return os_error_message(OSError(int(code), os.strerror(int(code))), out)
+        return f"an FFCV writer process failed: {message}; the output was discarded"
+    codes = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+    how = f"was killed by signal {-codes[0]}" if codes and codes[0] < 0 else f"exited with code {codes[0] if codes else '?'}"
+    hint = " (SIGKILL is usually the out-of-memory killer: try fewer --workers)" if codes and codes[0] == -9 else ""
+    return f"an FFCV writer process {how}{hint}; the output was discarded"
 
 
 def write_beton(
@@ -154,8 +262,9 @@ def write_beton(
     sources.make_parent(out)
     tmp = sources.temp_path(out)
     failures = tmp.with_name(tmp.name + ".failures")
-    sources.remove_path(tmp)
-    sources.remove_path(failures)
+    worker_errors = tmp.with_name(tmp.name + ".worker-errors")
+    for path in (tmp, failures, worker_errors):
+        sources.remove_path(path)
     try:
         if smart_threshold is None and write_mode == "smart":
             smart_threshold = 3 * ((max_resolution or 512) // 2) ** 2  # JPEG above (max side / 2)^2 pixels
@@ -165,8 +274,15 @@ def write_beton(
             "label": IntField(),
         }
         writer = DatasetWriter(str(tmp), fields, num_workers=workers)
-        with _rich_progress():
-            writer.from_indexed_dataset(_ImageDataset(good, failures, shorter_side), chunksize=chunk_size)
+        try:
+            with _rich_progress(), _watched_workers(worker_errors, out):
+                writer.from_indexed_dataset(_ImageDataset(good, failures, shorter_side), chunksize=chunk_size)
+        except UserError:
+            _unlink_metadata(writer)
+            raise
+        except OSError as e:  # the parent's own writes (header, metadata, allocation table)
+            _unlink_metadata(writer)
+            raise UserError(os_error_message(e, out)) from None
         if failures.exists():
             lines = failures.read_text().splitlines()
             raise UserError(f"{len(lines)} file(s) became unreadable during writing (first: {lines[0]}); "
@@ -178,10 +294,19 @@ def write_beton(
         sources.commit(tmp, out)
         sources.write_json_atomic(metadata_path(out), metadata)
     finally:
-        sources.remove_path(tmp)
-        sources.remove_path(failures)
+        for path in (tmp, failures, worker_errors):
+            sources.remove_path(path)
     return sources.ConversionReport(out, len(good), listing.classes, out.stat().st_size,
                                     time.perf_counter() - t0, sorted(skipped))
+
+
+def _unlink_metadata(writer) -> None:
+    """FFCV keeps its sample table in shared memory (/dev/shm) and frees it only after a finished write."""
+    sm = getattr(writer, "metadata_sm", None)
+    if sm is not None:
+        with contextlib.suppress(Exception):
+            sm.close()
+            sm.unlink()
 
 
 def _check_sizes_fit(samples: list[tuple[str, int]], shorter_side: int | None) -> None:

@@ -11,6 +11,7 @@ exist, and the trainer runs a few steps on each output.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import tarfile
@@ -158,12 +159,12 @@ def test_failed_dali_conversion_leaves_nothing(source, tmp_path, monkeypatch):
     def failing_add(self, key, image, label):
         calls.append(key)
         if len(calls) == 10:
-            raise RuntimeError("disk full (simulated)")
+            raise OSError(errno.ENOSPC, "No space left on device")
         return real_add(self, key, image, label)
 
     real_add = dali_writer._ShardWriter.add
     monkeypatch.setattr(dali_writer._ShardWriter, "add", failing_add)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with pytest.raises(UserError, match=f"no space left on {tmp_path} "):
         dali_writer.write_shards(source, tmp_path / "out", shard_size=4, workers=1)
     assert list(tmp_path.iterdir()) == []
 
@@ -179,6 +180,50 @@ def test_failed_ffcv_conversion_leaves_nothing(source, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         ffcv_writer.write_beton(source, tmp_path / "x.beton", workers=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def no_writer_left_behind() -> None:
+    import multiprocessing
+    import signal
+
+    assert multiprocessing.active_children() == []
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the watchdog's handler is gone again
+
+
+@pytest.mark.timeout(180)
+def test_a_full_disk_in_an_ffcv_writer_process_is_one_line_not_a_hang(source, tmp_path, monkeypatch):
+    """FFCV's parent waits forever on a worker that died; this one died flushing its last page (ENOSPC)."""
+    from ffcv.memory_allocator import MemoryAllocator
+
+    def full_disk(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MemoryAllocator, "flush_page", full_disk)  # the workers are forked: they inherit it
+    with pytest.raises(UserError, match=f"no space left on {tmp_path} \\(while writing x.beton\\)") as err:
+        ffcv_writer.write_beton(source, tmp_path / "x.beton", workers=2)
+    assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+    no_writer_left_behind()
+
+
+@pytest.mark.timeout(180)
+def test_an_ffcv_writer_process_killed_mid_write_is_one_line_not_a_hang(source, tmp_path, monkeypatch):
+    """The out-of-memory killer's SIGKILL leaves no error behind: the exit code is what the message says."""
+    import os
+    import signal
+
+    real_getitem = ffcv_writer._ImageDataset.__getitem__
+
+    def killed_at_the_fifth(self, i):
+        if i == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_getitem(self, i)
+
+    monkeypatch.setattr(ffcv_writer._ImageDataset, "__getitem__", killed_at_the_fifth)
+    with pytest.raises(UserError, match="an FFCV writer process was killed by signal 9 .*out-of-memory"):
+        ffcv_writer.write_beton(source, tmp_path / "x.beton", workers=2, chunk_size=4)
+    assert list(tmp_path.iterdir()) == []
+    no_writer_left_behind()
 
 
 def test_overwrite_replaces_atomically(source, tmp_path):
