@@ -271,39 +271,14 @@ def _src_views_kernel(size: int, pad: int, flip_p: float):
 
     ``draws`` holds (top, left, flip) uniforms in [0, 1) for each view. Each view is the S x S window at
     a uniformly drawn integer offset of the image reflect-padded by ``pad`` (numpy/torch 'reflect'),
-    mirrored when its flip draw is below ``flip_p``; the padded image is never built: each output row
-    reads its source row through the reflection, the columns inside the image are one contiguous copy
-    (mirrored: ``mirror_copy``) and at most ``pad`` columns on either side are reflected.
-    Indices of the contiguous copy are unsigned: with signed ones numba guards every access against
-    negative wraparound and the loop does not vectorise (30x slower).
+    mirrored when its flip draw is below ``flip_p``, cut by the kernel all CPU backends share
+    (``src_windows.window_hwc``: the padded image is never built).
     """
-    import numba
     import numpy as np  # numba resolves globals of the closure; keep them local and explicit
 
+    from .src_windows import window_hwc
+
     S, P = size, pad
-
-    @numba.njit(inline="always")
-    def reflect(i, n):
-        if i < 0:
-            return -i
-        if i >= n:
-            return 2 * (n - 1) - i
-        return i
-
-    @numba.njit
-    def copy_bytes(dst, d, src, s, n):
-        d, s = np.uint64(d), np.uint64(s)
-        for i in range(np.uint64(n)):
-            dst[d + i] = src[s + i]
-
-    @numba.njit
-    def mirror_copy(dst, d, src, s, first, stop):
-        """Output pixels [first, stop) of a mirrored row: pixel c from source pixel (s - 3c) / 3. A plain
-        pixel loop on unsigned offsets vectorises; the 4-pixel unrolled copy it replaced was 20x slower."""
-        d, s, three = np.uint64(d), np.uint64(s), np.uint64(3)
-        for c in range(np.uint64(first), np.uint64(stop)):
-            sc, dc = s - three * c, d + three * c
-            dst[dc], dst[dc + np.uint64(1)], dst[dc + np.uint64(2)] = src[sc], src[sc + np.uint64(1)], src[sc + np.uint64(2)]
 
     def kernel(view1, view2, image, draws):
         h, w = image.shape[0], image.shape[1]
@@ -313,24 +288,7 @@ def _src_views_kernel(size: int, pad: int, flip_p: float):
             n_top, n_left = h + 2 * P - S + 1, w + 2 * P - S + 1  # offsets of the window in the padded image
             top = min(int(np.floor(draws[3 * v] * n_top)), n_top - 1)
             left = min(int(np.floor(draws[3 * v + 1] * n_left)), n_left - 1)
-            flip = draws[3 * v + 2] < flip_p
-            x0 = left - P  # image column of the window's first (unmirrored) column
-            a = min(max(-x0, 0), S)  # window columns [0, a) reflect about column 0,
-            b = max(min(w - x0, S), a)  # [b, S) about column w - 1; [a, b) lie inside the image
-            for r in range(S):
-                so = reflect(top + r - P, h) * w * 3
-                do = r * S * 3
-                for k in range(a + S - b):  # the window's columns in the padding
-                    wc = k if k < a else b + k - a
-                    c = S - 1 - wc if flip else wc
-                    s = so + 3 * reflect(x0 + wc, w)
-                    dst[do + 3 * c] = src[s]
-                    dst[do + 3 * c + 1] = src[s + 1]
-                    dst[do + 3 * c + 2] = src[s + 2]
-                if not flip:
-                    copy_bytes(dst, do + 3 * a, src, so + 3 * (x0 + a), 3 * (b - a))
-                else:
-                    mirror_copy(dst, do, src, so + 3 * (x0 + S - 1), S - b, S - a)
+            window_hwc(dst, src, h, w, S, P, top, left, draws[3 * v + 2] < flip_p)
 
     def setup(outs, ins):
         for o in range(len(outs)):

@@ -66,6 +66,7 @@ from ffcv.pipeline.operation import Operation  # noqa: E402
 torch.set_num_threads(_torch_threads)
 
 from .area_resize import cubic_taps, resize_area, shorter_side_size  # noqa: E402  (numba cache folder set there, before the kernels below)
+from .src_windows import reflect, window_hwc  # noqa: E402
 from .spec import STRONG_OPS, AugSpec  # noqa: E402
 
 # Small kernels called from FFCV's generated code, cached on disk (numba_cache), so a new Loader
@@ -81,16 +82,6 @@ GRAYSCALE, SOLARIZE, BLUR = (STRONG_OPS.index(op) for op in ("grayscale", "solar
 
 
 # ---------------------------------------------------------------- geometry (SRC)
-
-
-@_jit
-def _reflect(k, n):
-    """Index into a row of n pixels padded in 'reflect' mode (edge not repeated), overhang < n."""
-    if k < 0:
-        return -k
-    if k >= n:
-        return 2 * n - 2 - k
-    return k
 
 
 @_jit
@@ -165,25 +156,13 @@ def flip_in_place(img):
 
 @_jit
 def src_crop(base, out, pad, flip_p):
-    """One SRC view: a random S x S window of ``base`` padded by ``pad`` (reflect), flipped with flip_p.
-
-    The source column of each output column (reflection and flip included) is worked out once per crop,
-    not once per pixel.
-    """
+    """One SRC view (``src_windows.window_hwc``) of the HWC image ``base`` into ``out`` (S, S, 3), at an
+    offset and a flip drawn from numba's generator, which FFCV seeds per batch."""
     h, w, s = base.shape[0], base.shape[1], out.shape[0]
     top = np.random.randint(0, h + 2 * pad - s + 1)
     left = np.random.randint(0, w + 2 * pad - s + 1)
     flip = np.random.random() < flip_p
-    cols = np.empty(s, np.int64)
-    for x in range(s):
-        cols[x] = _reflect(left + (s - 1 - x if flip else x) - pad, w)
-    for y in range(s):
-        src, dst = base[_reflect(top + y - pad, h)], out[y]
-        for x in range(s):
-            sx = cols[x]
-            dst[x, 0] = src[sx, 0]
-            dst[x, 1] = src[sx, 1]
-            dst[x, 2] = src[sx, 2]
+    window_hwc(out.reshape(s * s * 3), base.reshape(h * w * 3), h, w, s, pad, top, left, flip)
 
 
 # ---------------------------------------------------------------- photometric (view 2), one op per kernel
@@ -292,13 +271,13 @@ def _blur(x, tmp, sigma, half):
             for c in range(3):
                 acc = 0.0
                 for j in range(2 * half + 1):
-                    acc += k[j] * row[3 * _reflect(i + j - half, w) + c]
+                    acc += k[j] * row[3 * reflect(i + j - half, w) + c]
                 out[3 * i + c] = acc
     for y in range(h):  # vertical: tmp -> x
         out = xf[y]
         out[:] = 0.0
         for j in range(2 * half + 1):
-            kj, src = k[j], tf[_reflect(y + j - half, h)]
+            kj, src = k[j], tf[reflect(y + j - half, h)]
             for e in range(3 * w):
                 out[e] += kj * src[e]
 
@@ -548,7 +527,7 @@ def _vertical_into(dst, y, ring, k, h, out, planar, scale, shift):
         g[i] = 0.0
         b[i] = 0.0
     for j in range(taps):
-        kj, slot = k[j], 3 * (_reflect(y + j - half, h) % taps)
+        kj, slot = k[j], 3 * (reflect(y + j - half, h) % taps)
         _add_scaled(r, kj, ring[slot])
         _add_scaled(g, kj, ring[slot + 1])
         _add_scaled(b, kj, ring[slot + 2])

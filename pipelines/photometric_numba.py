@@ -23,20 +23,11 @@ import numpy as np
 import torch
 
 from .numba_cache import jit as _jit
+from .src_windows import reflect
 from .spec import STRONG_OPS, AugSpec
 
 GRAYSCALE, SOLARIZE, BLUR = (STRONG_OPS.index(op) for op in ("grayscale", "solarize", "blur"))
 _LR, _LG, _LB = np.float32(0.299), np.float32(0.587), np.float32(0.114)  # photometric.LUMA
-
-
-@_jit
-def _reflect(i, n):
-    """Index ``i`` of a line of ``n`` values, mirrored about its end values (torch's 'reflect' padding)."""
-    if i < 0:
-        return -i
-    if i >= n:
-        return 2 * (n - 1) - i
-    return i
 
 
 @_jit
@@ -80,8 +71,8 @@ def _blur_columns(src, dst, taps, half):
                 out[x] = centre[x] * w0
             for d in range(1, half + 1):
                 wd = taps[half + d]
-                above = src[c, _reflect(y - d, h)]
-                below = src[c, _reflect(y + d, h)]
+                above = src[c, reflect(y - d, h)]
+                below = src[c, reflect(y + d, h)]
                 for x in range(w):
                     out[x] += wd * (above[x] + below[x])
 

@@ -109,6 +109,44 @@ def test_windows_cut_from_the_unpadded_image_equal_pad_then_slice(mode):
     assert torch.equal(planar.permute(1, 2, 0), tb.pad_hwc(img, 4, mode)[1:9, 6:14])
 
 
+def test_compiled_windows_equal_window_into_then_a_mirror():
+    """src_windows (numba; what every CPU backend cuts SRC views with) against the numpy reference, at every
+    window position of images wider, taller and as small as the window, mirrored and not."""
+    pytest.importorskip("numba")
+    from lut_fast.pipelines import src_windows
+
+    rng = np.random.default_rng(1)
+    for h, w, size, pad in ((8, 11, 8, 4), (9, 8, 8, 3), (8, 8, 8, 1), (12, 30, 10, 4), (5, 5, 5, 4), (6, 7, 5, 2), (7, 9, 6, 0)):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for top in range(h + 2 * pad - size + 1):
+            for left in range(w + 2 * pad - size + 1):
+                want = np.empty((size, size, 3), np.uint8)
+                tb.window_into(img, top, left, size, pad, "reflect", want)
+                v1, v2 = np.full_like(want, 77), np.full_like(want, 77)
+                src_windows.src_views_hwc(v1, v2, img, pad, top, left, False, top, left, True)
+                assert np.array_equal(v1, want) and np.array_equal(v2, want[:, ::-1]), (h, w, size, pad, top, left)
+
+
+@pytest.mark.parametrize("stored", ["original", "at the view size"])
+def test_batches_cut_by_the_compiled_windows_equal_the_numpy_ones(monkeypatch, tmp_path, stored):
+    pytest.importorskip("numba")
+    spec = AugSpec(img_size=32)
+    samples = scan_image_folder(builtin_path()).samples[:8]
+    if stored != "original":  # shorter side already 32: the decoded image itself is cut
+        for i, (path, label) in enumerate(samples):
+            img = Image.open(path).convert("RGB")
+            img.resize((32, round(32 * img.height / img.width)) if img.width < img.height else (round(32 * img.width / img.height), 32),
+                       Image.BICUBIC).save(tmp_path / f"{i}.jpg", quality=90)
+            samples[i] = (str(tmp_path / f"{i}.jpg"), label)
+    ds = DualViewDataset(samples, spec, seed=4)
+    keys = [(3, i) for i in range(8)]
+    assert ds._compiled_windows(ds.new_views(8))
+    compiled = ds.__getitems__(keys)["views"]
+    monkeypatch.setattr(tb, "_src_windows", False)  # as without numba
+    assert not ds._compiled_windows(ds.new_views(8))
+    assert torch.equal(compiled, ds.__getitems__(keys)["views"])
+
+
 @pytest.mark.parametrize("opencv", [True, False])
 def test_mirror_in_place_with_and_without_opencv(monkeypatch, opencv):
     if opencv and not tb._load_cv2():
