@@ -290,6 +290,7 @@ def test_interleaving_order_and_what_is_timed():
     assert log[i - 4 : i + 2] == ["settle", "resume A", "before A", "clock", "window A", "pause A"]
     j = log.index("window B")
     assert log[j - 4 : j] == ["before B", "settle", "drain B", "clock"]
+    assert out.samples["B"] == [(4, 1.0, 0.5), (4, 1.0, 0.5)]  # no `works_ahead`: the window's own CPU
     assert log[-3:] == ["close floor", "close A", "close B"]
 
 
@@ -301,13 +302,13 @@ def test_stream_windows_never_straddle_an_epoch():
             self.epoch = None
 
         def __len__(self):
-            return 6
+            return 8
 
         def set_epoch(self, epoch, start_batch=0):
             self.epoch = epoch
 
         def __iter__(self):
-            return iter([(self.epoch, i) for i in range(6)])
+            return iter([(self.epoch, i) for i in range(8)])
 
     timed: list[list] = []
 
@@ -323,10 +324,55 @@ def test_stream_windows_never_straddle_an_epoch():
     for got in timed:
         assert len({e for e, _ in got}) == 1  # one epoch per window
         assert got[0][1] >= 1 + 2  # after the epoch's first batch and the 2 drained ones
+        assert got[-1][1] + 2 <= 7  # and the 2 it makes ahead again before it is idle are in the same epoch
     assert subject.epoch == 4 and len(subject.epoch_start_s) == 4 and subject.startup_s is not None
-    too_long = Recording("t", Loader, lambda loader: loader, lambda b: 1, ready_depth=4)
+    too_long = Recording("t", Loader, lambda loader: loader, lambda b: 1, ready_depth=3)
     bad = run_interleaved([too_long], windows=1, window_batches=2, warmup_rounds=0, settle=lambda: True)
-    assert isinstance(bad.errors["t"], UserError) and "epoch has 6 batches" in str(bad.errors["t"])
+    assert isinstance(bad.errors["t"], UserError) and "epoch has 8 batches" in str(bad.errors["t"])
+
+
+def test_a_thread_loaders_cpu_runs_from_idle_to_idle_over_every_batch_it_built():
+    """A loader on threads builds batches ahead of its reader; the CPU of one window would charge it the
+    batches still in flight at its end. Model: 1 CPU second per batch, a queue of 2 kept full: the CPU
+    from idle (queue full) to idle again, over the batches drained and timed, is 1 s per batch exactly."""
+    from lut_fast.bench.interleave import StreamSubject, run_interleaved
+
+    cpu = [0.0]
+
+    class Loader:
+        def __len__(self):
+            return 40
+
+        def set_epoch(self, epoch, start_batch=0):
+            pass
+
+        def __iter__(self):
+            for i in range(40):
+                cpu[0] += 1.0  # the batch read now is replaced in the queue: one more batch built
+                yield i
+
+    class WindowClock:  # what a window's own CPU clock sees: its batches plus one more begun in the background
+        def start(self):
+            self.c0 = cpu[0]
+            return self
+
+        def stop(self):
+            return 1.0, cpu[0] - self.c0 + 0.5
+
+    subject = StreamSubject("s", Loader, lambda loader: loader, lambda b: 32, ready_depth=2)
+    assert subject.works_ahead  # no worker processes: threads, which cannot be paused
+    out = run_interleaved([subject], windows=3, window_batches=4, warmup_rounds=0, settle=lambda: True,
+                          clock_factory=WindowClock, cpu_seconds=lambda: cpu[0])
+    assert out.samples["s"] == [(128, 1.0, 4.0)] * 3  # 4 batches, 4 CPU seconds: not 4.5
+
+
+def test_process_loaders_and_floors_keep_the_windows_cpu():
+    from lut_fast.bench.interleave import FloorSubject, StreamSubject
+
+    assert not FloorSubject("f", [b""], lambda b: None, 1, 1).works_ahead
+    paused = StreamSubject("p", lambda: None, lambda loader: loader, lambda b: 1)
+    paused.workers = {12345}
+    assert paused.pausable and not paused.works_ahead
 
 
 def test_photos_data_is_imagenet_like_and_cached(tmp_path):

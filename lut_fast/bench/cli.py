@@ -82,7 +82,7 @@ def data_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda: on cuda the gpu-training rows pin memory and device-stage rows are added."),
     warmup: int = typer.Option(1, help="Untimed rounds first (one window of every subject each)."),
     windows: int = typer.Option(5, help="Timed rounds; each row reports its median window."),
-    window_batches: int = typer.Option(4, help="Batches per window."),
+    window_batches: int = typer.Option(8, help="Batches per window (a thread loader restarts from idle in each: longer windows amortise that)."),
     floor_files: int = typer.Option(256, help="Files the decode floor cycles through (per file set)."),
     gpu_decode: Optional[bool] = typer.Option(None, "--gpu-decode/--no-gpu-decode", help="Also time decode_jpeg on the device + torch-op views  "
                                                                                              "[default: on with CUDA]."),

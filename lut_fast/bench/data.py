@@ -675,7 +675,8 @@ def run_data_bench(backend: str, data: str | None, recipes: list[str], img_size:
             r.update(_batch_fields(s.last_batch), startup_s=round_sig(s.startup_s),
                      epoch_start_s=round_sig(median(s.epoch_start_s)), epochs_started=s.epoch + 1,
                      batches_per_epoch=s.batches_per_epoch, paused_between_windows=s.pausable,
-                     drained_batches=0 if s.pausable else s.ready_depth)
+                     drained_batches=0 if s.pausable else s.ready_depth,
+                     cpu_clock="idle to idle" if s.works_ahead else "window")  # interleave's module doc
         else:
             fl = floors.setdefault(f["file_set"], {"images_per_sec": 0.0, "cpu_ms_per_image": float("inf")})
             if r["images_per_sec"] > fl["images_per_sec"]:

@@ -21,6 +21,17 @@ Two things must stay out of a timed window:
   started first. The time from starting an epoch to its first batch (DALI
   rebuilds its pipeline, the DataLoader refills its workers) is reported on its
   own (``startup_s`` for the first epoch, ``epoch_start_s`` for later ones).
+
+One thing must be inside it: **all the work of the batches it counts.** A
+thread-backed loader is still building batches when its window's last one
+arrives; their work is not done, but charging it to the window (as its CPU
+clock would) adds up to a batch per thread to a window of a few batches: 10-25 %
+more CPU per image than the loader really costs. So for such a loader the CPU
+clock runs from one idle moment to the next: from ``quiesce`` before the drain
+(the loader's queue full, nothing in flight) to ``quiesce`` after the window
+(the queue refilled, nothing in flight). In between it built exactly as many
+batches as were read, drained and timed, and its CPU seconds are divided by
+those. The wall clock still times the window alone.
 """
 
 from __future__ import annotations
@@ -73,6 +84,7 @@ class Subject:
 
     key: str = ""
     pausable: bool = False
+    works_ahead: bool = False  # keeps building batches after its window (a loader on threads): see the module doc
 
     def start(self) -> None:
         """Untimed set-up (build, first batch)."""
@@ -80,8 +92,9 @@ class Subject:
     def before_window(self, window_batches: int) -> None:
         """Untimed: whatever must happen before a window (a new epoch)."""
 
-    def drain(self) -> None:
-        """Untimed: read what was made ahead while other subjects were timed."""
+    def drain(self) -> int:
+        """Untimed: read what was made ahead while other subjects were timed; returns the number of images."""
+        return 0
 
     def window(self, window_batches: int) -> int:
         """The timed work; returns the number of images."""
@@ -148,6 +161,10 @@ class StreamSubject(Subject):
     def pausable(self) -> bool:
         return bool(self.workers)
 
+    @property
+    def works_ahead(self) -> bool:
+        return not self.pausable
+
     def start(self) -> None:
         before = child_pids()
         t0 = self.clock()
@@ -172,13 +189,15 @@ class StreamSubject(Subject):
         return self.last_batch
 
     def needed(self, window_batches: int) -> int:
-        return (0 if self.pausable else self.ready_depth) + window_batches
+        """Batches the epoch must still hold: those drained before the window, the window's, and (thread
+        loaders) those it makes ahead again before it is idle, so that its CPU clock stops in the same epoch."""
+        return (0 if self.pausable else 2 * self.ready_depth) + window_batches
 
     def before_window(self, window_batches: int) -> None:
         need = self.needed(window_batches)
         if need + 1 > self.batches_per_epoch:
             raise UserError(f"{self.key}: an epoch has {self.batches_per_epoch} batches, fewer than the "
-                            f"{need + 1} a window needs (first batch, {need - window_batches} made ahead, "
+                            f"{need + 1} a window needs (first batch, {need - window_batches} made ahead before and after, "
                             f"{window_batches} timed): use more images (--data photos:N) or fewer --window-batches")
         if self.batches_per_epoch - self.pos >= need:
             return
@@ -188,10 +207,10 @@ class StreamSubject(Subject):
         self._next_epoch()
         self.epoch_start_s.append(self.clock() - t0)
 
-    def drain(self) -> None:
-        if not self.pausable:
-            for _ in range(self.ready_depth):
-                self._next()
+    def drain(self) -> int:
+        if self.pausable:
+            return 0
+        return sum(self.count(self._next()) for _ in range(self.ready_depth))
 
     def window(self, window_batches: int) -> int:
         return sum(self.count(self._next()) for _ in range(window_batches))
@@ -229,8 +248,12 @@ class Windows:
 
 def run_interleaved(subjects: list[Subject], windows: int, window_batches: int, warmup_rounds: int = 1,
                     clock_factory: Callable[[], CpuClock] = CpuClock, settle: Callable[[], bool] = quiesce,
-                    sync: Callable[[], None] = lambda: None, progress: Callable[[str], None] | None = None) -> Windows:
-    """Start every subject, then ``warmup_rounds`` untimed and ``windows`` timed rounds of one window each."""
+                    sync: Callable[[], None] = lambda: None, progress: Callable[[str], None] | None = None,
+                    cpu_seconds: Callable[[], float] = cpu_seconds_tree) -> Windows:
+    """Start every subject, then ``warmup_rounds`` untimed and ``windows`` timed rounds of one window each.
+
+    Each sample is (images, wall seconds, CPU seconds) of the window; for a subject that works ahead the
+    CPU seconds are its settle-to-settle CPU per image (module doc) times the window's images."""
     out = Windows({s.key: [] for s in subjects}, {}, {s.key: 0 for s in subjects}, [])
     live: list[Subject] = []
     try:
@@ -257,11 +280,15 @@ def run_interleaved(subjects: list[Subject], windows: int, window_batches: int, 
                     else:
                         s.before_window(window_batches)
                         quiet = settle()
-                        s.drain()
+                    idle_cpu = cpu_seconds()  # idle: nothing in flight (read only for subjects that work ahead)
+                    drained = 0 if s.pausable else s.drain()
                     clock = clock_factory().start()
                     n = s.window(window_batches)
                     sync()
                     wall, cpu = clock.stop()
+                    if getattr(s, "works_ahead", False):  # every batch it started is finished and counted (module doc)
+                        quiet = settle() and quiet
+                        cpu = (cpu_seconds() - idle_cpu) * n / (n + drained)
                     s.pause()
                 except Exception as e:  # noqa: BLE001
                     out.errors[s.key] = e
