@@ -150,6 +150,34 @@ def stop_epoch_iterator(it: EpochIterator, timeout_s: float = 120.0) -> None:
     it.close()
 
 
+class _CopyBuffers:
+    """Where ``FfcvLoader`` copies batches out of FFCV's buffers (which FFCV overwrites a few batches later):
+    per view, a few buffers of its own, each reused once no tensor outside this object shares its memory.
+
+    A fresh array per copy was faulted in page by page: 60 page faults per image in the CPU-only
+    configuration, whose float32 views are 1.2 MB per image. A consumer that keeps its batches gets new
+    buffers (at most ``keep`` per view are kept for reuse; the rest are left to their holders)."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self.buffers: dict[int, list[tuple[torch.Tensor, int]]] = {}
+
+    def copy(self, view: int, x: torch.Tensor) -> torch.Tensor:
+        """A copy of CPU tensor ``x`` (same shape, strides where ``x`` is dense), a tensor of its own."""
+        from .torch_backend import _storage_use_count
+
+        kept = self.buffers.setdefault(view, [])
+        for buf, alone in kept:  # held only here: the storage's use count as it was when the buffer was made
+            if buf.shape == x.shape and buf.stride() == x.stride() and alone >= 0 and _storage_use_count(buf) == alone:
+                break
+        else:
+            buf = torch.from_numpy(np.empty_like(x.numpy(), order="K"))
+            if len(kept) < self.keep:
+                kept.append((buf, _storage_use_count(buf)))  # (-1 where torch cannot tell: never reused)
+        np.copyto(buf.numpy(), x.numpy())
+        return buf[:]  # a tensor of the caller's: it counts as a holder of the memory while it lives
+
+
 class FfcvLoader:
     """Dual-view (LUT) or single-view (MAE) batches from a ``.beton`` file (``contract.Loader``); see the module doc.
 
@@ -195,6 +223,7 @@ class FfcvLoader:
             raise UserError(f"{self.path} has too few images for batch size {batch_size} x {world_size} process(es)")
         self.batch_size = batch_size
         self.epoch, self.start_batch = 0, 0
+        self._copies = _CopyBuffers()
 
     def _device_ops(self) -> list:
         return [ToTensor()] + ([ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else [])
@@ -235,23 +264,24 @@ class FfcvLoader:
                 out = dict(zip(names, out))
                 images, params = out["image"], None
                 if images.dim() == 5:  # (B, 2, S, S, 3): both views straight from the decoder (device mode)
-                    view1, view2 = self._nchw(images[:, 0], fresh), self._nchw(images[:, 1], fresh)
+                    view1, view2 = self._nchw(images[:, 0], fresh, 0), self._nchw(images[:, 1], fresh, 1)
                     params = strong_params_for_batch(self.spec, images.shape[0], self.seed, self.epoch, self.rank, k)
                 else:
-                    view1 = self._nchw(images, fresh)
-                    view2 = self._nchw(out["image2"], fresh) if "image2" in out else None
+                    view1 = self._nchw(images, fresh, 0)
+                    view2 = self._nchw(out["image2"], fresh, 1) if "image2" in out else None
                 yield RawBatch(view1=view1, view2=view2, labels=out["label"].reshape(-1).clone(), strong_params=params)
         finally:
             stop_epoch_iterator(it)
 
-    def _nchw(self, x: torch.Tensor, fresh: bool) -> torch.Tensor:
+    def _nchw(self, x: torch.Tensor, fresh: bool, view: int) -> torch.Tensor:
         """A view as (B, 3, S, S) (NHWC buffers permuted: channels-last memory), copied out of FFCV's buffer if ``fresh``.
 
         The copy is numpy's, one thread, in this process: torch's would run on every OpenMP thread of
-        the trainer and, on a busy machine, spend ten times the copy's CPU time spinning.
+        the trainer and, on a busy machine, spend ten times the copy's CPU time spinning. It goes into
+        memory of this loader's (``_CopyBuffers``), reused once the consumer has let go of it.
         """
         if fresh:
-            x = torch.from_numpy(np.copy(x.numpy(), order="K")) if x.device.type == "cpu" else x.clone()
+            x = self._copies.copy(view, x) if x.device.type == "cpu" else x.clone()
         nhwc = x.dtype == torch.uint8 or self.channels_last  # float views are written NCHW unless channels-last
         return x.permute(0, 3, 1, 2) if nhwc else x
 

@@ -134,7 +134,7 @@ DATA_ARGS = ["--img-size", "32", "--batch-size", "4", "--workers", "1", "--warmu
 def photos_dir(tmp_path_factory) -> str:
     from lut_fast.bench.photos import photo_jpegs
 
-    return str(photo_jpegs(40, root=tmp_path_factory.mktemp("photos")))
+    return str(photo_jpegs(48, root=tmp_path_factory.mktemp("photos")))
 
 
 def test_data_report_rows_configurations_floors_and_official(tmp_path, photos_dir):
@@ -302,13 +302,13 @@ def test_stream_windows_never_straddle_an_epoch():
             self.epoch = None
 
         def __len__(self):
-            return 8
+            return 10
 
         def set_epoch(self, epoch, start_batch=0):
             self.epoch = epoch
 
         def __iter__(self):
-            return iter([(self.epoch, i) for i in range(8)])
+            return iter([(self.epoch, i) for i in range(10)])
 
     timed: list[list] = []
 
@@ -323,12 +323,12 @@ def test_stream_windows_never_straddle_an_epoch():
     assert len(out.samples["s"]) == 5 and not out.errors
     for got in timed:
         assert len({e for e, _ in got}) == 1  # one epoch per window
-        assert got[0][1] >= 1 + 2  # after the epoch's first batch and the 2 drained ones
-        assert got[-1][1] + 2 <= 7  # and the 2 it makes ahead again before it is idle are in the same epoch
+        assert got[0][1] >= 1 + 2 + 2  # after the epoch's first batch, 2 to warm up and the 2 drained ones
+        assert got[-1][1] + 2 <= 9  # and the 2 it makes ahead again before it is idle are in the same epoch
     assert subject.epoch == 4 and len(subject.epoch_start_s) == 4 and subject.startup_s is not None
     too_long = Recording("t", Loader, lambda loader: loader, lambda b: 1, ready_depth=3)
     bad = run_interleaved([too_long], windows=1, window_batches=2, warmup_rounds=0, settle=lambda: True)
-    assert isinstance(bad.errors["t"], UserError) and "epoch has 8 batches" in str(bad.errors["t"])
+    assert isinstance(bad.errors["t"], UserError) and "epoch has 10 batches, fewer than the 12" in str(bad.errors["t"])
 
 
 def test_a_thread_loaders_cpu_runs_from_idle_to_idle_over_every_batch_it_built():

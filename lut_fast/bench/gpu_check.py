@@ -170,16 +170,17 @@ def run_gpu_check(out: Path, budget_s: float = 420.0, quick: bool = False, boot_
                 "model.decoder_depth=1", "model.decoder_num_heads=2", "model.head_hidden_dim=64"]
         img, patch, warmup, windows, spw = 32, 8, 1, 2, 1
         n_files, batch_data, data_windows, data_wb = 48, 4, 2, 1
-        # An epoch must hold what a thread loader makes ahead, twice (before and after its window: bench's
-        # interleave module), the window and a first batch: the torch loader's threads make 2 per thread ahead.
-        n_files = max(n_files, batch_data * (2 * (2 * workers + 1) + data_wb + 1))
+        # An epoch must hold what a thread loader makes ahead three times (warm-up, before and after its
+        # window: bench's interleave module), the window and a first batch; the torch loader's threads make
+        # 2 per thread ahead, plus one in flight.
+        n_files = max(n_files, batch_data * (3 * (2 * workers + 1) + data_wb + 1))
         compiled_cost = {"vit_tiny": 5.0}
     else:
         models = [("vit_small", 256), ("vit_base", 256)]
         sets = []
         img, patch, warmup, windows, spw = 224, 16, 3, 3, 5
         n_files, batch_data, data_windows, data_wb = 1024, 32, 3, 4  # about 1-2 minutes on a 16-core GPU host
-        n_files = max(n_files, batch_data * (2 * (2 * workers + 1) + data_wb + 1))  # as above: 1,248 at 8 workers
+        n_files = max(n_files, batch_data * (3 * (2 * workers + 1) + data_wb + 1))  # as above: 1,792 at 8 workers
         compiled_cost = {"vit_small": 75.0, "vit_base": 100.0}  # seconds, compile included (estimates)
     settings = dict(preset="gpu_check", quick=quick, budget_s=budget_s, precision=precision, img_size=img,
                     patch_size=patch, models=[m for m, _ in models], batch_sizes={m: b for m, b in models},

@@ -193,19 +193,28 @@ class StreamSubject(Subject):
         loaders) those it makes ahead again before it is idle, so that its CPU clock stops in the same epoch."""
         return (0 if self.pausable else 2 * self.ready_depth) + window_batches
 
+    @property
+    def warm_up(self) -> int:
+        """Batches read untimed at the start of each epoch before anything is counted: a thread loader's
+        buffers may be new each epoch (FFCV allocates them per epoch), and their first use faults them in,
+        a cost of the epoch's start that a real epoch of thousands of batches never notices."""
+        return self.ready_depth if self.works_ahead else 0
+
     def before_window(self, window_batches: int) -> None:
         need = self.needed(window_batches)
-        if need + 1 > self.batches_per_epoch:
+        if need + 1 + self.warm_up > self.batches_per_epoch:
             raise UserError(f"{self.key}: an epoch has {self.batches_per_epoch} batches, fewer than the "
-                            f"{need + 1} a window needs (first batch, {need - window_batches} made ahead before and after, "
-                            f"{window_batches} timed): use more images (--data photos:N) or fewer --window-batches")
-        if self.batches_per_epoch - self.pos >= need:
-            return
-        for _ in self._it:  # finish the epoch untimed: its end is the loader's own business
-            pass
-        t0 = self.clock()
-        self._next_epoch()
-        self.epoch_start_s.append(self.clock() - t0)
+                            f"{need + 1 + self.warm_up} a window needs (first batch, {self.warm_up} to warm up, "
+                            f"{need - window_batches} made ahead before and after, {window_batches} timed): "
+                            "use more images (--data photos:N) or fewer --window-batches")
+        if self.batches_per_epoch - self.pos < need:
+            for _ in self._it:  # finish the epoch untimed: its end is the loader's own business
+                pass
+            t0 = self.clock()
+            self._next_epoch()
+            self.epoch_start_s.append(self.clock() - t0)
+        while self.pos <= self.warm_up:
+            self._next()
 
     def drain(self) -> int:
         if self.pausable:
