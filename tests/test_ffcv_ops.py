@@ -174,3 +174,29 @@ def test_normalize_view_operation_wiring(index, channels_last):
     out = op.generate_code()(np.ascontiguousarray(source), dst)
     view = images[:, 0 if index is None else index].astype(np.float32) * SCALE + SHIFT
     np.testing.assert_allclose(out if channels_last else out.transpose(0, 2, 3, 1), view, atol=1e-5)
+
+
+def test_batches_copied_out_of_ffcvs_buffers_reuse_memory_only_once_let_go():
+    """What FfcvLoader hands out is a copy (FFCV overwrites its buffers a few batches later). The copy's memory
+    is reused for a later batch only when no tensor outside the loader shares it any more."""
+    import torch
+
+    from lut_fast.pipelines.ffcv_backend import _CopyBuffers
+
+    copies = _CopyBuffers(keep=2)
+    src = torch.arange(2 * 4 * 4 * 3, dtype=torch.uint8).reshape(2, 4, 4, 3)
+    held = copies.copy(0, src)
+    assert torch.equal(held, src) and held.data_ptr() != src.data_ptr()
+    src += 1
+    second = copies.copy(0, src)  # the first copy is still held: new memory, the held batch unchanged
+    assert second.data_ptr() != held.data_ptr() and torch.equal(held + 1, src) and torch.equal(second, src)
+    ptr = second.data_ptr()
+    del second
+    third = copies.copy(0, src)  # let go: its memory comes back
+    assert third.data_ptr() == ptr
+    view = third.permute(0, 3, 1, 2)  # a view of it, kept by the consumer, holds the memory too
+    del third
+    assert copies.copy(0, src).data_ptr() not in (ptr, held.data_ptr())
+    del view
+    many = [copies.copy(1, src) for _ in range(5)]  # a consumer keeping everything: at most `keep` buffers stay
+    assert len(copies.buffers[1]) == 2 and len({t.data_ptr() for t in many}) == 5
