@@ -24,14 +24,17 @@ Two things must stay out of a timed window:
 
 One thing must be inside it: **all the work of the batches it counts.** A
 thread-backed loader is still building batches when its window's last one
-arrives; their work is not done, but charging it to the window (as its CPU
-clock would) adds up to a batch per thread to a window of a few batches: 10-25 %
-more CPU per image than the loader really costs. So for such a loader the CPU
-clock runs from one idle moment to the next: from ``quiesce`` before the drain
-(the loader's queue full, nothing in flight) to ``quiesce`` after the window
-(the queue refilled, nothing in flight). In between it built exactly as many
-batches as were read, drained and timed, and its CPU seconds are divided by
-those. The wall clock still times the window alone.
+arrives; charging that unfinished work to the window (as its CPU clock would)
+adds up to a batch per thread to a window of a few batches, and work the drain
+before the window waited for was never charged at all (torch's threads read
+10-15 % dearer than they are, FFCV a quarter cheaper). So for such a loader the
+CPU clock runs from one idle moment to the next: from ``quiesce`` before the
+drain (the loader's queue full, nothing in flight) to ``quiesce`` after the
+window (the queue refilled, nothing in flight). In between it built exactly as
+many batches as were read, drained and timed, and its CPU seconds are divided
+by those. The wall clock still times the window alone. Each epoch's first
+batches are read untimed too (``StreamSubject.warm_up``): buffers a loader
+allocates per epoch are faulted in by their first use.
 """
 
 from __future__ import annotations
