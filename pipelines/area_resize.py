@@ -167,9 +167,9 @@ def resize_area(src, top, bottom, left, right, dst, acc):
     Across, three and four source pixels per output pixel (any shrink by up to 3) are written out tap by
     tap: the general loop, with its per-tap index and weight loads, took three quarters of the whole
     resize. Offsets are unsigned so that no access carries a negative-index check; the sums are the
-    loop's, in its order, so the pixels are the same. (This stays one function: FFCV's stage code passes
-    ``dst`` typed read-only where its branches join, and a separate kernel for the pass broke numba's
-    dispatch on that type, KeyError in ``nopython_signatures``.)
+    loop's, in its order, so the pixels are the same. (The pass stays in this function, its one helper
+    inlined: FFCV's stage code passes ``dst`` typed read-only where its branches join, and a separate
+    kernel for the pass broke numba's dispatch on that type, KeyError in ``nopython_signatures``.)
     """
     h, w, big_h, big_w = bottom - top, right - left, dst.shape[0], dst.shape[1]
     full = 3 * src.shape[1]

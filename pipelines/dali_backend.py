@@ -197,24 +197,12 @@ def area_shrink_cpu(images, size: int):
 def _square_flip_kernel(size: int, flip_p: float):
     """Per-sample body and output shapes of ``square_flip_cpu``: ``area_resize.resize_area`` to ``size`` x
     ``size``, then a mirror in place when the sample's draw is below ``flip_p``."""
-    import numba
     import numpy as np  # numba resolves globals of the closure; keep them local and explicit
 
     from .area_resize import resize_area
+    from .src_windows import mirror_rows
 
     S = size
-
-    @numba.njit
-    def mirror_rows(img):
-        """Each row's pixels reversed in place; unsigned offsets, so the swaps carry no negative-index checks."""
-        flat = img.reshape(img.shape[0] * img.shape[1] * 3)
-        w, three = np.uint64(img.shape[1]), np.uint64(3)
-        for r in range(np.uint64(img.shape[0])):
-            row = r * w * three
-            for c in range(w // np.uint64(2)):
-                a, b = row + three * c, row + three * (w - np.uint64(1) - c)
-                for k in range(three):
-                    flat[a + k], flat[b + k] = flat[b + k], flat[a + k]
 
     def kernel(out, image, draw):
         h, w = image.shape[0], image.shape[1]

@@ -55,6 +55,7 @@ from .batch import Batch, RawBatch, finish_batch, resolve_photometric_on
 from .contract import LoaderOptions, check_aug_support
 from .ffcv_ops import NormalizeView, RrcFlipDecoder, SrcViewsDecoder, StrongView, TakeView  # first: keeps torch's thread count
 from .strong_params import strong_params_for_batch
+from .torch_backend import _storage_use_count
 
 from ffcv.fields.basics import IntDecoder  # noqa: E402, I001
 from ffcv.loader import Loader, OrderOption  # noqa: E402
@@ -166,8 +167,6 @@ class _CopyBuffers:
 
     def copy(self, view: int, x: torch.Tensor) -> torch.Tensor:
         """A copy of CPU tensor ``x`` (same shape, strides where ``x`` is dense), a tensor of its own."""
-        from .torch_backend import _storage_use_count
-
         kept = self.buffers.setdefault(view, [])
         for buf, alone in kept:  # held only here: the storage's use count as it was when the buffer was made
             if buf.shape == x.shape and buf.stride() == x.stride() and alone >= 0 and _storage_use_count(buf) == alone:

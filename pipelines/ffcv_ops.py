@@ -66,7 +66,7 @@ from ffcv.pipeline.operation import Operation  # noqa: E402
 torch.set_num_threads(_torch_threads)
 
 from .area_resize import cubic_taps, resize_area, shorter_side_size  # noqa: E402  (numba cache folder set there, before the kernels below)
-from .src_windows import reflect, window_hwc  # noqa: E402
+from .src_windows import mirror_rows, reflect, window_hwc  # noqa: E402
 from .spec import STRONG_OPS, AugSpec  # noqa: E402
 
 # Small kernels called from FFCV's generated code, cached on disk (numba_cache), so a new Loader
@@ -143,15 +143,6 @@ def rrc_box(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi):
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
-
-
-@_jit
-def flip_in_place(img):
-    w = img.shape[1]
-    for y in range(img.shape[0]):
-        for x in range(w // 2):
-            for c in range(3):
-                img[y, x, c], img[y, w - 1 - x, c] = img[y, w - 1 - x, c], img[y, x, c]
 
 
 @_jit
@@ -798,7 +789,7 @@ class RrcFlipDecoder(SimpleRGBImageDecoder):
                 else:  # enlarging either side: OpenCV's INTER_AREA (bilinear when enlarging)
                     resize_c(img, top, top + ch, left, left + cw, dst[i])
                 if np.random.random() < flip_p:
-                    flip_in_place(dst[i])
+                    mirror_rows(dst[i])
             return dst[: len(batch_indices)]
 
         decode.is_parallel = True

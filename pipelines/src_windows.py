@@ -12,7 +12,8 @@ the kernel decides no randomness.
 Used by the torch backend's loader threads (``torch_backend.DualViewDataset``, NHWC views), FFCV's
 SRC decoder (``ffcv_ops.src_crop``) and DALI's CPU graph (a numba operator in ``dali_backend``).
 The torch backend's numpy ``window_into`` is the reference it is tested against
-(``tests/test_ffcv_ops.py``), and what runs without numba or for the other padding modes.
+(``tests/test_torch_pipeline.py``), and what runs without numba or for the other padding modes.
+``mirror_rows`` is MAE's in-place flip, shared the same way by FFCV and DALI.
 """
 
 from __future__ import annotations
@@ -81,6 +82,21 @@ def window_hwc(dst, src, h, w, size, pad, top, left, flip):
             _copy_bytes(dst, do + 3 * a, src, so + 3 * (x0 + a), 3 * (b - a))
         else:
             _mirror_copy(dst, do, src, so + 3 * (x0 + size - 1), size - b, size - a)
+
+
+@_inline
+def mirror_rows(img):
+    """Each row of a C-contiguous (h, w, 3) uint8 image reversed in place: MAE's flip, after its crop is
+    resized (FFCV's ``RrcFlipDecoder``, DALI's ``square_flip_cpu``). Unsigned offsets, so the swaps carry
+    no negative-index checks."""
+    flat = img.reshape(img.shape[0] * img.shape[1] * 3)
+    w, three = np.uint64(img.shape[1]), np.uint64(3)
+    for r in range(np.uint64(img.shape[0])):
+        row = r * w * three
+        for c in range(w // np.uint64(2)):
+            a, b = row + three * c, row + three * (w - np.uint64(1) - c)
+            for k in range(three):
+                flat[a + k], flat[b + k] = flat[b + k], flat[a + k]
 
 
 @_jit

@@ -524,7 +524,7 @@ class DualViewDataset(torch.utils.data.Dataset):
         else:  # HWC memory out where the views are NHWC
             hwc = resize_shorter(img, s, spec.interpolation, channels_last=nhwc)[0].permute(1, 2, 0).numpy()
         hp, wp = hwc.shape[0] + 2 * pad, hwc.shape[1] + 2 * pad
-        if out_hwc is not None and hwc.flags.c_contiguous:  # both windows in one compiled call (see __init__)
+        if out_hwc is not None and hwc.flags.c_contiguous:  # both windows in one compiled call (``_compiled_windows``)
             _src_kernels().src_views_hwc(
                 out_hwc[0], out_hwc[1], hwc, pad,
                 _randint(u[d["top1"]], hp - s + 1), _randint(u[d["left1"]], wp - s + 1), u[d["flip1"]] < spec.flip_p,

@@ -127,6 +127,22 @@ def test_compiled_windows_equal_window_into_then_a_mirror():
                 assert np.array_equal(v1, want) and np.array_equal(v2, want[:, ::-1]), (h, w, size, pad, top, left)
 
 
+def test_shared_in_place_mirror_reverses_every_row():
+    """MAE's flip in FFCV's and DALI's compiled code: odd and even widths, one-pixel rows."""
+    pytest.importorskip("numba")
+    import numba
+
+    from lut_fast.pipelines.src_windows import mirror_rows
+
+    mirror = numba.njit(lambda img: mirror_rows(img))  # inline-only: called from compiled code, as its users do
+    rng = np.random.default_rng(2)
+    for h, w in ((5, 7), (4, 8), (3, 1)):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        want = img[:, ::-1].copy()
+        mirror(img)
+        assert np.array_equal(img, want), (h, w)
+
+
 @pytest.mark.parametrize("stored", ["original", "at the view size"])
 def test_batches_cut_by_the_compiled_windows_equal_the_numpy_ones(monkeypatch, tmp_path, stored):
     pytest.importorskip("numba")
