@@ -6,6 +6,8 @@ views (``ffcv_ops.SrcViewsDecoder``). Where view 2's photometric ops run
 
 * ``loader`` (the CPU default): view 1 is a zero-copy view of the decoder's
   output, view 2 runs ``StrongView`` (numba, FFCV's threads) into its own buffer;
+  on a CPU-only run both are normalised to float32 as they are copied out of
+  FFCV's buffers (``ffcv_ops.normalize_views``), the copy any batch needs;
 * ``device`` (the CUDA default): the decoder's two uint8 crops are handed
   over as they are, with view 2's parameters drawn per batch in this process
   (``strong_params.py``); ``finish_batch`` applies the ops batched on the
@@ -27,9 +29,10 @@ Contract details: last-batch policy DROP (``drop_last=True``); with
 (a DistributedSampler per epoch); ``set_epoch(e, start_batch)`` selects
 FFCV's epoch ``e`` order and starts at ``start_batch`` without decoding the
 skipped batches. FFCV reuses its batch buffers, so everything handed out is
-a tensor of its own (``raw_batches`` copies the views, into buffers reused
-once the consumer has let go of them, ``_CopyBuffers``; when iterating,
-``finish_batch``'s conversion to float allocates them; labels are cloned).
+a tensor of its own (``raw_batches`` copies the views, normalising them on a
+CPU-only run, into buffers reused once the consumer has let go of them,
+``_CopyBuffers``; when iterating towards a GPU, ``finish_batch``'s conversion
+to float allocates them; labels are cloned).
 
 Threads: FFCV's ``num_workers`` are numba threads (at most the core count).
 FFCV also sets torch's process-wide thread count on every epoch, which
@@ -53,7 +56,14 @@ from lut_fast.errors import UserError
 from . import formats
 from .batch import Batch, RawBatch, finish_batch, resolve_photometric_on
 from .contract import LoaderOptions, check_aug_support
-from .ffcv_ops import NormalizeView, RrcFlipDecoder, SrcViewsDecoder, StrongView, TakeView  # first: keeps torch's thread count
+from .ffcv_ops import (  # first: keeps torch's thread count
+    RrcFlipDecoder,
+    SrcViewsDecoder,
+    StrongView,
+    TakeView,
+    normalization_table,
+    normalize_views,
+)
 from .strong_params import strong_params_for_batch
 from .torch_backend import _storage_use_count
 
@@ -154,29 +164,45 @@ def stop_epoch_iterator(it: EpochIterator, timeout_s: float = 120.0) -> None:
 
 class _CopyBuffers:
     """Where ``FfcvLoader`` copies batches out of FFCV's buffers (which FFCV overwrites a few batches later):
-    per view, a few buffers of its own, each reused once no tensor outside this object shares its memory.
+    per view and kind, a few buffers of its own, each reused once no tensor outside this object shares its
+    memory.
 
     A fresh array per copy was faulted in page by page: 20 of the 63 page faults per image in the
-    CPU-only configuration, whose float32 views are 1.2 MB per image (the rest are FFCV's own buffers,
-    allocated anew every epoch). A consumer that keeps its batches gets new
-    buffers (at most ``keep`` per view are kept for reuse; the rest are left to their holders)."""
+    CPU-only configuration (the rest are FFCV's own buffers, allocated anew every epoch). A consumer
+    that keeps its batches gets new buffers (at most ``keep`` per view and kind are kept for reuse; the
+    rest are left to their holders)."""
 
     def __init__(self, keep: int = 4):
         self.keep = keep
-        self.buffers: dict[int, list[tuple[torch.Tensor, int]]] = {}
+        self.buffers: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
+
+    def _buffer(self, key: tuple, like: np.ndarray) -> torch.Tensor:
+        """A free buffer with ``like``'s shape, dtype and strides (``like`` dense), new or reused."""
+        kept = self.buffers.setdefault(key, [])
+        for buf, alone in kept:  # held only here: the storage's use count as it was when the buffer was made
+            if (buf.shape == like.shape and buf.numpy().strides == like.strides and alone >= 0
+                    and _storage_use_count(buf) == alone):
+                return buf
+        buf = torch.from_numpy(np.empty_like(like, order="K"))
+        if len(kept) < self.keep:
+            kept.append((buf, _storage_use_count(buf)))  # (-1 where torch cannot tell: never reused)
+        return buf
 
     def copy(self, view: int, x: torch.Tensor) -> torch.Tensor:
         """A copy of CPU tensor ``x`` (same shape, strides where ``x`` is dense), a tensor of its own."""
-        kept = self.buffers.setdefault(view, [])
-        for buf, alone in kept:  # held only here: the storage's use count as it was when the buffer was made
-            if buf.shape == x.shape and buf.stride() == x.stride() and alone >= 0 and _storage_use_count(buf) == alone:
-                break
-        else:
-            buf = torch.from_numpy(np.empty_like(x.numpy(), order="K"))
-            if len(kept) < self.keep:
-                kept.append((buf, _storage_use_count(buf)))  # (-1 where torch cannot tell: never reused)
-        np.copyto(buf.numpy(), x.numpy())
+        src = x.numpy()
+        buf = self._buffer((view, "copy"), np.empty_like(src, order="K"))
+        np.copyto(buf.numpy(), src)
         return buf[:]  # a tensor of the caller's: it counts as a holder of the memory while it lives
+
+    def normalised(self, view: int, x: torch.Tensor, table: np.ndarray, planar: bool) -> torch.Tensor:
+        """uint8 views (n, S, S, 3) -> normalised float32 (n, 3, S, S) if ``planar``, else (n, S, S, 3), by
+        ``ffcv_ops.normalize_views`` (``table``: ``normalization_table``), a tensor of the caller's."""
+        n, h, w, c = x.shape
+        shape = (n, c, h, w) if planar else (n, h, w, c)
+        buf = self._buffer((view, "normalised"), np.empty(shape, np.float32))
+        normalize_views(x.numpy(), buf.numpy(), planar, table)
+        return buf[:]
 
 
 class FfcvLoader:
@@ -198,9 +224,10 @@ class FfcvLoader:
         formats.warn_if_storage_cannot_serve(self.path, spec.recipe, spec.img_size, split, rank)
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
         self.photometric_on = resolve_photometric_on(photometric_on, self.device)
-        # CPU-only training: the numba kernels write normalised float32 in FFCV's threads (nothing left for
-        # the trainer's process to do); towards a GPU, uint8 (a quarter of the bytes over PCIe).
+        # CPU-only training: normalised float32, written as the batch is copied out of FFCV's buffers (one
+        # pass the copy needs anyway); towards a GPU, uint8 (a quarter of the bytes over PCIe).
         self.float_out = self.device.type == "cpu" and self.photometric_on == "loader"
+        self._table = normalization_table(spec)
         self.seed, self.rank = seed, rank
         if order not in ORDERS:
             raise UserError(f"FFCV order must be one of {', '.join(ORDERS)}, got {order!r}")
@@ -233,17 +260,14 @@ class FfcvLoader:
         sp = self.spec
         labels = [IntDecoder(), *self._device_ops()]
         if sp.recipe == "mae":
-            tail = [NormalizeView(sp, None, self.channels_last)] if self.float_out else []
-            return {"image": [RrcFlipDecoder(sp), *tail, *self._device_ops()], "label": labels}
+            return {"image": [RrcFlipDecoder(sp), *self._device_ops()], "label": labels}
         decoder = SrcViewsDecoder(sp, views=2)
         if self.photometric_on == "device":  # both views leave as uint8 crops; view 2's ops run in finish_batch
             return {"image": [decoder, *self._device_ops()], "label": labels}
-        cl, f = self.channels_last, self.float_out
         return {
-            "image": PipelineSpec("image", decoder=decoder,
-                                  transforms=[NormalizeView(sp, 0, cl) if f else TakeView(0), *self._device_ops()]),
+            "image": PipelineSpec("image", decoder=decoder, transforms=[TakeView(0), *self._device_ops()]),
             "label": labels,
-            "image2": PipelineSpec(source=decoder, transforms=[StrongView(sp, 1, f, cl), *self._device_ops()]),
+            "image2": PipelineSpec(source=decoder, transforms=[StrongView(sp, 1), *self._device_ops()]),
         }
 
     def __len__(self) -> int:
@@ -275,24 +299,27 @@ class FfcvLoader:
             stop_epoch_iterator(it)
 
     def _nchw(self, x: torch.Tensor, fresh: bool, view: int) -> torch.Tensor:
-        """A view as (B, 3, S, S) (NHWC buffers permuted: channels-last memory), copied out of FFCV's buffer if ``fresh``.
+        """A uint8 view (B, S, S, 3) as (B, 3, S, S); copied out of FFCV's buffer if ``fresh``, and normalised
+        to float32 (NCHW memory, or NHWC where channels-last) in that copy on a CPU-only run.
 
-        The copy is numpy's, one thread, in this process: torch's would run on every OpenMP thread of
-        the trainer and, on a busy machine, spend ten times the copy's CPU time spinning. It goes into
-        memory of this loader's (``_CopyBuffers``), reused once the consumer has let go of it.
+        The copy is numba's or numpy's, one thread, in this process: torch's would run on every OpenMP
+        thread of the trainer and, on a busy machine, spend ten times the copy's CPU time spinning. It
+        goes into memory of this loader's (``_CopyBuffers``), reused once the consumer has let go of it.
         """
+        if self.float_out:
+            y = self._copies.normalised(view, x, self._table, planar=not self.channels_last)
+            return y.permute(0, 3, 1, 2) if self.channels_last else y
         if fresh:
             x = self._copies.copy(view, x) if x.device.type == "cpu" else x.clone()
-        nhwc = x.dtype == torch.uint8 or self.channels_last  # float views are written NCHW unless channels-last
-        return x.permute(0, 3, 1, 2) if nhwc else x
+        return x.permute(0, 3, 1, 2)
 
     def raw_batches(self) -> Iterator[RawBatch]:
-        """The CPU side alone: uint8 views (float32 when normalised in FFCV's threads), each a fresh tensor."""
+        """The CPU side alone: uint8 views (normalised float32 on a CPU-only run), each a tensor of the caller's."""
         return self._raw(fresh=True)
 
     def __iter__(self) -> Iterator[Batch]:
-        # finish_batch turns uint8 into new float tensors; views FFCV already normalised are copied out of its buffers.
-        for raw in self._raw(fresh=self.float_out):
+        # finish_batch turns uint8 into new float tensors; a CPU-only run's views come normalised (and copied).
+        for raw in self._raw(fresh=False):
             yield finish_batch(raw, self.spec, self.device, self.channels_last)
 
     def close(self) -> None:

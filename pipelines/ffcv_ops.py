@@ -8,10 +8,11 @@ Graph for the LUT recipe (built in ``ffcv_backend.py``)::
                                            jitter (p), 1 of 3 ops
 
 and for the MAE recipe a single ``RrcFlipDecoder`` (RandomResizedCrop + flip).
-For CPU-only training, ``NormalizeView`` and ``StrongView(normalize=True)``
-write normalised float32 straight from the kernels, in FFCV's threads: a
-torch pass in the trainer's process used to be the largest single cost (its
-page faults and OpenMP threads spinning on a busy machine). With
+Every operation writes uint8. For CPU-only training the loader normalises
+both views as it copies them out of FFCV's buffers (``normalize_views``, a
+table look-up into memory it reuses; ``ffcv_backend._CopyBuffers``): the copy
+has to be made anyway, and float32 written by the kernels (4x the bytes, in
+buffers FFCV allocates anew every epoch) was then copied again. With
 ``photometric_on=device`` the graph ends at the decoder: both uint8 crops go
 to the trainer, view 2's ops run batched on the device. Images stored with
 their shorter side at S already (``convert --shorter-side S``) skip the resize.
@@ -374,28 +375,13 @@ def _point_op_rows(r, g, b, op, threshold):
 
 
 @_jit
-def _emit_row(dst, y, r, g, b, planar, scale, shift):
-    """Row y of the result into ``dst``: normalised float32 (``v * scale + shift``), or, when ``scale`` is
-    empty, uint8 rounded to nearest; ``planar``: ``dst`` is (3, h, w), else (h, w, 3). (A branch on the
-    arguments, as numba cannot branch on ``dst``'s dtype; the branch not taken compiles to a cast.)"""
-    if scale.size == 0:
-        half, zero, top = np.float32(0.5), np.float32(0.0), np.float32(255.0)
-        for i in range(r.size):  # clamped first, then truncated: floor(v + 0.5) on 0..255, without a call to floor
-            dst[y, i, 0] = np.uint8(min(max(r[i] + half, zero), top))
-            dst[y, i, 1] = np.uint8(min(max(g[i] + half, zero), top))
-            dst[y, i, 2] = np.uint8(min(max(b[i] + half, zero), top))
-        return
-    s0, s1, s2, b0, b1, b2 = scale[0], scale[1], scale[2], shift[0], shift[1], shift[2]
-    if planar:
-        for i in range(r.size):
-            dst[0, y, i] = r[i] * s0 + b0
-            dst[1, y, i] = g[i] * s1 + b1
-            dst[2, y, i] = b[i] * s2 + b2
-    else:
-        for i in range(r.size):
-            dst[y, i, 0] = r[i] * s0 + b0
-            dst[y, i, 1] = g[i] * s1 + b1
-            dst[y, i, 2] = b[i] * s2 + b2
+def _emit_row(dst, y, r, g, b):
+    """Row y of the result into uint8 (h, w, 3) ``dst``, rounded to nearest."""
+    half, zero, top = np.float32(0.5), np.float32(0.0), np.float32(255.0)
+    for i in range(r.size):  # clamped first, then truncated: floor(v + 0.5) on 0..255, without a call to floor
+        dst[y, i, 0] = np.uint8(min(max(r[i] + half, zero), top))
+        dst[y, i, 1] = np.uint8(min(max(g[i] + half, zero), top))
+        dst[y, i, 2] = np.uint8(min(max(b[i] + half, zero), top))
 
 
 @_jit
@@ -406,6 +392,14 @@ def gaussian_taps(sigma, half):
         k[j] = np.exp(-((j - half) ** 2) / (2.0 * sigma * sigma))
     k /= k.sum()
     return k
+
+
+@_jit
+def normalize_views(src, dst, planar, table):
+    """``normalize_view`` of each view of a uint8 batch (n, h, w, 3) into float32 ``dst`` ((n, 3, h, w) if
+    ``planar``, else (n, h, w, 3)): how the CPU-only loader copies a batch out of FFCV's buffers."""
+    for i in range(src.shape[0]):
+        normalize_view(src[i], dst[i], planar, table)
 
 
 @_jit
@@ -445,16 +439,16 @@ def draw_strong(jitter_p, strengths, ops, sigma_lo, sigma_hi):
 
 
 @_jit
-def strong_view_fused(src, dst, jitter, factors, order, op, sigma, threshold, max_half, planar, scale, shift):
-    """View 2 of uint8 (h, w, 3) ``src`` with the given choices (see ``draw_strong``) into ``dst`` (``_emit_row``).
+def strong_view_fused(src, dst, jitter, factors, order, op, sigma, threshold, max_half):
+    """View 2 of uint8 (h, w, 3) ``src`` with the given choices (see ``draw_strong``) into uint8 ``dst`` (``_emit_row``).
 
     Two passes over ``src``, row by row, nothing but rows stored in between: the first finds contrast's
     mean luma (uint8 -> float and the jitter ops before contrast; skipped without jitter), the second
     applies every jitter op and the 3-augment op and writes ``dst``. Blur rides on the second pass:
     each finished row is blurred horizontally into a ring of the last 2*half+1 rows, and each output
     row is the vertical sum over that ring, so the image never goes through memory as floats. Same
-    result as ``_to_float``, the one-op kernels in ``order`` and ``normalize_into`` (or rounding) one
-    after the other, up to float32 rounding.
+    result as ``_to_float``, the one-op kernels in ``order`` and rounding one after the other, up to
+    float32 rounding.
     """
     h, w = src.shape[0], src.shape[1]
     rows = np.empty((3, w), np.float32)
@@ -489,7 +483,7 @@ def strong_view_fused(src, dst, jitter, factors, order, op, sigma, threshold, ma
         _jitter_rows(r, g, b, order, n_ops, f32, hue_m, mean)
         if not blur:
             _point_op_rows(r, g, b, op, threshold)
-            _emit_row(dst, y, r, g, b, planar, scale, shift)
+            _emit_row(dst, y, r, g, b)
             continue
         slot = 3 * (y % taps)
         for c in range(3):  # horizontal, each row reflect-padded once so the taps need no index tricks
@@ -501,14 +495,14 @@ def strong_view_fused(src, dst, jitter, factors, order, op, sigma, threshold, ma
                 padded[half + w + i] = row[w - 2 - i]
             _convolve_row(ring[slot + c], padded, k)
         if y >= half:  # every row output y - half reads (reflected) is in the ring now
-            _vertical_into(dst, y - half, ring, k, h, out, planar, scale, shift)
+            _vertical_into(dst, y - half, ring, k, h, out)
     if blur:
         for y in range(h - half, h):
-            _vertical_into(dst, y, ring, k, h, out, planar, scale, shift)
+            _vertical_into(dst, y, ring, k, h, out)
 
 
 @_jit
-def _vertical_into(dst, y, ring, k, h, out, planar, scale, shift):
+def _vertical_into(dst, y, ring, k, h, out):
     """Output row y of the blur: sum over taps j of k[j] * ring row reflect(y + j - half), into ``dst``."""
     taps = k.size
     half = taps // 2
@@ -522,7 +516,7 @@ def _vertical_into(dst, y, ring, k, h, out, planar, scale, shift):
         _add_scaled(r, kj, ring[slot])
         _add_scaled(g, kj, ring[slot + 1])
         _add_scaled(b, kj, ring[slot + 2])
-    _emit_row(dst, y, r, g, b, planar, scale, shift)
+    _emit_row(dst, y, r, g, b)
 
 
 @_jit
@@ -544,12 +538,10 @@ def _add_scaled(acc, weight, row):
 
 
 @_jit
-def strong_view_draw(src, dst, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half, planar, scale,
-                     shift):
-    """View 2 of uint8 ``src`` into ``dst`` (uint8 if ``scale`` is empty, else normalised float32; ``planar``:
-    (3, h, w)), choices drawn here."""
+def strong_view_draw(src, dst, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half):
+    """View 2 of uint8 ``src`` into uint8 ``dst``, choices drawn here."""
     jitter, factors, order, op, sigma = draw_strong(jitter_p, strengths, ops, sigma_lo, sigma_hi)
-    strong_view_fused(src, dst, jitter, factors, order, op, sigma, threshold, max_half, planar, scale, shift)
+    strong_view_fused(src, dst, jitter, factors, order, op, sigma, threshold, max_half)
 
 
 def normalization(spec: AugSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -656,26 +648,16 @@ class TakeView(Operation):
         return take
 
 
-def _float_shape(shape: tuple, channels_last: bool) -> tuple:
-    """Per-sample float output: (S, S, 3) for channels-last memory, else (3, S, S) (contiguous NCHW)."""
-    return tuple(shape) if channels_last else (shape[2], shape[0], shape[1])
-
-
 class StrongView(Operation):
-    """View 2's photometric ops on view ``index``, into this operation's own buffer (``strong_view_fused``).
+    """View 2's photometric ops on view ``index``, uint8 into this operation's own buffer (``strong_view_fused``)."""
 
-    ``normalize``: write normalised float32 (layout per ``channels_last``) instead of uint8, so the
-    CPU-only configuration needs no pass over the batch in the trainer's process.
-    """
-
-    def __init__(self, spec: AugSpec, index: int, normalize: bool = False, channels_last: bool = True):
+    def __init__(self, spec: AugSpec, index: int):
         super().__init__()
-        self.spec, self.index, self.normalize, self.channels_last = spec, index, normalize, channels_last
+        self.spec, self.index = spec, index
 
     def declare_state_and_memory(self, previous_state):
         shape = previous_state.shape[1:]
-        out_shape, out_dtype = (_float_shape(shape, self.channels_last), _F4) if self.normalize else (shape, _U8)
-        return replace(previous_state, jit_mode=True, shape=out_shape, dtype=out_dtype), AllocationQuery(out_shape, out_dtype)
+        return replace(previous_state, jit_mode=True, shape=shape, dtype=_U8), AllocationQuery(shape, _U8)
 
     def generate_code(self):
         sp = self.spec
@@ -685,57 +667,16 @@ class StrongView(Operation):
         ops = np.array([STRONG_OPS.index(op) for op in sp.strong_ops], np.int64)
         jitter_p, threshold = float(sp.jitter_p), float(sp.solarize_threshold)
         sigma_lo, sigma_hi, half = float(sp.blur_sigma[0]), float(sp.blur_sigma[1]), sp.blur_kernel_size // 2
-        # uint8 output: empty scale and shift (see _emit_row); float output NCHW unless channels-last
-        scale, shift = normalization(sp) if self.normalize else (np.empty(0, np.float32), np.empty(0, np.float32))
-        planar = self.normalize and not self.channels_last
 
         def strong(images, dst):
             n = images.shape[0]
             for i in my_range(n):
                 strong_view_draw(images[i, index], dst[i], jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi,
-                                 half, planar, scale, shift)
+                                 half)
             return dst[:n]
 
         strong.is_parallel = True
         return strong
-
-
-class NormalizeView(Operation):
-    """uint8 (B, [views,] S, S, 3) -> normalised float32 (B, 3, S, S), or (B, S, S, 3) when ``channels_last``.
-
-    ``index`` picks one view of a multi-view batch (None: the input has no view axis). Runs in
-    FFCV's threads, in parallel, so the CPU-only configuration's normalisation costs no pass in the
-    trainer's process (where it used to be the largest single cost: page faults and OpenMP spinning).
-    """
-
-    def __init__(self, spec: AugSpec, index: int | None, channels_last: bool):
-        super().__init__()
-        self.spec, self.index, self.channels_last = spec, index, channels_last
-
-    def declare_state_and_memory(self, previous_state):
-        shape = previous_state.shape[1:] if self.index is not None else previous_state.shape
-        out = _float_shape(shape, self.channels_last)
-        return replace(previous_state, jit_mode=True, shape=out, dtype=_F4), AllocationQuery(out, _F4)
-
-    def generate_code(self):
-        my_range = Compiler.get_iterator()
-        table = normalization_table(self.spec)
-        index, planar = self.index, not self.channels_last
-
-        # One closure per case: numba types every branch, and the input's rank differs between them.
-        if index is None:
-            def norm(images, dst):
-                for i in my_range(images.shape[0]):
-                    normalize_view(images[i], dst[i], planar, table)
-                return dst[: images.shape[0]]
-        else:
-            def norm(images, dst):
-                for i in my_range(images.shape[0]):
-                    normalize_view(images[i, index], dst[i], planar, table)
-                return dst[: images.shape[0]]
-
-        norm.is_parallel = True
-        return norm
 
 
 class RrcFlipDecoder(SimpleRGBImageDecoder):

@@ -177,6 +177,22 @@ def test_mirror_in_place_with_and_without_opencv(monkeypatch, opencv):
         assert torch.equal(view, want)
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+@pytest.mark.parametrize("size", [24, 96])  # shrinks the crop / enlarges it
+def test_resize_into_a_batch_view_equals_interpolate(interpolation, size):
+    """MAE's crops are resized straight into the batch (aten's out= form): the pixels of ``F.interpolate``,
+    into channels-last views and planar ones, from a crop of HWC decoder memory."""
+    hwc = torch.randint(0, 256, (70, 90, 3), dtype=torch.uint8)
+    crop = hwc.permute(2, 0, 1)[:, 5:65, 7:80]  # (3, 60, 73), channels-last strides, not contiguous
+    want = tb._resize(crop, size, size, interpolation, channels_last=True)[0]
+    nhwc = torch.zeros(2, size, size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    planar = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    for views in (nhwc, planar):
+        tb.resize_into(crop, views[1], interpolation, channels_last=True)
+        assert torch.equal(views[1], want)
+        assert not views[0].any()  # nothing written outside the view
+
+
 @pytest.mark.parametrize("recipe", ["lut", "mae"])
 def test_channels_last_and_planar_views_are_the_same_pixels(recipe):
     """Views handed over for the device stage are NHWC, those the loader works on NCHW: same pixels either way."""
