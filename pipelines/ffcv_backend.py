@@ -53,7 +53,7 @@ import torch
 
 from lut_fast.errors import UserError
 
-from . import formats
+from . import formats, malloc
 from .batch import Batch, RawBatch, finish_batch, resolve_photometric_on
 from .contract import LoaderOptions, check_aug_support
 from .ffcv_ops import (  # first: keeps torch's thread count
@@ -228,6 +228,9 @@ class FfcvLoader:
         # pass the copy needs anyway); towards a GPU, uint8 (a quarter of the bytes over PCIe).
         self.float_out = self.device.type == "cpu" and self.photometric_on == "loader"
         self._table = normalization_table(spec)
+        # view 2's kernel takes its working buffers per image (photometric_numba.strong_hwc): keep freed
+        # memory for reuse rather than faulting it in again (pipelines/malloc.py)
+        malloc.keep_freed_memory()
         self.seed, self.rank = seed, rank
         if order not in ORDERS:
             raise UserError(f"FFCV order must be one of {', '.join(ORDERS)}, got {order!r}")

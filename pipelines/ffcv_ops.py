@@ -24,17 +24,12 @@ or blur. Every operation here reads its input and writes only buffers it
 declared itself (``AllocationQuery``); ``TakeView`` writes nothing at all
 (it returns a strided view of the decoder's output, which no one modifies).
 
-Semantics follow ``photometric.py`` (the torch reference) with the same
-factors and the same YIQ-rotation hue (linear, as DALI's ``fn.hsv``); the
-kernels apply the four jitter ops one by one in a random order, clamping
-after each (torchvision's rule; the reference composes them and clamps
-once). View 2 runs as one fused kernel (``strong_view_fused``: row by row,
-every pointwise op in one pass, the blur through a ring of rows), tested
-against the composition of the one-op kernels, which are tested against
-the torch ops. ITU-R 601 luma, solarize at ``threshold`` on 0..255, a separable
-Gaussian of 2*ceil(3 sigma)+1 taps per image (at most
-``spec.blur_kernel_size``) with reflect padding. Pixels are
-floats on the 0..255 scale inside the kernels.
+View 2's ops are the reference's (``photometric.py``): ``StrongView`` draws
+each image's parameters as the reference does, from uniforms of numba's
+per-thread generator, and applies them with the compiled kernel the torch
+backend and DALI's CPU graph use (``photometric_numba.strong_hwc``). Until
+2026-12 FFCV had kernels of its own (the jitter ops one at a time in a random
+order, torchvision's way): twice the CPU time, and a deviation to explain.
 
 The one deviation: shrinking to the shorter side S uses an area filter
 (what FFCV's own decoders use, through OpenCV's INTER_AREA: an antialiased
@@ -67,7 +62,9 @@ from ffcv.pipeline.operation import Operation  # noqa: E402
 torch.set_num_threads(_torch_threads)
 
 from .area_resize import cubic_taps, resize_area, shorter_side_size  # noqa: E402  (numba cache folder set there, before the kernels below)
-from .src_windows import mirror_rows, reflect, window_hwc  # noqa: E402
+from .photometric import NUM_UNIFORMS  # noqa: E402
+from .photometric_numba import packed_from_uniforms, packed_width, strong_hwc  # noqa: E402
+from .src_windows import mirror_rows, window_hwc  # noqa: E402
 from .spec import STRONG_OPS, AugSpec  # noqa: E402
 
 # Small kernels called from FFCV's generated code, cached on disk (numba_cache), so a new Loader
@@ -79,7 +76,6 @@ _imdecode = numba.njit(nogil=True)(imdecode)
 _resize_crop = numba.njit(nogil=True)(resize_crop)
 _U8 = np.dtype("u1")
 _F4 = np.dtype("f4")
-GRAYSCALE, SOLARIZE, BLUR = (STRONG_OPS.index(op) for op in ("grayscale", "solarize", "blur"))
 
 
 # ---------------------------------------------------------------- geometry (SRC)
@@ -157,241 +153,7 @@ def src_crop(base, out, pad, flip_p):
     window_hwc(out.reshape(s * s * 3), base.reshape(h * w * 3), h, w, s, pad, top, left, flip)
 
 
-# ---------------------------------------------------------------- photometric (view 2), one op per kernel
-# In place on a float (h, w, 3) image on 0..255: the reference that the fused kernel below is tested
-# against (and that is tested against photometric.py's torch ops).
-
-
-@_jit
-def _clip(v):
-    return min(max(v, 0.0), 255.0)
-
-
-@_jit
-def _brightness(x, f):
-    for y in range(x.shape[0]):
-        for i in range(x.shape[1]):
-            for c in range(3):
-                x[y, i, c] = _clip(x[y, i, c] * f)
-
-
-@_jit
-def _contrast(x, f):
-    m = 0.0
-    for y in range(x.shape[0]):
-        for i in range(x.shape[1]):
-            m += 0.299 * x[y, i, 0] + 0.587 * x[y, i, 1] + 0.114 * x[y, i, 2]
-    m /= x.shape[0] * x.shape[1]
-    for y in range(x.shape[0]):
-        for i in range(x.shape[1]):
-            for c in range(3):
-                x[y, i, c] = _clip(f * x[y, i, c] + (1.0 - f) * m)
-
-
-@_jit
-def _saturation(x, f):
-    for y in range(x.shape[0]):
-        for i in range(x.shape[1]):
-            g = 0.299 * x[y, i, 0] + 0.587 * x[y, i, 1] + 0.114 * x[y, i, 2]
-            for c in range(3):
-                x[y, i, c] = _clip(f * x[y, i, c] + (1.0 - f) * g)
-
-
-# NTSC YIQ: Y is ITU-R 601 luma; hue turns the (I, Q) chroma plane about the gray axis.
-_RGB_TO_YIQ = np.array(((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)))
-_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
-
-
-@_jit
-def hue_matrix(shift):
-    """3x3 RGB -> RGB map rotating YIQ's chroma plane by ``shift`` turns (positive: red towards green)."""
-    c, s = math.cos(2.0 * math.pi * shift), math.sin(2.0 * math.pi * shift)
-    rot = np.array(((1.0, 0.0, 0.0), (0.0, c, s), (0.0, -s, c)))
-    return _YIQ_TO_RGB @ (rot @ _RGB_TO_YIQ)
-
-
-@_jit
-def _hue(x, shift):
-    """Hue shift as a linear map about the gray axis (luma kept), as the torch reference and DALI's fn.hsv
-    do: a 3x3 multiply per pixel instead of an HSV round trip."""
-    m = hue_matrix(shift).astype(np.float32)
-    for y in range(x.shape[0]):
-        for i in range(x.shape[1]):
-            r, g, b = x[y, i, 0], x[y, i, 1], x[y, i, 2]
-            for c in range(3):
-                x[y, i, c] = _clip(m[c, 0] * r + m[c, 1] * g + m[c, 2] * b)
-
-
-@_jit
-def _grayscale(x):
-    for y in range(x.shape[0]):
-        for i in range(x.shape[1]):
-            g = 0.299 * x[y, i, 0] + 0.587 * x[y, i, 1] + 0.114 * x[y, i, 2]
-            x[y, i, 0] = g
-            x[y, i, 1] = g
-            x[y, i, 2] = g
-
-
-@_jit
-def _solarize(x, threshold):
-    flat = x.reshape(-1)
-    for e in range(flat.size):
-        v = flat[e]
-        flat[e] = 255.0 - v if v >= threshold - 0.5 else v  # a select, so the loop vectorises
-
-
-@_jit
-def _blur(x, tmp, sigma, half):
-    """Separable Gaussian, 2*half+1 normalised taps, reflect padding; ``tmp`` is scratch.
-
-    Rows are flattened (w * 3 values) so the interior of each pass is a
-    contiguous multiply-add that vectorises; only the half-wide borders
-    use reflected indices.
-    """
-    k = gaussian_taps(sigma, half)
-    h, w = x.shape[0], x.shape[1]
-    xf, tf = x.reshape(h, w * 3), tmp.reshape(h, w * 3)
-    inner = 3 * (w - 2 * half)
-    for y in range(h):  # horizontal: x -> tmp
-        row, out = xf[y], tf[y]
-        out[:] = 0.0
-        for j in range(2 * half + 1):
-            kj = k[j]
-            for e in range(inner):
-                out[3 * half + e] += kj * row[3 * j + e]
-        for i in list(range(half)) + list(range(w - half, w)):
-            for c in range(3):
-                acc = 0.0
-                for j in range(2 * half + 1):
-                    acc += k[j] * row[3 * reflect(i + j - half, w) + c]
-                out[3 * i + c] = acc
-    for y in range(h):  # vertical: tmp -> x
-        out = xf[y]
-        out[:] = 0.0
-        for j in range(2 * half + 1):
-            kj, src = k[j], tf[reflect(y + j - half, h)]
-            for e in range(3 * w):
-                out[e] += kj * src[e]
-
-
-@_jit
-def _to_float(src, x):
-    for y in range(src.shape[0]):
-        for i in range(src.shape[1]):
-            for c in range(3):
-                x[y, i, c] = src[y, i, c]
-
-
-@_jit
-def normalize_into(src, dst, scale, shift):
-    """dst[y, x, c] = src[y, x, c] * scale[c] + shift[c]: (v - 255 mean) / (255 std) for src on 0..255.
-
-    ``dst`` may be a transposed view of a (3, h, w) buffer, so one kernel writes either memory layout.
-    """
-    s0, s1, s2, b0, b1, b2 = scale[0], scale[1], scale[2], shift[0], shift[1], shift[2]
-    for y in range(src.shape[0]):
-        for i in range(src.shape[1]):
-            dst[y, i, 0] = src[y, i, 0] * s0 + b0
-            dst[y, i, 1] = src[y, i, 1] * s1 + b1
-            dst[y, i, 2] = src[y, i, 2] * s2 + b2
-
-
-# ---------------------------------------------------------------- view 2, fused
-
-
-# The fused kernels below work on one image row at a time, de-interleaved into three float32 rows (r, g, b)
-# that stay in L1 cache: every op is then a contiguous loop that numba vectorises, where the one-op kernels
-# above make one pass over the whole float image per op with the channel loop inside. Constants are float32
-# (a float64 constant would turn the loops into float64 arithmetic). The one-op kernels stay the reference
-# (tests check the fused kernel against their composition, and them against the torch ops).
-_LUMA = np.array((0.299, 0.587, 0.114), np.float32)
-
-
-@_jit
-def _load_row(src, y, r, g, b):
-    """Row y of uint8 (h, w, 3) ``src`` as float32 planes (uint8 -> float folded into the first pass)."""
-    for i in range(r.size):
-        r[i] = src[y, i, 0]
-        g[i] = src[y, i, 1]
-        b[i] = src[y, i, 2]
-
-
-@_jit
-def _jitter_rows(r, g, b, order, n_ops, factors, hue_m, mean):
-    """ColorJitter ops ``order[:n_ops]`` (0 brightness, 1 contrast, 2 saturation, 3 hue) on one row, clamping
-    after each (torchvision's rule); ``mean``: the mean luma of contrast's input image."""
-    zero, top = np.float32(0.0), np.float32(255.0)
-    wr, wg, wb = _LUMA[0], _LUMA[1], _LUMA[2]
-    for k in range(n_ops):
-        j = order[k]
-        if j == 0:
-            f = factors[0]
-            for i in range(r.size):
-                r[i] = min(max(r[i] * f, zero), top)
-                g[i] = min(max(g[i] * f, zero), top)
-                b[i] = min(max(b[i] * f, zero), top)
-        elif j == 1:
-            f = factors[1]
-            off = (np.float32(1.0) - f) * mean
-            for i in range(r.size):
-                r[i] = min(max(f * r[i] + off, zero), top)
-                g[i] = min(max(f * g[i] + off, zero), top)
-                b[i] = min(max(f * b[i] + off, zero), top)
-        elif j == 2:
-            f = factors[2]
-            f1 = np.float32(1.0) - f
-            for i in range(r.size):
-                gray = f1 * (wr * r[i] + wg * g[i] + wb * b[i])
-                r[i] = min(max(f * r[i] + gray, zero), top)
-                g[i] = min(max(f * g[i] + gray, zero), top)
-                b[i] = min(max(f * b[i] + gray, zero), top)
-        else:
-            m00, m01, m02 = hue_m[0, 0], hue_m[0, 1], hue_m[0, 2]
-            m10, m11, m12 = hue_m[1, 0], hue_m[1, 1], hue_m[1, 2]
-            m20, m21, m22 = hue_m[2, 0], hue_m[2, 1], hue_m[2, 2]
-            for i in range(r.size):
-                rv, gv, bv = r[i], g[i], b[i]
-                r[i] = min(max(m00 * rv + m01 * gv + m02 * bv, zero), top)
-                g[i] = min(max(m10 * rv + m11 * gv + m12 * bv, zero), top)
-                b[i] = min(max(m20 * rv + m21 * gv + m22 * bv, zero), top)
-
-
-@_jit
-def _point_op_rows(r, g, b, op, threshold):
-    """The 3-augment op when it is pointwise (grayscale, solarize) on one row; blur is done by the caller."""
-    if op == GRAYSCALE:
-        wr, wg, wb = _LUMA[0], _LUMA[1], _LUMA[2]
-        for i in range(r.size):
-            v = wr * r[i] + wg * g[i] + wb * b[i]
-            r[i] = v
-            g[i] = v
-            b[i] = v
-    elif op == SOLARIZE:
-        t, top = np.float32(threshold - 0.5), np.float32(255.0)
-        for i in range(r.size):
-            r[i] = top - r[i] if r[i] >= t else r[i]
-            g[i] = top - g[i] if g[i] >= t else g[i]
-            b[i] = top - b[i] if b[i] >= t else b[i]
-
-
-@_jit
-def _emit_row(dst, y, r, g, b):
-    """Row y of the result into uint8 (h, w, 3) ``dst``, rounded to nearest."""
-    half, zero, top = np.float32(0.5), np.float32(0.0), np.float32(255.0)
-    for i in range(r.size):  # clamped first, then truncated: floor(v + 0.5) on 0..255, without a call to floor
-        dst[y, i, 0] = np.uint8(min(max(r[i] + half, zero), top))
-        dst[y, i, 1] = np.uint8(min(max(g[i] + half, zero), top))
-        dst[y, i, 2] = np.uint8(min(max(b[i] + half, zero), top))
-
-
-@_jit
-def gaussian_taps(sigma, half):
-    """2*half+1 normalised Gaussian weights: exp(-d^2 / (2 sigma^2)) for d in -half..half, summing to 1."""
-    k = np.empty(2 * half + 1, np.float32)
-    for j in range(2 * half + 1):
-        k[j] = np.exp(-((j - half) ** 2) / (2.0 * sigma * sigma))
-    k /= k.sum()
-    return k
+# ---------------------------------------------------------------- normalisation (CPU-only runs)
 
 
 @_jit
@@ -420,128 +182,6 @@ def normalize_view(src, dst, planar, table):
                 dst[y, i, 0] = t0[src[y, i, 0]]
                 dst[y, i, 1] = t1[src[y, i, 1]]
                 dst[y, i, 2] = t2[src[y, i, 2]]
-
-
-@_jit
-def draw_strong(jitter_p, strengths, ops, sigma_lo, sigma_hi):
-    """View 2's random choices, in the order they are drawn: (jitter applied, factors, op order, op, sigma)."""
-    factors = np.zeros(4)  # no jitter: unused (and the hue matrix of 0 the identity)
-    order = np.arange(4)
-    jitter = np.random.random() < jitter_p
-    if jitter:
-        for j in range(3):
-            factors[j] = np.random.uniform(max(0.0, 1.0 - strengths[j]), 1.0 + strengths[j])
-        factors[3] = np.random.uniform(-strengths[3], strengths[3])
-        order = np.random.permutation(4)
-    op = ops[np.random.randint(0, len(ops))]
-    sigma = np.random.uniform(sigma_lo, sigma_hi) if op == BLUR else 0.0
-    return jitter, factors, order, op, sigma
-
-
-@_jit
-def strong_view_fused(src, dst, jitter, factors, order, op, sigma, threshold, max_half):
-    """View 2 of uint8 (h, w, 3) ``src`` with the given choices (see ``draw_strong``) into uint8 ``dst`` (``_emit_row``).
-
-    Two passes over ``src``, row by row, nothing but rows stored in between: the first finds contrast's
-    mean luma (uint8 -> float and the jitter ops before contrast; skipped without jitter), the second
-    applies every jitter op and the 3-augment op and writes ``dst``. Blur rides on the second pass:
-    each finished row is blurred horizontally into a ring of the last 2*half+1 rows, and each output
-    row is the vertical sum over that ring, so the image never goes through memory as floats. Same
-    result as ``_to_float``, the one-op kernels in ``order`` and rounding one after the other, up to
-    float32 rounding.
-    """
-    h, w = src.shape[0], src.shape[1]
-    rows = np.empty((3, w), np.float32)
-    r, g, b = rows[0], rows[1], rows[2]
-    n_ops = 4 if jitter else 0
-    f32 = factors.astype(np.float32)
-    hue_m = hue_matrix(factors[3]).astype(np.float32)
-    mean = np.float32(0.0)
-    if jitter:
-        before = 0
-        while order[before] != 1:
-            before += 1
-        wr, wg, wb = _LUMA[0], _LUMA[1], _LUMA[2]
-        total = 0.0
-        for y in range(h):
-            _load_row(src, y, r, g, b)
-            _jitter_rows(r, g, b, order, before, f32, hue_m, mean)
-            row_sum = np.float32(0.0)
-            for i in range(w):
-                row_sum += wr * r[i] + wg * g[i] + wb * b[i]
-            total += row_sum
-        mean = np.float32(total / (h * w))
-    blur = op == BLUR
-    half = min(max_half, int(np.ceil(3.0 * sigma)), (min(h, w) - 1) // 2) if blur else 0
-    taps = 2 * half + 1
-    k = gaussian_taps(sigma, half) if blur else np.ones(1, np.float32)
-    ring = np.empty((3 * taps, w), np.float32)  # horizontally blurred rows; row y's plane c at 3 * (y % taps) + c
-    padded = np.empty(w + 2 * half, np.float32)
-    out = np.empty((3, w), np.float32)
-    for y in range(h):
-        _load_row(src, y, r, g, b)
-        _jitter_rows(r, g, b, order, n_ops, f32, hue_m, mean)
-        if not blur:
-            _point_op_rows(r, g, b, op, threshold)
-            _emit_row(dst, y, r, g, b)
-            continue
-        slot = 3 * (y % taps)
-        for c in range(3):  # horizontal, each row reflect-padded once so the taps need no index tricks
-            row = rows[c]
-            for i in range(w):
-                padded[half + i] = row[i]
-            for i in range(half):
-                padded[half - 1 - i] = row[i + 1]
-                padded[half + w + i] = row[w - 2 - i]
-            _convolve_row(ring[slot + c], padded, k)
-        if y >= half:  # every row output y - half reads (reflected) is in the ring now
-            _vertical_into(dst, y - half, ring, k, h, out)
-    if blur:
-        for y in range(h - half, h):
-            _vertical_into(dst, y, ring, k, h, out)
-
-
-@_jit
-def _vertical_into(dst, y, ring, k, h, out):
-    """Output row y of the blur: sum over taps j of k[j] * ring row reflect(y + j - half), into ``dst``."""
-    taps = k.size
-    half = taps // 2
-    r, g, b = out[0], out[1], out[2]
-    for i in range(r.size):
-        r[i] = 0.0
-        g[i] = 0.0
-        b[i] = 0.0
-    for j in range(taps):
-        kj, slot = k[j], 3 * (reflect(y + j - half, h) % taps)
-        _add_scaled(r, kj, ring[slot])
-        _add_scaled(g, kj, ring[slot + 1])
-        _add_scaled(b, kj, ring[slot + 2])
-    _emit_row(dst, y, r, g, b)
-
-
-@_jit
-def _convolve_row(out, padded, k):
-    """out[i] = sum_j k[j] * padded[i + j], tap by tap: contiguous multiply-adds that numba vectorises
-    (indices built from loop counters only, which numba can prove non-negative)."""
-    for i in range(out.size):
-        out[i] = 0.0
-    for j in range(k.size):
-        kj = k[j]
-        for i in range(out.size):
-            out[i] += kj * padded[i + j]
-
-
-@_jit
-def _add_scaled(acc, weight, row):
-    for i in range(acc.size):
-        acc[i] += weight * row[i]
-
-
-@_jit
-def strong_view_draw(src, dst, jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi, max_half):
-    """View 2 of uint8 ``src`` into uint8 ``dst``, choices drawn here."""
-    jitter, factors, order, op, sigma = draw_strong(jitter_p, strengths, ops, sigma_lo, sigma_hi)
-    strong_view_fused(src, dst, jitter, factors, order, op, sigma, threshold, max_half)
 
 
 def normalization(spec: AugSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -649,7 +289,13 @@ class TakeView(Operation):
 
 
 class StrongView(Operation):
-    """View 2's photometric ops on view ``index``, uint8 into this operation's own buffer (``strong_view_fused``)."""
+    """View 2's photometric ops on view ``index``, uint8 into this operation's own buffer, in FFCV's threads.
+
+    The reference's ops and parameters: per image, ``NUM_UNIFORMS`` uniforms from numba's per-thread
+    generator become the packed parameters of ``photometric_numba`` (``packed_from_uniforms``, the
+    numba twin of ``packed_params(params_from_uniforms(...))``), and ``photometric_numba.strong_hwc``
+    applies them, the kernel the torch backend and DALI's CPU graph run.
+    """
 
     def __init__(self, spec: AugSpec, index: int):
         super().__init__()
@@ -662,17 +308,19 @@ class StrongView(Operation):
     def generate_code(self):
         sp = self.spec
         my_range = Compiler.get_iterator()
-        index = self.index
+        index, width, n_uniforms = self.index, packed_width(sp), NUM_UNIFORMS
         strengths = np.array([sp.brightness, sp.contrast, sp.saturation, sp.hue], np.float64)
         ops = np.array([STRONG_OPS.index(op) for op in sp.strong_ops], np.int64)
-        jitter_p, threshold = float(sp.jitter_p), float(sp.solarize_threshold)
-        sigma_lo, sigma_hi, half = float(sp.blur_sigma[0]), float(sp.blur_sigma[1]), sp.blur_kernel_size // 2
+        jitter_p, sigma_lo, sigma_hi = float(sp.jitter_p), float(sp.blur_sigma[0]), float(sp.blur_sigma[1])
+        threshold, no_norm = int(sp.solarize_threshold), np.empty(0, np.float32)
 
         def strong(images, dst):
             n = images.shape[0]
             for i in my_range(n):
-                strong_view_draw(images[i, index], dst[i], jitter_p, strengths, ops, threshold, sigma_lo, sigma_hi,
-                                 half)
+                u = np.random.random(n_uniforms)
+                packed = np.empty(width, np.float32)
+                packed_from_uniforms(u, jitter_p, strengths, ops, sigma_lo, sigma_hi, packed)
+                strong_hwc(images[i, index], packed, threshold, no_norm, no_norm, False, dst[i].transpose(2, 0, 1))
             return dst[:n]
 
         strong.is_parallel = True

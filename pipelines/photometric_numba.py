@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .numba_cache import jit as _jit
+from .photometric import _MAP_COS, _MAP_LUMA, _MAP_SIN
 from .src_windows import reflect
 from .spec import STRONG_OPS, AugSpec
 
@@ -201,6 +202,50 @@ def normalize_constants_np(spec: AugSpec) -> tuple[np.ndarray, np.ndarray]:
 
     scale, shift = normalize_constants(spec, "cpu")
     return scale.view(-1).numpy(), shift.view(-1).numpy()
+
+
+def packed_width(spec: AugSpec) -> int:
+    """Length of a ``packed_params`` row wide enough for any image of ``spec`` (its widest blur window)."""
+    return PACK_TAPS + spec.blur_kernel_size
+
+
+@_jit
+def packed_from_uniforms(u, jitter_p, strengths, ops, sigma_lo, sigma_hi, out):
+    """``packed_params(params_from_uniforms(spec, u))`` for one image's ``NUM_UNIFORMS`` uniforms ``u``, in
+    compiled code, into ``out`` (a float32 row of ``packed_width(spec)``): for a loader drawing its uniforms
+    in threads of its own (FFCV's). ``strengths``: brightness, contrast, saturation, hue; ``ops``: the
+    ``STRONG_OPS`` indices allowed.
+
+    The same arithmetic in the same order as those two functions (the parameters rounded to float32 as
+    they store them, then the jitter composed in float64, as ``photometric.jitter_matrix``), so the rows
+    are the same numbers (``tests/test_photometric.py`` compares them).
+    """
+    out[:] = 0.0
+    on = u[0] < jitter_p
+    factors = np.ones(3)
+    for j in range(3):  # brightness, contrast, saturation: uniform in [max(0, 1 - x), 1 + x], as float32
+        lo, hi = max(0.0, 1.0 - strengths[j]), 1.0 + strengths[j]
+        factors[j] = np.float64(np.float32(lo + (hi - lo) * u[1 + j])) if on else 1.0
+    hue = np.float64(np.float32((2.0 * u[4] - 1.0) * strengths[3])) if on else 0.0
+    b, c, s = factors[0], factors[1], factors[2]
+    theta = 2.0 * np.pi * hue
+    cos, sin = np.cos(theta) * s, np.sin(theta) * s
+    for r in range(3):
+        for q in range(3):
+            out[PACK_M + 3 * r + q] = (b * c) * (_MAP_LUMA[r, q] + cos * _MAP_COS[r, q] + sin * _MAP_SIN[r, q])
+    out[PACK_JITTER] = 1.0 if on else 0.0
+    out[PACK_K] = b * (1.0 - c)
+    op = ops[min(int(u[5] * ops.size), ops.size - 1)]
+    out[PACK_OP] = op
+    if op == BLUR:
+        sigma = np.float64(np.float32(sigma_lo + (sigma_hi - sigma_lo) * u[6]))
+        half = int(np.ceil(3.0 * sigma))  # photometric.blur_window(sigma) // 2
+        out[PACK_HALF] = half
+        total = 0.0
+        for d in range(-half, half + 1):
+            total += np.exp(-(d * d) / (2.0 * sigma * sigma))
+        for d in range(-half, half + 1):
+            out[PACK_TAPS + half + d] = np.exp(-(d * d) / (2.0 * sigma * sigma)) / total
 
 
 def packed_params(params: torch.Tensor) -> np.ndarray:

@@ -500,10 +500,10 @@ class DualViewDataset(torch.utils.data.Dataset):
                 self._src_views(img, ui, view1[i], view2[i], (views_hwc[0, i], views_hwc[1, i]) if compiled else None)
             else:
                 left, top, w, h = rrc_box_from_uniforms(img.shape[2], img.shape[1], spec, ui)
-                resize_into(img[:, top : top + h, left : left + w], view1[i], spec.interpolation,
-                            self.channels_last_views)
+                out = view1[i]
+                resize_into(img[:, top : top + h, left : left + w], out, spec.interpolation, self.channels_last_views)
                 if ui[2 * RRC_ATTEMPTS + 2] < spec.flip_p:
-                    mirror_in_place(view1[i], view1[i].permute(1, 2, 0).numpy())
+                    mirror_in_place(out, out.permute(1, 2, 0).numpy())
         params = None
         if lut:
             params = photometric.params_from_uniforms(spec, u[:, LUT_PHOTOMETRIC])

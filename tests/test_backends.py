@@ -432,37 +432,11 @@ def test_missing_backend_says_how_to_install(monkeypatch, backend):
         build_loader(backend, None, AugSpec(img_size=S), BATCH)
 
 
-def _yiq_hue(x: torch.Tensor, turns: float) -> torch.Tensor:
-    """Hue as the torch reference and DALI define it: YIQ's chroma plane rotated by ``turns``, clamped."""
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
-    c, s = np.cos(2 * np.pi * turns), np.sin(2 * np.pi * turns)
-    rot = torch.tensor([[1.0, 0, 0], [0, c, s], [0, -s, c]], dtype=torch.float64)
-    m = (torch.linalg.inv(yiq) @ rot @ yiq).float()
-    return torch.einsum("ij,bjhw->bihw", m, x).clamp(0, 1)
-
-
-def test_ffcv_kernels_match_the_torch_reference():
-    """Each numba op of FFCV's view 2 against photometric.py (the torch backend's ops)."""
+def test_ffcv_bicubic_enlargement_matches_pil():
+    """Images stored below S are enlarged by FFCV's numba kernel with PIL's bicubic, within one level."""
     from lut_fast.pipelines import ffcv_ops as F
-    from lut_fast.pipelines import photometric as P
 
-    img = np.random.default_rng(0).uniform(0, 255, (20, 24, 3)).astype(np.float32)
-    ref = torch.from_numpy(img).permute(2, 0, 1)[None] / 255
-    f = lambda v: torch.tensor([v])  # noqa: E731
-    cases = [
-        (F._brightness, (1.3,), P.adjust_brightness(ref, f(1.3))),
-        (F._contrast, (0.7,), P.adjust_contrast(ref, f(0.7))),
-        (F._saturation, (1.2,), P.adjust_saturation(ref, f(1.2))),
-        (F._hue, (0.08,), _yiq_hue(ref, 0.08)),
-        (F._grayscale, (), P.grayscale(ref)),
-        (F._solarize, (128.0,), P.solarize(ref, 128)),
-        (F._blur, (np.empty_like(img), 1.5, 6), P.gaussian_blur(ref, f(1.5), 13)),
-    ]
-    for op, args, expected in cases:
-        x = img.copy()
-        op(x, *args)
-        np.testing.assert_allclose(x, (expected[0].permute(1, 2, 0) * 255).numpy(), atol=0.01, err_msg=op.__name__)
-    small = img.round().astype(np.uint8)  # enlargement (images stored below S): PIL's bicubic
+    small = np.random.default_rng(0).integers(0, 256, (20, 24, 3)).astype(np.uint8)
     big = np.empty((45, 61, 3), np.uint8)
     F.resize_bicubic_up(small, big, np.empty(45 * 61 * 3, np.float32))
     pil = np.asarray(Image.fromarray(small).resize((61, 45), Image.BICUBIC))

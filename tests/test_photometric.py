@@ -250,6 +250,31 @@ def test_compiled_cpu_ops_equal_the_torch_ops(monkeypatch):
     assert not torch.equal(compiled, x)  # the ops did something
 
 
+@pytest.mark.parametrize("spec", [AugSpec(), AugSpec(jitter_p=0.3, brightness=0.9, hue=0.4, strong_ops=("blur",)),
+                                  AugSpec(strong_ops=("solarize", "grayscale"), blur_sigma=(0.5, 0.6))])
+def test_packed_parameters_drawn_in_compiled_code_equal_the_hosts(spec):
+    """FFCV's threads turn their own uniforms into the compiled ops' parameters (``packed_from_uniforms``):
+    the same numbers as the host's ``packed_params(params_from_uniforms(...))`` for the same uniforms."""
+    pytest.importorskip("numba")
+    from lut_fast.pipelines import photometric_numba as pn
+
+    u = np.random.default_rng(11).random((300, ph.NUM_UNIFORMS))
+    u[:3, 0], u[3:6, 5], u[6, :] = spec.jitter_p, 0.999999, 0.0  # edges: jitter threshold, last op, all zeros
+    host = pn.packed_params(ph.params_from_uniforms(spec, u))
+    strengths = np.array([spec.brightness, spec.contrast, spec.saturation, spec.hue])
+    ops = np.array([STRONG_OPS.index(op) for op in spec.strong_ops], np.int64)
+    drawn = np.full((len(u), pn.packed_width(spec)), np.nan, np.float32)
+    for row, ui in zip(drawn, u):
+        pn.packed_from_uniforms(ui, spec.jitter_p, strengths, ops, spec.blur_sigma[0], spec.blur_sigma[1], row)
+    no_blur = drawn[:, pn.PACK_OP] != pn.BLUR
+    host[no_blur, pn.PACK_TAPS :] = 0.0  # weights the kernel never reads (no blur): the host leaves some there
+    w = min(host.shape[1], drawn.shape[1])  # past that, both rows hold zeros only
+    assert not host[:, w:].any() and not drawn[:, w:].any()
+    np.testing.assert_allclose(drawn[:, :w], host[:, :w], rtol=2e-7, atol=1e-8)
+    assert np.array_equal(drawn[:, pn.PACK_OP], host[:, pn.PACK_OP])
+    assert np.array_equal(drawn[:, pn.PACK_HALF], host[:, pn.PACK_HALF])
+
+
 def test_compiled_normalisation_gives_the_same_floats(monkeypatch):
     """The CPU-only loader's compiled normalisation (view 1) and view 2's ops written normalised in the same
     pass equal the torch passes bit for bit (the same two roundings), into planar or channels-last memory."""
