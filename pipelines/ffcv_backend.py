@@ -176,22 +176,23 @@ class _CopyBuffers:
         self.keep = keep
         self.buffers: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
 
-    def _buffer(self, key: tuple, like: np.ndarray) -> torch.Tensor:
-        """A free buffer with ``like``'s shape, dtype and strides (``like`` dense), new or reused."""
+    def _buffer(self, key: tuple, shape: tuple, dtype, new) -> torch.Tensor:
+        """A buffer of ``shape`` and ``dtype`` that no one outside holds, reused, or else ``new()``.
+
+        (A key's buffers all have one memory layout: a view of a loader always comes out of FFCV alike.)"""
         kept = self.buffers.setdefault(key, [])
         for buf, alone in kept:  # held only here: the storage's use count as it was when the buffer was made
-            if (buf.shape == like.shape and buf.numpy().strides == like.strides and alone >= 0
-                    and _storage_use_count(buf) == alone):
+            if buf.shape == shape and buf.dtype == dtype and alone >= 0 and _storage_use_count(buf) == alone:
                 return buf
-        buf = torch.from_numpy(np.empty_like(like, order="K"))
+        buf = torch.from_numpy(new())
         if len(kept) < self.keep:
             kept.append((buf, _storage_use_count(buf)))  # (-1 where torch cannot tell: never reused)
         return buf
 
     def copy(self, view: int, x: torch.Tensor) -> torch.Tensor:
-        """A copy of CPU tensor ``x`` (same shape, strides where ``x`` is dense), a tensor of its own."""
+        """A copy of CPU tensor ``x`` (same shape, its axes in memory in ``x``'s order, dense), a tensor of its own."""
         src = x.numpy()
-        buf = self._buffer((view, "copy"), np.empty_like(src, order="K"))
+        buf = self._buffer((view, "copy"), x.shape, x.dtype, lambda: np.empty_like(src, order="K"))
         np.copyto(buf.numpy(), src)
         return buf[:]  # a tensor of the caller's: it counts as a holder of the memory while it lives
 
@@ -200,7 +201,7 @@ class _CopyBuffers:
         ``ffcv_ops.normalize_views`` (``table``: ``normalization_table``), a tensor of the caller's."""
         n, h, w, c = x.shape
         shape = (n, c, h, w) if planar else (n, h, w, c)
-        buf = self._buffer((view, "normalised"), np.empty(shape, np.float32))
+        buf = self._buffer((view, "normalised"), torch.Size(shape), torch.float32, lambda: np.empty(shape, np.float32))
         normalize_views(x.numpy(), buf.numpy(), planar, table)
         return buf[:]
 

@@ -167,8 +167,8 @@ def normalize_views(src, dst, planar, table):
 @_jit
 def normalize_view(src, dst, planar, table):
     """uint8 (h, w, 3) ``src`` normalised into float32 ``dst`` ((3, h, w) if ``planar``, else (h, w, 3)) by table
-    look-up: ``table[c, v]`` holds ``normalize_into``'s value for v (``normalization_table``), which saves the
-    uint8 -> float conversion and the multiply-add per value (about 40 % of the pass)."""
+    look-up: ``table[c, v]`` holds v * scale[c] + shift[c] (``normalization_table``), which saves the uint8 ->
+    float conversion and the multiply-add per value (about 40 % of the pass)."""
     t0, t1, t2 = table[0], table[1], table[2]
     for y in range(src.shape[0]):
         if planar:

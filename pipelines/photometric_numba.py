@@ -218,7 +218,9 @@ def packed_from_uniforms(u, jitter_p, strengths, ops, sigma_lo, sigma_hi, out):
 
     The same arithmetic in the same order as those two functions (the parameters rounded to float32 as
     they store them, then the jitter composed in float64, as ``photometric.jitter_matrix``), so the rows
-    are the same numbers (``tests/test_photometric.py`` compares them).
+    are the same numbers up to the last float32 bit (the blur's weights are summed in another order;
+    ``tests/test_photometric.py`` compares them). Weights of images without blur stay 0 here, where the
+    host leaves a tap the kernel never reads.
     """
     out[:] = 0.0
     on = u[0] < jitter_p
