@@ -154,3 +154,9 @@ def test_batches_copied_out_of_ffcvs_buffers_reuse_memory_only_once_let_go():
     del view
     many = [copies.copy(1, src) for _ in range(5)]  # a consumer keeping everything: at most `keep` buffers stay
     assert len(copies.buffers[(1, "copy")]) == 2 and len({t.data_ptr() for t in many}) == 5
+    both = torch.arange(2 * 2 * 4 * 4 * 3, dtype=torch.uint8).reshape(2, 2, 4, 4, 3)  # the decoder's (B, views, ...)
+    first = copies.copy(2, both[:, 1])  # a strided view of FFCV's buffer: copied dense, and its memory reused too
+    assert first.is_contiguous() and torch.equal(first, both[:, 1])
+    ptr = first.data_ptr()
+    del first
+    assert copies.copy(2, both[:, 1]).data_ptr() == ptr
