@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -176,8 +177,67 @@ def test_data_report_rows_configurations_floors_and_official(tmp_path, photos_di
             assert isinstance(r["goal_met"], bool) and r["note"].startswith("goal")
         # the device-decode pipeline (decode_jpeg + torch-op views) runs on CPU too
         assert rows[f"data/torch-cpu-ops/{recipe}"]["status"] == "ok"
+    # the bound torch's resize sets: measured like a floor, compared with the floor, not counted as one
+    bound = rows["data/resize-bound/images/bicubic"]
+    assert bound["status"] == "ok" and bound["filter"] == "bicubic" and bound["file_set"] == "images"
+    assert bound["frac_of_decode_floor_cpu"] == pytest.approx(best["cpu_ms_per_image"] / bound["cpu_ms_per_image"], rel=1e-3)
+    lut = rows["data/torch/lut/gpu-training"]
+    assert lut["resize_bound_frac_of_floor_cpu"] == bound["frac_of_decode_floor_cpu"]
+    assert lut["loader_cpu_ms_per_image"] == pytest.approx(lut["cpu_ms_per_image"] - bound["cpu_ms_per_image"], abs=1e-3)
+    assert not any("resize_bound_frac_of_floor_cpu" in r for k, r in rows.items() if k != "data/torch/lut/gpu-training")
     assert rows["data/torch-cpu-ops/decode"]["status"] == "ok"
     assert s["window_order"][0].startswith("data/floor/") and "data/official/lut/cpu-only" in s["window_order"]
+
+
+@pytest.mark.parametrize("filter_", ["area", "area+dct", "bicubic"])
+def test_resize_bound_does_the_lut_pipelines_work(photos_dir, filter_):
+    """The bound's work per JPEG is a real decode (DCT-scaled as FFCV's decoder scales it, for area+dct), SRC's
+    resize with the backend's filter and two windows of it: each view is exactly a window of the padded
+    resized image, mirrored or not."""
+    simplejpeg = pytest.importorskip("simplejpeg")
+    pytest.importorskip("numba")
+    from lut_fast.bench.data import _dct_denominator, _src_work, image_files
+    from lut_fast.pipelines.area_resize import resize_area, shorter_side_size
+    from lut_fast.pipelines.torch_backend import resize_shorter, window_into
+
+    s, pad = 32, 4
+    blob = Path(image_files(photos_dir, 1)[0]).read_bytes()
+    threads = torch.get_num_threads()
+    try:  # the work sets one torch thread in the thread that runs it, as in the bench's pool threads
+        views = _src_work(filter_, s, pad)(blob).copy()
+    finally:
+        torch.set_num_threads(threads)
+    h, w = simplejpeg.decode_jpeg_header(blob)[:2]
+    nh, nw = shorter_side_size(h, w, s)
+    if filter_ == "bicubic":
+        img = torch.from_numpy(simplejpeg.decode_jpeg(blob, colorspace="RGB")).permute(2, 0, 1)
+        resized = resize_shorter(img, s, "bicubic", channels_last=True)[0].permute(1, 2, 0).numpy()
+    else:
+        d = _dct_denominator(min(h, w), s) if filter_ == "area+dct" else 1
+        assert (d > 1) is (filter_ == "area+dct")  # photos of 300-500 px: decoded at 1/8 for 32 px views
+        img = simplejpeg.decode_jpeg(blob, colorspace="RGB", min_height=-(-h // d), min_width=-(-w // d), min_factor=d)
+        assert img.shape[:2] == (-(-h // d), -(-w // d))
+        resized = np.empty((nh, nw, 3), np.uint8)
+        resize_area(img, 0, img.shape[0], 0, img.shape[1], resized, np.empty(3 * img.shape[1], np.float32))
+    assert resized.shape[:2] == (nh, nw) and min(nh, nw) == s < min(h, w)
+    for view in views:
+        windows = []
+        for top in range(nh + 2 * pad - s + 1):
+            for left in range(nw + 2 * pad - s + 1):
+                window = np.empty((s, s, 3), np.uint8)
+                window_into(resized, top, left, s, pad, "reflect", window)
+                windows += [window, window[:, ::-1]]
+        assert any(np.array_equal(view, x) for x in windows), f"a {filter_} view is no window of the resized image"
+
+
+def test_resize_bound_scales_the_decode_as_ffcvs_decoder():
+    pytest.importorskip("ffcv")
+    from lut_fast.bench.data import _dct_denominator
+    from lut_fast.pipelines.ffcv_ops import jpeg_scale_denominator
+
+    for short in range(1, 2000, 7):
+        for s in (32, 224):
+            assert _dct_denominator(short, s) == jpeg_scale_denominator(short, s)
 
 
 def test_data_rows_that_cannot_run_say_why(monkeypatch, photos_dir):

@@ -22,6 +22,17 @@ floor of the JPEGs stored in it is measured too (that is what the backend
 decodes) and, when the converter recorded its source folder, the floor of the
 original files.
 
+The resize's bound (``resize-bound`` rows, LUT): each JPEG decoded with
+simplejpeg, its shorter side resized to S once with the filter a backend's
+LUT pipeline uses (``RESIZE_OF``: torch's antialiased bicubic, the area
+filter of DALI's CPU graph, or FFCV's area filter after a DCT-domain
+downscale in the decoder) and both SRC windows cut, on the same
+threads, with no loader, batch or copy around it. No LUT pipeline resizing
+with that filter can spend less CPU on those files, so the bound's share of
+the floor is the most it can reach; each LUT gpu-training row gives that
+share (``resize_bound_frac_of_floor_cpu``) and its distance to the bound,
+the CPU its loader adds (``loader_cpu_ms_per_image``).
+
 The reference: the official LUT recipe (``official_recipe.py``: per-view
 torchvision/PIL transforms in a DataLoader), CPU-only; each LUT row gives its
 ratio to it.
@@ -277,6 +288,102 @@ def floor_subjects(name: str, blobs: list[bytes], threads: int, images: int) -> 
     return out
 
 
+# ---------------------------------------------------------------- the bound a LUT pipeline's resize sets
+
+# How each backend's LUT pipeline brings the shorter side to S on the CPU: torch's antialiased bicubic
+# (torch_backend, the reference's filter); the area filter of ``area_resize`` (DALI's CPU graph); the same after
+# libjpeg-turbo's DCT-domain downscale by 2, 4 or 8 where the shorter side stays >= S (FFCV's decoder,
+# ``ffcv_ops.jpeg_scale_denominator``).
+RESIZE_OF = {"torch": "bicubic", "dali": "area", "ffcv": "area+dct"}
+
+
+def _dct_denominator(short: int, s: int) -> int:
+    """``ffcv_ops.jpeg_scale_denominator``: the largest 1/d (d in 8, 4, 2) that keeps the shorter side >= s."""
+    return next((d for d in (8, 4, 2) if -(-short // d) >= s), 1)
+
+
+def _src_work(filter_: str, img_size: int, pad: int) -> Callable[[bytes], object]:
+    """decode -> SRC's one shorter-side resize -> its two windows, for one JPEG, on memory each thread reuses."""
+    import simplejpeg
+
+    from lut_fast.pipelines.area_resize import resize_area, shorter_side_size
+    from lut_fast.pipelines.src_windows import src_views_hwc
+    from lut_fast.pipelines.torch_backend import resize_into
+
+    s, local = img_size, threading.local()
+
+    def grown(name: str, n: int, dtype) -> np.ndarray:
+        buf = getattr(local, name, None)
+        if buf is None or buf.size < n:
+            buf = np.empty(n, dtype)
+            setattr(local, name, buf)
+        return buf[:n]
+
+    def work(blob: bytes):
+        if not hasattr(local, "rng"):  # this thread's first image: one torch thread per image, as the loaders
+            local.rng = np.random.default_rng(threading.get_ident())
+            local.views = np.empty((2, s, s, 3), np.uint8)
+            torch.get_num_threads()  # torch's per-thread lazy set-up first, or it would undo the next line later
+            torch.set_num_threads(1)
+        h, w = simplejpeg.decode_jpeg_header(blob)[:2]
+        d = _dct_denominator(min(h, w), s) if filter_ == "area+dct" else 1
+        hd, wd = -(-h // d), -(-w // d)
+        img = simplejpeg.decode_jpeg(blob, colorspace="RGB", min_height=hd, min_width=wd, min_factor=d,
+                                     buffer=grown("decoded", 3 * hd * wd, np.uint8))
+        nh, nw = shorter_side_size(h, w, s)
+        base = img
+        if (nh, nw) != (h, w):  # stored at the training size: no resize, as in the loaders
+            base = grown("resized", 3 * nh * nw, np.uint8).reshape(nh, nw, 3)
+            if filter_ != "bicubic":
+                resize_area(img, 0, hd, 0, wd, base, grown("row", 3 * wd, np.float32))
+            else:
+                resize_into(torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(base).permute(2, 0, 1),
+                            filter_, channels_last=True)
+        u = local.rng.random(6)
+        n_top, n_left = nh + 2 * pad - s + 1, nw + 2 * pad - s + 1
+        at = [(min(int(u[3 * v] * n_top), n_top - 1), min(int(u[3 * v + 1] * n_left), n_left - 1), u[3 * v + 2] < 0.5)
+              for v in range(2)]
+        src_views_hwc(local.views[0], local.views[1], base, pad, *at[0], *at[1])
+        return local.views
+
+    return work
+
+
+class _OneTorchThreadSubject(FloorSubject):
+    """A ``FloorSubject`` whose work sets torch's thread count to one in each pool thread: put the process-wide
+    default (which that also sets) back once the warm-up has started them."""
+
+    def start(self) -> None:
+        mine = torch.get_num_threads()
+        try:
+            super().start()
+        finally:
+            torch.set_num_threads(mine)
+
+
+def resize_bound_subjects(name: str, blobs: list[bytes], filters: list[str], threads: int, images: int,
+                          img_size: int, pad: int) -> list[tuple[Subject, dict]]:
+    """Per resize (``RESIZE_OF``): each JPEG decoded (simplejpeg), its shorter side resized to S once and both
+    SRC windows cut, with nothing around that: no loader, no batch, no copy, every buffer reused.
+
+    That is the least CPU per image a LUT pipeline that resizes with the filter can spend on these files, so
+    its share of the decode floor is the most such a pipeline can reach, and a pipeline row's distance to
+    it is its loader's own cost. Needs simplejpeg and numba (the kernels); none without them."""
+    try:
+        import numba  # noqa: F401
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        return []
+    out = []
+    for filter_ in filters:
+        key = f"data/resize-bound/{name}/{filter_}"
+        fields = dict(label=f"bound ({name}): decode + {filter_} resize + 2 windows, no loader, {threads} thr",
+                      backend="resize-bound", file_set=name, filter=filter_, threads=threads, files=len(blobs),
+                      configuration="decode, SRC resize and windows only")
+        out.append((_OneTorchThreadSubject(key, blobs, _src_work(filter_, img_size, pad), threads, images), fields))
+    return out
+
+
 # ---------------------------------------------------------------- pipelines: the two configurations
 
 
@@ -516,7 +623,7 @@ def select_backends(backend: str) -> tuple[list[str], list[dict]]:
 
 
 # Rough per-thread rates for the duration estimate printed before a run (2-core machine, ImageNet-sized JPEGs).
-_GUESS_IPS_PER_THREAD = {"floor": 300.0, "pipeline": 25.0, "official": 12.0}
+_GUESS_IPS_PER_THREAD = {"floor": 300.0, "bound": 200.0, "pipeline": 25.0, "official": 12.0}
 
 
 def estimate_seconds(kinds: list[str], rounds: int, window_images: int, threads: int) -> float:
@@ -641,6 +748,17 @@ def run_data_bench(backend: str, data: str | None, recipes: list[str], img_size:
             subjects.append(subj)
             fields[subj.key] = f
             kinds.append("floor")
+    if "lut" in recipes:  # the bound each LUT pipeline's resize sets, on the files it reads
+        from lut_fast.pipelines.spec import AugSpec
+
+        pad = AugSpec(recipe="lut", img_size=img_size).src_padding
+        pairs = sorted({(floor_of[b][0], RESIZE_OF[b]) for b in run if b in RESIZE_OF})
+        for name in dict.fromkeys(n for n, _ in pairs):
+            filters = [f for n, f in pairs if n == name]
+            for subj, f in resize_bound_subjects(name, file_sets[name], filters, threads, window_images, img_size, pad):
+                subjects.append(subj)
+                fields[subj.key] = f
+                kinds.append("bound")
     if official and "lut" in recipes:
         subj = official_subject(path, img_size, batch_size, workers)
         subjects.append(subj)
@@ -687,7 +805,7 @@ def run_data_bench(backend: str, data: str | None, recipes: list[str], img_size:
                      batches_per_epoch=s.batches_per_epoch, paused_between_windows=s.pausable,
                      drained_batches=0 if s.pausable else s.ready_depth,
                      cpu_clock="idle to idle" if s.works_ahead else "window")  # interleave's module doc
-        else:
+        elif f["backend"] == "floor":
             fl = floors.setdefault(f["file_set"], {"images_per_sec": 0.0, "cpu_ms_per_image": float("inf")})
             if r["images_per_sec"] > fl["images_per_sec"]:
                 fl.update(images_per_sec=r["images_per_sec"], decoder=f["decoder"])
@@ -715,6 +833,12 @@ def run_data_bench(backend: str, data: str | None, recipes: list[str], img_size:
             r["vs_official_cpu"] = round_sig(off["cpu_ms_per_image"] / r["cpu_ms_per_image"]) if r["cpu_ms_per_image"] else None
         r["load_avg_start"], r["load_avg_end"] = (load_start or [None])[0], (load_end or [None])[0]
         add_goal(r)
+    bounds = {(r["file_set"], r["filter"]): r for r in results if r.get("backend") == "resize-bound" and r["status"] == "ok"}
+    for r in results:  # LUT rows: the most their resize allows, and what their loader adds to it
+        bound = bounds.get((r.get("file_set"), RESIZE_OF.get(r.get("backend", ""))))
+        if bound and r["status"] == "ok" and r.get("recipe") == "lut" and r.get("configuration") == "gpu-training":
+            r["resize_bound_frac_of_floor_cpu"] = bound.get("frac_of_decode_floor_cpu")
+            r["loader_cpu_ms_per_image"] = round_sig(r["cpu_ms_per_image"] - bound["cpu_ms_per_image"])
     for r in missing:
         results.append(r)
 

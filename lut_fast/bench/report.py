@@ -29,6 +29,7 @@ COLUMNS = {
         ("frac_of_decode_floor_cpu", "of floor CPU", "{:.0%}", True),
         ("frac_of_source_floor_cpu", "of src floor CPU", "{:.0%}", True),
         ("vs_official", "vs official", "{:.2f}x", True),
+        ("resize_bound_frac_of_floor_cpu", "its resize's bound", "{:.0%}", None),
     ],
     "train": [
         ("ms_per_step", "ms/step", "{:.1f}", False),
