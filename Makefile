@@ -54,7 +54,7 @@ test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
-# Regenerate every CPU figure in docs/benchmarks/ (4-6 minutes on 2 cores once the images are made; run it on a quiet machine)
+# Regenerate every CPU figure in docs/benchmarks/ (5-7 minutes on 2 cores once the images are made; run it on a quiet machine)
 bench-cpu: install-test
 	$(PIP) install -q -c constraints.txt -e '.[bench]'
 	bash docs/benchmarks/run_cpu.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every CPU figure in docs/benchmarks/ in one go: 4-6 minutes on a 2-core machine once the images are made.
+# Regenerates every CPU figure in docs/benchmarks/ in one go: 5-7 minutes on a 2-core machine once the images are made.
 #
 #   bash docs/benchmarks/run_cpu.sh          # or: make bench-cpu
 #
