@@ -198,13 +198,14 @@ def test_resize_bound_does_the_lut_pipelines_work(photos_dir, filter_):
     pytest.importorskip("numba")
     from lut_fast.bench.data import _dct_denominator, _src_work, image_files
     from lut_fast.pipelines.area_resize import resize_area, shorter_side_size
+    from lut_fast.pipelines.spec import AugSpec
     from lut_fast.pipelines.torch_backend import resize_shorter, window_into
 
     s, pad = 32, 4
     blob = Path(image_files(photos_dir, 1)[0]).read_bytes()
     threads = torch.get_num_threads()
     try:  # the work sets one torch thread in the thread that runs it, as in the bench's pool threads
-        views = _src_work(filter_, s, pad)(blob).copy()
+        views = _src_work(filter_, AugSpec(recipe="lut", img_size=s, src_padding=pad))(blob).copy()
     finally:
         torch.set_num_threads(threads)
     h, w = simplejpeg.decode_jpeg_header(blob)[:2]

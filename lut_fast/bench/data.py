@@ -302,15 +302,16 @@ def _dct_denominator(short: int, s: int) -> int:
     return next((d for d in (8, 4, 2) if -(-short // d) >= s), 1)
 
 
-def _src_work(filter_: str, img_size: int, pad: int) -> Callable[[bytes], object]:
-    """decode -> SRC's one shorter-side resize -> its two windows, for one JPEG, on memory each thread reuses."""
+def _src_work(filter_: str, spec) -> Callable[[bytes], object]:
+    """decode -> SRC's one shorter-side resize -> its two windows (``spec``'s size, padding and flip
+    probability), for one JPEG, on memory each thread reuses."""
     import simplejpeg
 
     from lut_fast.pipelines.area_resize import resize_area, shorter_side_size
     from lut_fast.pipelines.src_windows import src_views_hwc
     from lut_fast.pipelines.torch_backend import resize_into
 
-    s, local = img_size, threading.local()
+    s, pad, local = spec.img_size, spec.src_padding, threading.local()
 
     def grown(name: str, n: int, dtype) -> np.ndarray:
         buf = getattr(local, name, None)
@@ -320,7 +321,7 @@ def _src_work(filter_: str, img_size: int, pad: int) -> Callable[[bytes], object
         return buf[:n]
 
     def work(blob: bytes):
-        if not hasattr(local, "rng"):  # this thread's first image: one torch thread per image, as the loaders
+        if not hasattr(local, "rng"):  # this thread's first image (one torch thread, as in the torch backend's pool)
             local.rng = np.random.default_rng(threading.get_ident())
             local.views = np.empty((2, s, s, 3), np.uint8)
             torch.get_num_threads()  # torch's per-thread lazy set-up first, or it would undo the next line later
@@ -341,7 +342,7 @@ def _src_work(filter_: str, img_size: int, pad: int) -> Callable[[bytes], object
                             filter_, channels_last=True)
         u = local.rng.random(6)
         n_top, n_left = nh + 2 * pad - s + 1, nw + 2 * pad - s + 1
-        at = [(min(int(u[3 * v] * n_top), n_top - 1), min(int(u[3 * v + 1] * n_left), n_left - 1), u[3 * v + 2] < 0.5)
+        at = [(min(int(u[3 * v] * n_top), n_top - 1), min(int(u[3 * v + 1] * n_left), n_left - 1), u[3 * v + 2] < spec.flip_p)
               for v in range(2)]
         src_views_hwc(local.views[0], local.views[1], base, pad, *at[0], *at[1])
         return local.views
@@ -362,9 +363,10 @@ class _OneTorchThreadSubject(FloorSubject):
 
 
 def resize_bound_subjects(name: str, blobs: list[bytes], filters: list[str], threads: int, images: int,
-                          img_size: int, pad: int) -> list[tuple[Subject, dict]]:
+                          spec) -> list[tuple[Subject, dict]]:
     """Per resize (``RESIZE_OF``): each JPEG decoded (simplejpeg), its shorter side resized to S once and both
-    SRC windows cut, with nothing around that: no loader, no batch, no copy, every buffer reused.
+    SRC windows cut (``spec``, an ``AugSpec``), with nothing around that: no loader, no batch, no copy, every
+    buffer reused.
 
     That is the least CPU per image a LUT pipeline that resizes with the filter can spend on these files, so
     its share of the decode floor is the most such a pipeline can reach, and a pipeline row's distance to
@@ -380,7 +382,7 @@ def resize_bound_subjects(name: str, blobs: list[bytes], filters: list[str], thr
         fields = dict(label=f"bound ({name}): decode + {filter_} resize + 2 windows, no loader, {threads} thr",
                       backend="resize-bound", file_set=name, filter=filter_, threads=threads, files=len(blobs),
                       configuration="decode, SRC resize and windows only")
-        out.append((_OneTorchThreadSubject(key, blobs, _src_work(filter_, img_size, pad), threads, images), fields))
+        out.append((_OneTorchThreadSubject(key, blobs, _src_work(filter_, spec), threads, images), fields))
     return out
 
 
@@ -705,6 +707,7 @@ def run_data_bench(backend: str, data: str | None, recipes: list[str], img_size:
     floor_of: dict[str, tuple[str, str | None, bool]] = {}  # backend -> (its floor set, its source set, assumed)
     stored: dict[str, dict | None] = {}
     source_sets: dict[str, str] = {}  # a source folder -> the file set holding its floor (measured once)
+    no_jpegs: set[str] = set()  # backends whose converted data holds no JPEGs (raw pixels): no resize bound
     for b in run:
         src = (backend_data or {}).get(b) or path
         if src == path:
@@ -725,6 +728,8 @@ def run_data_bench(backend: str, data: str | None, recipes: list[str], img_size:
             own = f"{b}-stored" if blobs else "images"
             if blobs:
                 file_sets[own] = blobs
+            else:
+                no_jpegs.add(b)
         source = (meta or {}).get("source")
         if source and Path(source).is_dir() and _split_root(source) != _split_root(path):
             key = _split_root(source)
@@ -751,11 +756,11 @@ def run_data_bench(backend: str, data: str | None, recipes: list[str], img_size:
     if "lut" in recipes:  # the bound each LUT pipeline's resize sets, on the files it reads
         from lut_fast.pipelines.spec import AugSpec
 
-        pad = AugSpec(recipe="lut", img_size=img_size).src_padding
-        pairs = sorted({(floor_of[b][0], RESIZE_OF[b]) for b in run if b in RESIZE_OF})
+        spec = AugSpec(recipe="lut", img_size=img_size)
+        pairs = sorted({(floor_of[b][0], RESIZE_OF[b]) for b in run if b in RESIZE_OF and b not in no_jpegs})
         for name in dict.fromkeys(n for n, _ in pairs):
             filters = [f for n, f in pairs if n == name]
-            for subj, f in resize_bound_subjects(name, file_sets[name], filters, threads, window_images, img_size, pad):
+            for subj, f in resize_bound_subjects(name, file_sets[name], filters, threads, window_images, spec):
                 subjects.append(subj)
                 fields[subj.key] = f
                 kinds.append("bound")
