@@ -88,7 +88,8 @@ def data_cmd(
                                                                                              "[default: on with CUDA]."),
     json_path: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
-    """Images/s and CPU ms per image of each backend x recipe x configuration, against the JPEG decode floor and the official recipe, timed interleaved."""
+    """Images/s and CPU ms per image of each backend x recipe x configuration, against the JPEG decode floor,
+    the bound LUT's resize sets and the official recipe, timed interleaved."""
     from lut_fast.bench.data import run_data_bench
     from lut_fast.bench.report import new_report
     from lut_fast.errors import UserError
@@ -121,7 +122,9 @@ def data_notes(info: dict) -> list[str]:
              f"{f.get('cpu_ms_per_image') or 0:.2f} CPU ms/img at best, {info['floor_threads']} thread(s), decode only"
              for name, f in floors.items()]
     lines.append("of floor = img/s / floor img/s (wall clock); of floor CPU = floor CPU ms / row CPU ms; "
-                 "vs official = img/s / the official recipe's (LUT rows; the CPU-ms ratio is in the JSON)")
+                 "vs official = img/s / the official recipe's (LUT rows; the CPU-ms ratio is in the JSON); "
+                 "its resize's bound = the 'bound' row's share of the floor for the files and resize of a LUT "
+                 "gpu-training row: decode + that resize + both windows with no loader, the most the row can reach")
     load = (info.get("load_avg_start") or [None])[0], (info.get("load_avg_end") or [None])[0]
     lines.append(f"load average (1 min): {load[0]} at start, {load[1]} at end; {info.get('elapsed_s')} s")
     return lines
