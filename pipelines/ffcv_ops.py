@@ -63,7 +63,7 @@ torch.set_num_threads(_torch_threads)
 
 from .area_resize import cubic_taps, resize_area, shorter_side_size  # noqa: E402  (numba cache folder set there, before the kernels below)
 from .photometric import NUM_UNIFORMS  # noqa: E402
-from .photometric_numba import packed_from_uniforms, packed_width, strong_hwc  # noqa: E402
+from .photometric_numba import normalize_constants_np, packed_from_uniforms, packed_width, strong_hwc  # noqa: E402
 from .src_windows import mirror_rows, window_hwc  # noqa: E402
 from .spec import STRONG_OPS, AugSpec  # noqa: E402
 
@@ -184,16 +184,10 @@ def normalize_view(src, dst, planar, table):
                 dst[y, i, 2] = t2[src[y, i, 2]]
 
 
-def normalization(spec: AugSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, shift) per channel for pixels on 0..255 (the same map as ``batch.finish_batch``)."""
-    scale = np.array([1.0 / (255.0 * sd) for sd in spec.std], np.float32)
-    shift = np.array([-m / sd for m, sd in zip(spec.mean, spec.std)], np.float32)
-    return scale, shift
-
-
 def normalization_table(spec: AugSpec) -> np.ndarray:
-    """(3, 256) float32: row c holds channel c's normalised value of each uint8 (``normalize_view``)."""
-    scale, shift = normalization(spec)
+    """(3, 256) float32: row c holds channel c's normalised value of each uint8 (``normalize_view``), by the
+    map every other normalisation uses (``batch.normalize_constants``)."""
+    scale, shift = normalize_constants_np(spec)
     return np.arange(256, dtype=np.float32)[None] * scale[:, None] + shift[:, None]
 
 
