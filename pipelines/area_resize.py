@@ -24,6 +24,16 @@ def shorter_side_size(h, w, s):
 
 
 @_jit
+def jpeg_scale_denominator(short, target):
+    """Largest libjpeg-turbo scale 1/d (d in 8, 4, 2) that keeps the shorter side >= target: how far FFCV's
+    decoder (``ffcv_ops.SrcViewsDecoder``) shrinks a JPEG in the DCT domain before the shorter-side resize."""
+    for d in (8, 4, 2):
+        if (short + d - 1) // d >= target:
+            return d
+    return 1
+
+
+@_jit
 def _area_taps(n_in, n_out):
     """Per output index: source indices and weights of the area (box) filter shrinking n_in to n_out.
 

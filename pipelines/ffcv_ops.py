@@ -61,7 +61,7 @@ from ffcv.pipeline.operation import Operation  # noqa: E402
 
 torch.set_num_threads(_torch_threads)
 
-from .area_resize import cubic_taps, resize_area, shorter_side_size  # noqa: E402  (numba cache folder set there, before the kernels below)
+from .area_resize import cubic_taps, jpeg_scale_denominator, resize_area, shorter_side_size  # noqa: E402  (numba cache folder set there, before the kernels below)
 from .photometric import NUM_UNIFORMS  # noqa: E402
 from .photometric_numba import normalize_constants_np, packed_from_uniforms, packed_width, strong_hwc  # noqa: E402
 from .src_windows import mirror_rows, window_hwc  # noqa: E402
@@ -79,15 +79,6 @@ _F4 = np.dtype("f4")
 
 
 # ---------------------------------------------------------------- geometry (SRC)
-
-
-@_jit
-def jpeg_scale_denominator(short, target):
-    """Largest libjpeg-turbo scale 1/d (d in 8, 4, 2) that keeps the shorter side >= target."""
-    for d in (8, 4, 2):
-        if (short + d - 1) // d >= target:
-            return d
-    return 1
 
 
 @_jit

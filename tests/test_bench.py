@@ -196,8 +196,8 @@ def test_resize_bound_does_the_lut_pipelines_work(photos_dir, filter_):
     resized image, mirrored or not."""
     simplejpeg = pytest.importorskip("simplejpeg")
     pytest.importorskip("numba")
-    from lut_fast.bench.data import _dct_denominator, _src_work, image_files
-    from lut_fast.pipelines.area_resize import resize_area, shorter_side_size
+    from lut_fast.bench.data import _src_work, image_files
+    from lut_fast.pipelines.area_resize import jpeg_scale_denominator, resize_area, shorter_side_size
     from lut_fast.pipelines.spec import AugSpec
     from lut_fast.pipelines.torch_backend import resize_shorter, window_into
 
@@ -214,7 +214,7 @@ def test_resize_bound_does_the_lut_pipelines_work(photos_dir, filter_):
         img = torch.from_numpy(simplejpeg.decode_jpeg(blob, colorspace="RGB")).permute(2, 0, 1)
         resized = resize_shorter(img, s, "bicubic", channels_last=True)[0].permute(1, 2, 0).numpy()
     else:
-        d = _dct_denominator(min(h, w), s) if filter_ == "area+dct" else 1
+        d = jpeg_scale_denominator(min(h, w), s) if filter_ == "area+dct" else 1
         assert (d > 1) is (filter_ == "area+dct")  # photos of 300-500 px: decoded at 1/8 for 32 px views
         img = simplejpeg.decode_jpeg(blob, colorspace="RGB", min_height=-(-h // d), min_width=-(-w // d), min_factor=d)
         assert img.shape[:2] == (-(-h // d), -(-w // d))
@@ -229,16 +229,6 @@ def test_resize_bound_does_the_lut_pipelines_work(photos_dir, filter_):
                 window_into(resized, top, left, s, pad, "reflect", window)
                 windows += [window, window[:, ::-1]]
         assert any(np.array_equal(view, x) for x in windows), f"a {filter_} view is no window of the resized image"
-
-
-def test_resize_bound_scales_the_decode_as_ffcvs_decoder():
-    pytest.importorskip("ffcv")
-    from lut_fast.bench.data import _dct_denominator
-    from lut_fast.pipelines.ffcv_ops import jpeg_scale_denominator
-
-    for short in range(1, 2000, 7):
-        for s in (32, 224):
-            assert _dct_denominator(short, s) == jpeg_scale_denominator(short, s)
 
 
 def test_data_rows_that_cannot_run_say_why(monkeypatch, photos_dir):

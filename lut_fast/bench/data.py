@@ -293,13 +293,8 @@ def floor_subjects(name: str, blobs: list[bytes], threads: int, images: int) -> 
 # How each backend's LUT pipeline brings the shorter side to S on the CPU: torch's antialiased bicubic
 # (torch_backend, the reference's filter); the area filter of ``area_resize`` (DALI's CPU graph); the same after
 # libjpeg-turbo's DCT-domain downscale by 2, 4 or 8 where the shorter side stays >= S (FFCV's decoder,
-# ``ffcv_ops.jpeg_scale_denominator``).
+# ``area_resize.jpeg_scale_denominator``).
 RESIZE_OF = {"torch": "bicubic", "dali": "area", "ffcv": "area+dct"}
-
-
-def _dct_denominator(short: int, s: int) -> int:
-    """``ffcv_ops.jpeg_scale_denominator``: the largest 1/d (d in 8, 4, 2) that keeps the shorter side >= s."""
-    return next((d for d in (8, 4, 2) if -(-short // d) >= s), 1)
 
 
 def _src_work(filter_: str, spec) -> Callable[[bytes], object]:
@@ -307,7 +302,7 @@ def _src_work(filter_: str, spec) -> Callable[[bytes], object]:
     probability), for one JPEG, on memory each thread reuses."""
     import simplejpeg
 
-    from lut_fast.pipelines.area_resize import resize_area, shorter_side_size
+    from lut_fast.pipelines.area_resize import jpeg_scale_denominator, resize_area, shorter_side_size
     from lut_fast.pipelines.src_windows import src_views_hwc
     from lut_fast.pipelines.torch_backend import resize_into
 
@@ -327,7 +322,7 @@ def _src_work(filter_: str, spec) -> Callable[[bytes], object]:
             torch.get_num_threads()  # torch's per-thread lazy set-up first, or it would undo the next line later
             torch.set_num_threads(1)
         h, w = simplejpeg.decode_jpeg_header(blob)[:2]
-        d = _dct_denominator(min(h, w), s) if filter_ == "area+dct" else 1
+        d = jpeg_scale_denominator(min(h, w), s) if filter_ == "area+dct" else 1
         hd, wd = -(-h // d), -(-w // d)
         img = simplejpeg.decode_jpeg(blob, colorspace="RGB", min_height=hd, min_width=wd, min_factor=d,
                                      buffer=grown("decoded", 3 * hd * wd, np.uint8))
